@@ -1,0 +1,29 @@
+"""Errors a user can act on.
+
+Each message names what is wrong, which file, what was expected and how to fix it;
+the command-line entry points turn them into a one-line message and exit code 2.
+"""
+
+
+class KNNLMError(Exception):
+    """Base class: a problem with the user's input, not a bug."""
+
+
+class IncompleteError(KNNLMError):
+    """A dump, export or index build that did not finish."""
+
+
+class MismatchError(KNNLMError):
+    """Two artefacts (model, datastore, index) that do not belong together."""
+
+
+class CorruptError(KNNLMError):
+    """A file that is truncated, unreadable or holds impossible values."""
+
+
+class ConfigError(KNNLMError, ValueError):
+    """An option out of range, or a combination of options that cannot work."""
+
+
+class DiskSpaceError(KNNLMError, OSError):
+    """Not enough free disk for what is about to be written."""

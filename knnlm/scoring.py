@@ -1,0 +1,110 @@
+"""The kNN-LM math, on plain tensors (no fairseq): the one place it lives.
+
+    p_kNN(y | x) = sum_{j : v_j = y} softmax_j(s_j),   s_j = -d_j / T   (L2)   or   q.k_j / T   (dot)
+    p(y | x)     = lambda * p_kNN(y | x) + (1 - lambda) * p_LM(y | x)
+
+everything in log space, in fp32 whatever the model's dtype, and only for the target:
+no vocabulary-sized tensor per token.
+"""
+
+import math
+
+import torch
+
+from .errors import ConfigError
+
+SIM_FUNCS = ("l2", "do_not_recomp_l2", "dot")
+
+
+def check_lambda(lmbda, name="--lmbda"):
+    if not 0.0 <= lmbda <= 1.0:
+        raise ConfigError(f"{name} must lie in [0, 1], got {lmbda}")
+
+
+def check_temperature(temperature, name="--knn-temp"):
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ConfigError(f"{name} must be a positive finite number, got {temperature}")
+
+
+def neighbor_scores(distances, sim_func="l2", temperature=1.0):
+    """Logits of the neighbor softmax: -distance / T for L2, similarity / T for dot.
+
+    Missing neighbors (FAISS returns id -1 with distance +/-inf or the float max) must be
+    masked by the caller with `valid`; here only the sign convention lives.
+    """
+    check_temperature(temperature)
+    d = distances.float()
+    return (d if sim_func == "dot" else -d) / temperature
+
+
+def knn_log_prob(scores, neighbor_vals, targets, valid=None):
+    """log p_kNN(target) for each query: (N, k) scores, (N, k) values, (N,) targets -> (N,).
+
+    -inf where no neighbor carries the target (or no neighbor was found at all).
+    """
+    scores = scores.float()
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    log_norm = torch.logsumexp(scores, dim=-1, keepdim=True)
+    match = neighbor_vals == targets.unsqueeze(-1)
+    if valid is not None:
+        match &= valid
+    # Rows with no valid neighbor have log_norm = -inf; keep them at -inf, not NaN.
+    log_norm = torch.where(torch.isfinite(log_norm), log_norm, torch.zeros_like(log_norm))
+    matched = scores.masked_fill(~match, float("-inf"))
+    return torch.logsumexp(matched, dim=-1) - log_norm.squeeze(-1)
+
+
+def interpolate(lp_lm, lp_knn, lmbda):
+    """log(lambda p_kNN + (1 - lambda) p_LM), exact at lambda = 0 and lambda = 1."""
+    check_lambda(lmbda)
+    lp_lm = lp_lm.float()
+    lp_knn = lp_knn.float()
+    if lmbda == 0.0:
+        return lp_lm.clone()
+    if lmbda == 1.0:
+        return lp_knn.clone()
+    return torch.logaddexp(lp_knn + math.log(lmbda), lp_lm + math.log1p(-lmbda))
+
+
+def knn_full_log_probs(lm_lprobs, scores, neighbor_vals, lmbda, valid=None):
+    """The whole interpolated next-token distribution, (N, V), for generation.
+
+    Only generation needs every word's probability; scoring uses `knn_log_prob`.
+    """
+    check_lambda(lmbda)
+    scores = scores.float()
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    p_knn = torch.zeros(lm_lprobs.shape, dtype=torch.float32, device=lm_lprobs.device)
+    p_knn.scatter_add_(-1, neighbor_vals.long(), weights)
+    p = lmbda * p_knn + (1.0 - lmbda) * lm_lprobs.float().exp()
+    return p.log()
+
+
+def continuous_cache_log_prob(keys, targets, scored, theta, cache_size=None, memory=None):
+    """Grave et al. (2017) cache: log p_cache(target_t) from earlier positions of the same row.
+
+    keys (B, T, D): the state at each position; targets (B, T): the token that followed it;
+    scored (B, T) bool: positions to score; memory (B, T) bool: positions that may be
+    remembered (default: all, pass non-padding). Position t's cache holds positions j < t (the
+    last `cache_size` of them), weighted by exp(theta * <h_t, h_j>). Returns (B, T); -inf
+    where the target never followed an earlier position (and at t = 0).
+    """
+    keys = keys.float()
+    B, T, _ = keys.shape
+    sims = theta * torch.bmm(keys, keys.transpose(1, 2))  # (B, T, T): query t, memory j
+    pos = torch.arange(T, device=keys.device)
+    allowed = pos.unsqueeze(0) < pos.unsqueeze(1)  # j < t
+    if cache_size is not None:
+        allowed &= pos.unsqueeze(0) >= pos.unsqueeze(1) - cache_size
+    allowed = allowed.unsqueeze(0).expand(B, T, T)
+    if memory is not None:
+        allowed = allowed & memory.unsqueeze(1)
+    sims = sims.masked_fill(~allowed, float("-inf"))
+    log_norm = torch.logsumexp(sims, dim=-1)
+    match = targets.unsqueeze(1) == targets.unsqueeze(2)  # value at j equals target at t
+    log_match = torch.logsumexp(sims.masked_fill(~match, float("-inf")), dim=-1)
+    out = log_match - torch.where(torch.isfinite(log_norm), log_norm, torch.zeros_like(log_norm))
+    return out.masked_fill(~scored, float("-inf"))
