@@ -1,0 +1,1 @@
+"""Small, reproducible text corpora for kNN-LM experiments (see ``austen``)."""
