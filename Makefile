@@ -1,0 +1,36 @@
+# One entry point: `make demo` runs the main job, `make test` the tests, `make bench` the benchmark.
+# Every target creates the virtual environment first if it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FAISS ?= cpu
+
+.PHONY: install test demo analyses bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel of torch 2.13 (a newer torch would pull gigabytes of CUDA on a CPU machine).
+	$(PY) -m pip install -q torch==2.13.0
+	# fairseq 0.12.2 does not build or import on Python 3.11; ve-fairseq is a wheel of its
+	# main branch. --no-deps: its torchaudio requirement would replace torch.
+	$(PY) -m pip install -q --no-deps ve-fairseq==0.12.3
+	$(PY) -m pip install -q -e '.[$(FAISS),dev]'
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m knnlm.demo $(ARGS)
+
+analyses: $(STAMP)
+	$(PY) -m knnlm.demo --analyses $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) demo_runs bench_runs
