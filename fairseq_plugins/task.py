@@ -106,9 +106,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         if a.save_knnlm_dstore:
             self._scorer = KNNSequenceScorer(tgt_dict, softmax_batch, dump=True, on_first_batch=self._open_writer, **common)
         else:
-            datastore = open_datastore(a)
-            retriever = Retriever(a.indexfile, datastore, k=a.k, nprobe=a.probe,
-                                  sim_func=a.knn_sim_func, gpu=a.knn_gpu)
+            datastore, retriever = self._open_retriever()
             cache = ({"lmbda": a.cache_lmbda, "theta": a.cache_theta, "size": a.cache_size}
                      if a.continuous_cache else None)
             self._scorer = KNNSequenceScorer(
@@ -117,6 +115,28 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                 on_first_batch=lambda model: self._check_model(model, datastore), **common,
             )
         return self._scorer
+
+    def _open_retriever(self):
+        a = self.args
+        datastore = open_datastore(a)
+        return datastore, Retriever(a.indexfile, datastore, k=a.k, nprobe=a.probe,
+                                    sim_func=a.knn_sim_func, gpu=a.knn_gpu)
+
+    def build_generator(self, models, args, **kwargs):
+        """fairseq-generate / fairseq-interactive: sample or search from the kNN-LM distribution."""
+        if self.args.knnlm:
+            from .generation import KNNLMForGeneration
+
+            if len(models) != 1:
+                raise ConfigError("kNN-LM generation takes one model (pass one checkpoint to --path)")
+            datastore, retriever = self._open_retriever()
+            datastore.check_compatible(keytype=self.args.knn_keytype,
+                                       allow_model_mismatch=self.args.knn_allow_model_mismatch,
+                                       **self._model_identity(models[0]))
+            models = [KNNLMForGeneration(models[0], retriever, lmbda=self.args.lmbda,
+                                         temperature=self.args.knn_temp, sim_func=self.args.knn_sim_func,
+                                         keytype=self.args.knn_keytype)]
+        return super().build_generator(models, args, **kwargs)
 
     def _model_identity(self, model):
         dictionary = self.target_dictionary
