@@ -17,8 +17,8 @@ from typing import Optional
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
-from knnlm import provenance
-from knnlm.datastore import Datastore, DatastoreWriter
+from knnlm import provenance, shards
+from knnlm.datastore import DatastoreWriter
 from knnlm.errors import ConfigError, KNNLMError
 from knnlm.retrieval import Retriever
 from knnlm.scoring import SIM_FUNCS, check_lambda, check_temperature
@@ -254,8 +254,8 @@ def validate(a):
 
 
 def open_datastore(a):
-    if a.dstore_filename.endswith(".json"):
-        from knnlm.shards import ShardedDatastore
-
-        return ShardedDatastore.open_manifest(a.dstore_filename, in_memory=a.move_dstore_to_mem)
-    return Datastore.open(a.dstore_filename, in_memory=a.move_dstore_to_mem, dstore_size=a.dstore_size)
+    """A datastore prefix, or a manifest of shards dumped with --num-shards/--shard-id."""
+    kwargs = {"in_memory": a.move_dstore_to_mem}
+    if a.dstore_size is not None:
+        kwargs["dstore_size"] = a.dstore_size
+    return shards.open_datastore(a.dstore_filename, **kwargs)

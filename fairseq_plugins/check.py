@@ -1,0 +1,179 @@
+"""knnlm-check: do this model, datastore and index belong together?
+
+    knnlm-check --path CKPT --dstore-filename PREFIX --indexfile INDEX [--data DIR]
+
+One line per check. The key check replays the dump: it rebuilds the split eval_lm read
+(from the datastore's metadata: data, split, tokens per sample, context window, break
+mode), runs the model on a few batches, and compares their keys and values with the
+datastore rows they were written to. This is what to run when a perplexity looks wrong.
+"""
+
+import argparse
+import copy
+import logging
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+from knnlm import provenance
+from knnlm.errors import KNNLMError
+from knnlm.index import load_index
+from knnlm.shards import open_datastore
+
+from .hooks import KeyCapture, key_dim
+
+PROG = "knnlm-check"
+
+
+class Report:
+    def __init__(self, out=sys.stdout):
+        self.out, self.failed = out, 0
+
+    def line(self, ok, what, detail):
+        self.failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'}  {what:<22} {detail}", file=self.out, flush=True)
+
+
+def load_model(path, data=None, cpu=True):
+    from fairseq import checkpoint_utils
+
+    overrides = {"data": data} if data else {}
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides=overrides)
+    model = models[0].eval()
+    if torch.cuda.is_available() and not cpu:
+        model.cuda()
+    return model, task
+
+
+def replay_batches(task, meta, data, max_positions):
+    """Yield (sample, rows) in the order eval_lm scored them: rows = (start, count) in the datastore."""
+    from fairseq.tasks.language_modeling import LanguageModelingTask
+
+    args = copy.deepcopy(task.args)
+    # eval_lm runs the task with tokens-per-sample reduced by the context window.
+    args.tokens_per_sample = meta["tokens_per_sample"] - meta.get("context_window", 0)
+    args.sample_break_mode = meta.get("sample_break_mode", "none")
+    args.add_bos_token = meta.get("add_bos_token", False)
+    args.data = data
+    lm_task = LanguageModelingTask(args, task.source_dictionary, task.target_dictionary, targets=["future"])
+    lm_task.load_dataset(meta["split"])
+    itr = lm_task.eval_lm_dataloader(
+        lm_task.dataset(meta["split"]), max_tokens=36000, max_positions=max_positions,
+        context_window=meta.get("context_window", 0), num_workers=0,
+    )
+    pad = task.target_dictionary.pad()
+    row = 0
+    for sample in itr:
+        if "net_input" not in sample:
+            continue
+        target = sample["target"]
+        starts = sample.get("start_indices", [0] * len(target))
+        spans = []
+        for i in range(len(target)):
+            n = int(target[i, starts[i]:].ne(pad).sum()) - (1 if args.add_bos_token else 0)
+            spans.append((i, int(starts[i]) + (1 if args.add_bos_token else 0), n))
+        count = sum(n for *_, n in spans)
+        yield sample, spans, row, count
+        row += count
+
+
+def check_keys(report, model, task, datastore, data, n_batches):
+    meta = datastore.meta
+    missing = [k for k in ("data", "split", "tokens_per_sample") if meta.get(k) is None]
+    if missing:
+        report.line(False, "keys recomputed", f"metadata lacks {', '.join(missing)}: cannot replay the dump")
+        return
+    data = data or meta["data"]
+    if not os.path.isdir(data):
+        report.line(False, "keys recomputed", f"data directory {data} not found; pass --data")
+        return
+    capture = KeyCapture(model, meta["keytype"])
+    batches = list(replay_batches(task, meta, data, model.max_positions()))
+    total = sum(c for *_, c in batches)
+    if total != datastore.size:
+        report.line(False, "entry count", f"the split yields {total:,} scored tokens, datastore has {datastore.size:,}")
+        return
+    report.line(True, "entry count", f"{total:,} scored tokens = {datastore.size:,} entries")
+    picks = sorted({0, len(batches) // 2, len(batches) - 1})[:n_batches]
+    worst, n_rows, bad_vals = 0.0, 0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for b in picks:
+            sample, spans, row, count = batches[b]
+            model(**{k: v.to(device) for k, v in sample["net_input"].items() if torch.is_tensor(v)})
+            keys = capture.pop()
+            got = torch.cat([keys[i, s:s + n] for i, s, n in spans]).float().cpu().numpy()
+            tgt = torch.cat([sample["target"][i, s:s + n] for i, s, n in spans]).numpy()
+            stored = np.asarray(datastore.gather_keys(np.arange(row, row + count)), dtype=np.float32)
+            scale = max(float(np.abs(got).max()), 1e-6)
+            worst = max(worst, float(np.abs(stored - got).max()) / scale)
+            bad_vals += int((datastore.gather_vals(np.arange(row, row + count)) != tgt).sum())
+            n_rows += count
+    capture.remove()
+    tol = 2e-3 if meta.get("keys_dtype") == "float16" else 1e-4
+    report.line(worst <= tol, "keys recomputed", f"{n_rows:,} rows from {len(picks)} batches, max relative difference {worst:.2e} (tolerance {tol:g})")
+    report.line(bad_vals == 0, "values = targets", f"{bad_vals} of {n_rows:,} sampled values differ from the replayed targets")
+
+
+def run_checks(args, out=sys.stdout):
+    report = Report(out)
+    try:
+        datastore = open_datastore(args.dstore_filename)
+    except KNNLMError as e:
+        report.line(False, "datastore", str(e))
+        return report
+    m = datastore.meta
+    report.line(True, "datastore", f"{datastore.prefix}: complete, {datastore.size:,} entries, dim {datastore.dim}, {m.get('keytype')} keys")
+    try:
+        datastore.check_values(m.get("dict_size") or np.iinfo(np.int64).max)
+        report.line(True, "values in dictionary", f"all {datastore.size:,} values < {m.get('dict_size')}")
+    except KNNLMError as e:
+        report.line(False, "values in dictionary", str(e))
+    if args.indexfile:
+        try:
+            index = load_index(args.indexfile, datastore=datastore)
+            report.line(True, "index", f"{args.indexfile}: complete, {index.ntotal:,} vectors, dim {index.d}, built from this datastore")
+        except KNNLMError as e:
+            report.line(False, "index", str(e))
+    if args.path:
+        try:
+            model, task = load_model(args.path, args.data)
+        except Exception as e:  # noqa: BLE001 - report any load failure as a check line
+            report.line(False, "model", f"cannot load {args.path}: {e}")
+            return report
+        dictionary = task.target_dictionary
+        ident = {
+            "dim": key_dim(model), "dict_size": len(dictionary),
+            "dict_fingerprint": provenance.dictionary_fingerprint(dictionary.symbols),
+            "model_fingerprint": provenance.model_fingerprint(model.named_parameters()),
+        }
+        report.line(ident["dim"] == datastore.dim, "dimension", f"model keys {ident['dim']}, datastore {datastore.dim}")
+        report.line(ident["dict_fingerprint"] == m.get("dict_fingerprint"), "dictionary",
+                    f"model {ident['dict_size']} symbols ({ident['dict_fingerprint']}), datastore {m.get('dict_size')} ({m.get('dict_fingerprint')})")
+        report.line(ident["model_fingerprint"] == m.get("model_fingerprint"), "model weights",
+                    f"model {ident['model_fingerprint']}, datastore dumped by {m.get('model_fingerprint')} ({m.get('checkpoint')})")
+        if ident["dim"] == datastore.dim and not m.get("legacy"):
+            check_keys(report, model, task, datastore, args.data, args.batches)
+    return report
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")  # torch/fairseq deprecation chatter would bury the report
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--path", help="model checkpoint")
+    p.add_argument("--dstore-filename", "--dstore_filename", "--dstore-mmap", required=True, help="datastore prefix or shard manifest")
+    p.add_argument("--indexfile", "--faiss-index", "--faiss_index", help="FAISS index")
+    p.add_argument("--data", help="data directory the datastore was dumped from (default: from its metadata)")
+    p.add_argument("--batches", type=int, default=3, help="batches whose keys are recomputed")
+    args = p.parse_args(argv)
+    report = run_checks(args)
+    print(f"{report.failed} check(s) failed" if report.failed else "all checks passed")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
