@@ -66,7 +66,7 @@ def train_lm(root, data, name, extra=()):
          "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
          "--decoder-attention-heads", "2", "--tokens-per-sample", "64", "--max-tokens", "2048",
          "--optimizer", "adam", "--lr", "0.003", "--max-update", "60", "--save-dir", save,
-         "--no-epoch-checkpoints", "--no-last-checkpoints", "--cpu", "--num-workers", "0",
+         "--no-epoch-checkpoints", "--cpu", "--num-workers", "0",
          "--disable-validation", "--seed", "1", "--no-progress-bar", "--log-format", "simple",
          *extra])
     return str(save / "checkpoint_best.pt") if (save / "checkpoint_best.pt").exists() else str(save / "checkpoint_last.pt")

@@ -1,0 +1,83 @@
+"""Generation with a kNN-LM, and knnlm-check on matching and mismatched artefacts."""
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from knnlm import Datastore, Retriever
+from knnlm.datastore import write_json_atomic
+
+from .conftest import PLUGIN, eval_lm, run
+
+
+def flat_index(prefix, path):
+    ds = Datastore.open(prefix)
+    index = faiss.IndexFlatL2(ds.dim)
+    index.add(np.asarray(ds.keys, dtype=np.float32))
+    faiss.write_index(index, path)
+    write_json_atomic(path + ".meta.json", {"complete": True, "datastore_fingerprint": ds.fingerprint})
+    return path
+
+
+@pytest.fixture(scope="module")
+def dumped(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    prefix = str(root / "train")
+    eval_lm(tiny["data"], tiny["ckpt"], "--gen-subset", "train", "--tokens-per-sample", "64",
+            "--save-knnlm-dstore", "--dstore-mmap", prefix)
+    return {**tiny, "prefix": prefix, "index": flat_index(prefix, str(root / "flat.index"))}
+
+
+def test_generation_distribution_sums_to_one(dumped):
+    from fairseq import checkpoint_utils
+
+    from fairseq_plugins.generation import KNNLMForGeneration
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([dumped["ckpt"]])
+    lm = models[0].eval()
+    ds = Datastore.open(dumped["prefix"])
+    knn = KNNLMForGeneration(lm, Retriever(dumped["index"], ds, k=8, nprobe=1), lmbda=0.5, temperature=1.0)
+    tokens = torch.tensor([[task.dictionary.eos()] + [task.dictionary.index(w) for w in "the cat sat on".split()]])
+    lp = knn.next_token_log_probs(tokens)
+    assert lp.shape == (1, len(task.dictionary))
+    assert lp.exp().sum().item() == pytest.approx(1.0, abs=1e-5)
+    # Differs from the plain LM (the kNN part does something) yet keeps its support.
+    with torch.no_grad():
+        plain = lm.get_normalized_probs(lm(tokens), log_probs=True)[0, -1]
+    assert not torch.allclose(lp[0], plain, atol=1e-3)
+
+
+def test_fairseq_interactive_samples_text(dumped):
+    p = run(["fairseq-interactive", dumped["data"], "--path", dumped["ckpt"], "--user-dir", PLUGIN,
+             "--task", "knnlm", "--knnlm", "--dstore-filename", dumped["prefix"], "--indexfile", dumped["index"],
+             "--k", "8", "--lmbda", "0.5", "--cpu", "--sampling", "--beam", "1", "--max-len-b", "8",
+             "--seed", "1"], input="the cat sat\n")
+    hyp = [line for line in p.stdout.splitlines() if line.startswith("H-")]
+    assert hyp and len(hyp[0].split("\t")[-1].split()) >= 3, p.stdout[-2000:]
+
+
+def test_check_passes_on_matching_and_fails_on_other_model(dumped):
+    ok = run(["knnlm-check", "--path", dumped["ckpt"], "--dstore-filename", dumped["prefix"],
+              "--indexfile", dumped["index"]])
+    assert "all checks passed" in ok.stdout
+    assert "PASS  keys recomputed" in ok.stdout and "PASS  values = targets" in ok.stdout
+    bad = run(["knnlm-check", "--path", dumped["adaptive"], "--dstore-filename", dumped["prefix"],
+               "--indexfile", dumped["index"]], check=False)
+    assert bad.returncode == 1
+    assert "FAIL  model weights" in bad.stdout and "FAIL  keys recomputed" in bad.stdout
+
+
+def test_check_reports_tampered_values(dumped, tmp_path):
+    import shutil
+
+    copy = str(tmp_path / "copy")
+    for suffix in ("_keys.npy", "_vals.npy", "_meta.json"):
+        shutil.copy(dumped["prefix"] + suffix, copy + suffix)
+    vals = np.load(copy + "_vals.npy", mmap_mode="r+")
+    vals[5] = 10**6  # outside any dictionary
+    vals.flush()
+    del vals
+    p = run(["knnlm-check", "--path", dumped["ckpt"], "--dstore-filename", copy], check=False)
+    assert p.returncode == 1
+    assert "FAIL  values in dictionary" in p.stdout and "row 5" in p.stdout
