@@ -1,0 +1,420 @@
+"""Per-token export of a kNN-LM evaluation (`--knnlm-dump-probs PATH`), for offline tuning.
+
+PATH is a directory:
+    lp_lm.npy    (N,)   float32  natural-log p_LM(target)
+    lp_knn.npy   (N,)   float32  log p_kNN(target) at the run's temperature (all k neighbors)
+    targets.npy  (N,)   int64    target token ids
+    dists.npy    (N, K) float32  the first K neighbor distances exactly as scored (exact squared
+                                 L2 / inner products, or FAISS's); NaN where no neighbor was found
+    match.npy    (N, K) bool     neighbor value == target (False where no neighbor was found)
+    ids.npy      (N, K) int64    datastore rows, -1 where missing   } only with with_ids=True
+    vals.npy     (N, K) int64    neighbor values, -1 where missing  }
+    meta.json    sim_func, k (the run's), k_kept (K), temperature, lmbda, count, the files,
+                 any caller metadata; `complete: true` is written last.
+
+dists.npy and match.npy are what re-scoring at another temperature needs (`lp_knn_at`); they
+are present whenever the writer was given neighbor distances.
+"""
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import provenance
+from .datastore import read_json, write_json_atomic
+from .errors import ConfigError, CorruptError, IncompleteError, KNNLMError
+from .npy import GrowingNpy
+from .scoring import SIM_FUNCS, check_lambda, check_temperature, knn_log_prob, neighbor_scores
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "knnlm-export"
+FORMAT_VERSION = 1
+META = "meta.json"
+# name -> (dtype, per-neighbor?); the order is the order of the files in meta["files"].
+FILES = {
+    "lp_lm": (np.float32, False),
+    "lp_knn": (np.float32, False),
+    "targets": (np.int64, False),
+    "dists": (np.float32, True),
+    "match": (np.bool_, True),
+    "ids": (np.int64, True),
+    "vals": (np.int64, True),
+}
+_RESERVED = {"format", "format_version", "complete", "count", "sim_func", "k", "k_kept",
+             "temperature", "lmbda", "files", "started", "finished", "versions"}
+# Elements of (rows, K) per re-scoring chunk: 4 MB of fp32 per temporary, about cache-sized.
+CHUNK_ELEMENTS = 1 << 20
+# log-probabilities above this are impossible (not float rounding of a probability of 1).
+_LP_MAX = 1e-4
+
+
+def _numpy(x):
+    if x is None:
+        return None
+    if torch.is_tensor(x):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:  # numpy has no bfloat16
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x)
+
+
+class ExportWriter:
+    """Append per-token rows with `add()`; `finalize()` marks the export complete.
+
+    k_kept: how many nearest neighbors to keep per token (the first k_kept of the k given, which
+    arrive sorted nearest-first). Fewer kept than the run's k makes re-scoring at another
+    temperature an approximation (see `lp_knn_at`); the stored lp_knn is always exact.
+    with_ids: also store the neighbors' datastore rows and values (ids.npy, vals.npy); `add()`
+    must then be given both.
+    """
+
+    def __init__(self, path, k_kept, *, sim_func, temperature, lmbda, with_ids=False,
+                 overwrite=False, meta=None):
+        if sim_func not in SIM_FUNCS:
+            raise ConfigError(f"sim_func must be one of {', '.join(SIM_FUNCS)}, got {sim_func!r}")
+        check_temperature(temperature)
+        check_lambda(lmbda)
+        if isinstance(k_kept, bool) or not isinstance(k_kept, (int, np.integer)) or k_kept < 1:
+            raise ConfigError(f"the number of neighbors to export must be a positive integer, got {k_kept!r}")
+        clash = _RESERVED & set(meta or {})
+        if clash:
+            raise ConfigError(f"export metadata keys {sorted(clash)} are reserved for the export itself")
+        self.path = path
+        self.with_ids = bool(with_ids)
+        meta_path = os.path.join(path, META)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"export path {path} exists and is not a directory")
+        if os.path.exists(meta_path) and not overwrite:
+            try:
+                old = read_json(meta_path, f"export {path}")
+            except CorruptError:
+                old = {}
+            if old.get("complete"):
+                raise KNNLMError(
+                    f"a complete export already exists at {path} ({old.get('count', '?')} tokens); "
+                    f"pass --overwrite to replace it or choose another --knnlm-dump-probs path"
+                )
+        os.makedirs(path, exist_ok=True)
+        self.meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "complete": False,
+            "count": 0,
+            "sim_func": sim_func,
+            "k": None,  # the run's k: known from the first add() with distances
+            "k_kept": int(k_kept),
+            "temperature": float(temperature),
+            "lmbda": float(lmbda),
+            "files": [],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": provenance.versions(),
+            **(meta or {}),
+        }
+        # "Incomplete" first, then drop the old arrays: a reader never mixes old and new files.
+        write_json_atomic(meta_path, self.meta)
+        for name in FILES:
+            try:
+                os.remove(os.path.join(path, f"{name}.npy"))
+            except FileNotFoundError:
+                pass
+        self._files = None  # name -> GrowingNpy, created by the first add()
+        self._done = False
+
+    @property
+    def count(self):
+        return self.meta["count"]
+
+    def _open(self, names, k):
+        self.meta["files"] = list(names)
+        if k is not None:
+            self.meta["k"] = int(k)
+            self.meta["k_kept"] = min(self.meta["k_kept"], int(k))
+        row = (self.meta["k_kept"],)
+        self._files = {
+            name: GrowingNpy(os.path.join(self.path, f"{name}.npy"), FILES[name][0],
+                             row if FILES[name][1] else ())
+            for name in names
+        }
+        write_json_atomic(os.path.join(self.path, META), self.meta)
+
+    def add(self, lp_lm, lp_knn, targets, dists=None, match=None, ids=None, vals=None, valid=None):
+        """Append n tokens: lp_lm, lp_knn, targets (n,); dists, match, ids, vals, valid (n, k).
+
+        Tensors or arrays. dists must come with match or vals (match is then vals == target).
+        Missing neighbors are those with valid False, ids < 0 or NaN distance: they are stored
+        as NaN distance, match False, id and value -1. Whether distances are given is fixed by
+        the first call.
+        """
+        if self._done:
+            raise RuntimeError(f"export {self.path} is already finalized or abandoned")
+        lp_lm, lp_knn, targets, dists, match, ids, vals, valid = (
+            _numpy(x) for x in (lp_lm, lp_knn, targets, dists, match, ids, vals, valid))
+        n = len(targets)
+        for name, a in (("lp_lm", lp_lm), ("lp_knn", lp_knn), ("targets", targets)):
+            if a.ndim != 1 or len(a) != n:
+                raise ValueError(f"export add(): {name} has shape {a.shape}, expected ({n},)")
+        row = {"lp_lm": lp_lm.astype(np.float32), "lp_knn": lp_knn.astype(np.float32),
+               "targets": targets.astype(np.int64)}
+        for name in ("lp_lm", "lp_knn"):
+            bad = np.isnan(row[name]) | (row[name] > _LP_MAX)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise CorruptError(f"export {self.path}: {name} = {row[name][i]} at token {self.count + i} "
+                                   f"is not a log-probability")
+        if self._files is None:
+            names = ["lp_lm", "lp_knn", "targets"]
+            if dists is not None:
+                if dists.ndim != 2:
+                    raise ValueError(f"export add(): dists has shape {dists.shape}, expected (n, k)")
+                names += ["dists", "match"] + (["ids", "vals"] if self.with_ids else [])
+            self._open(names, None if dists is None else dists.shape[1])
+        if "dists" in self._files:
+            row.update(self._neighbors(n, targets, dists, match, ids, vals, valid))
+        elif dists is not None:
+            raise ValueError("export add(): distances given, but the first add() had none")
+        for name, f in self._files.items():
+            f.append(row[name])
+        self.meta["count"] += n
+
+    def _neighbors(self, n, targets, dists, match, ids, vals, valid):
+        k, K = self.meta["k"], self.meta["k_kept"]
+        if dists is None:
+            raise ValueError("export add(): the first add() had neighbor distances, this one has none")
+        if self.with_ids and (ids is None or vals is None):
+            raise ValueError("export add(): with_ids=True needs ids and vals")
+        if match is None and vals is None:
+            raise ValueError("export add(): dists need match or vals to say which neighbors carry the target")
+        for name, a in (("dists", dists), ("match", match), ("ids", ids), ("vals", vals), ("valid", valid)):
+            if a is not None and a.shape != (n, k):
+                raise ValueError(f"export add(): {name} has shape {a.shape}, expected ({n}, {k})")
+        # Neighbors arrive nearest-first, so the first K are the K nearest.
+        dists = dists[:, :K].astype(np.float32)  # a copy: NaNs are written into it below
+        missing = np.isnan(dists)
+        if valid is not None:
+            missing |= ~valid[:, :K].astype(bool)
+        if ids is not None:
+            missing |= ids[:, :K] < 0
+        same = vals[:, :K] == targets[:, None] if vals is not None else None
+        if match is None:
+            match = same
+        else:
+            match = match[:, :K].astype(bool)
+            if same is not None and (match != same)[~missing].any():
+                raise ValueError("export add(): match disagrees with vals == targets")
+        dists[missing] = np.nan
+        out = {"dists": dists, "match": match & ~missing}
+        if self.with_ids:
+            out["ids"] = np.where(missing, -1, ids[:, :K]).astype(np.int64)
+            out["vals"] = np.where(missing, -1, vals[:, :K]).astype(np.int64)
+        return out
+
+    def finalize(self, extra_meta=None):
+        """Close the arrays, then write meta.json with `complete: true`; returns the metadata."""
+        if self._done:
+            raise RuntimeError(f"export {self.path} is already finalized or abandoned")
+        clash = _RESERVED & set(extra_meta or {})
+        if clash:
+            raise ConfigError(f"export metadata keys {sorted(clash)} are reserved for the export itself")
+        if self._files is None:  # nothing was added: an empty export, still a valid one
+            self._open(["lp_lm", "lp_knn", "targets"], None)
+        for f in self._files.values():
+            f.close()
+        self._done = True
+        self.meta.update(extra_meta or {})
+        self.meta.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_json_atomic(os.path.join(self.path, META), self.meta)
+        return self.meta
+
+    def abandon(self):
+        """Close the files and leave the export marked incomplete (e.g. the run failed)."""
+        if not self._done and self._files is not None:
+            for f in self._files.values():
+                f.abandon()
+        self._done = True
+
+
+@dataclasses.dataclass
+class Export:
+    """A complete export, arrays memory-mapped read-only. dists/match/ids/vals may be None."""
+
+    path: str
+    meta: dict
+    lp_lm: np.ndarray
+    lp_knn: np.ndarray
+    targets: np.ndarray
+    dists: Optional[np.ndarray] = None
+    match: Optional[np.ndarray] = None
+    ids: Optional[np.ndarray] = None
+    vals: Optional[np.ndarray] = None
+    _warned: bool = dataclasses.field(default=False, repr=False)
+
+    @property
+    def count(self):
+        return len(self.lp_lm)
+
+    @property
+    def k(self):
+        return self.meta.get("k")
+
+    @property
+    def k_kept(self):
+        return None if self.dists is None else self.dists.shape[1]
+
+    @property
+    def has_neighbors(self):
+        return self.dists is not None
+
+    @property
+    def truncated(self):
+        """Fewer neighbors kept than the run used: re-scored p_kNN is then approximate."""
+        return self.has_neighbors and self.k_kept < self.k
+
+
+def load_export(path):
+    """Open the export directory PATH, checking that it is complete and its files are whole."""
+    if not os.path.isdir(path):
+        raise KNNLMError(f"no export directory at {path} (written by --knnlm-dump-probs)")
+    meta = read_json(os.path.join(path, META), f"export {path}")
+    if meta.get("format") != FORMAT:
+        raise CorruptError(f"{path}/{META} is not the metadata of a kNN-LM export (format {meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CorruptError(f"export {path} has format version {meta.get('format_version')}; "
+                           f"this code reads version {FORMAT_VERSION}")
+    if not meta.get("complete"):
+        raise IncompleteError(
+            f"export {path} is incomplete: the evaluation that wrote it did not finish "
+            f"({meta.get('count', 0)} tokens recorded). Run the evaluation again."
+        )
+    names = meta.get("files", [])
+    if not {"lp_lm", "lp_knn", "targets"} <= set(names) or ("dists" in names) != ("match" in names):
+        raise CorruptError(f"export {path}: its metadata lists an impossible set of files {names}")
+    arrays = {}
+    for name in names:
+        if name not in FILES:
+            raise CorruptError(f"export {path}: unknown file {name}.npy in its metadata")
+        file = os.path.join(path, f"{name}.npy")
+        if not os.path.exists(file):
+            raise CorruptError(f"export {path}: {file} is missing")
+        try:
+            a = np.load(file, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise CorruptError(f"export {path}: cannot read {file} ({e}); it is truncated or damaged") from None
+        dtype, per_neighbor = FILES[name]
+        shape = (meta["count"], meta["k_kept"]) if per_neighbor else (meta["count"],)
+        if a.shape != shape or a.dtype != dtype:
+            raise CorruptError(
+                f"export {path}: {file} holds {a.dtype} {a.shape}, but its metadata says "
+                f"{np.dtype(dtype).name} {shape}; the file was truncated or replaced"
+            )
+        arrays[name] = a
+    return Export(path=path, meta=meta, **arrays)
+
+
+def _chunk_rows(k):
+    return max(1, CHUNK_ELEMENTS // max(k, 1))
+
+
+def _lp_knn_exact(d, m, valid, sim_func, temperature):
+    # knn_log_prob compares neighbor values with targets; `match` already is that comparison.
+    ones = torch.ones(len(m), dtype=torch.bool)
+    return knn_log_prob(neighbor_scores(d, sim_func, temperature), m, ones, valid)
+
+
+def _lp_knn_chunk(dists, match, sim_func, temperatures):
+    """log p_kNN for one (rows, K) chunk at each temperature.
+
+    knn_log_prob costs ~10 passes over the (rows, K) scores per temperature; here the scores
+    are shifted by their row maximum once, after which each temperature is one exp pass and
+    two sums: log p_kNN = log sum_match e^(x/T) - log sum_all e^(x/T), x = s - max s <= 0, so
+    the normalizer lies in [1, K] and cannot over- or underflow. Only the matched sum can
+    underflow (every matching neighbor far from the nearest at a low T): those rows, and any
+    non-finite one, are redone with knn_log_prob itself. Tests hold this equal to it.
+    """
+    # Copies: the memory map is read-only, torch wants writable memory.
+    d = torch.from_numpy(np.array(dists, dtype=np.float32))
+    m = torch.from_numpy(np.array(match, dtype=np.bool_))
+    valid = ~torch.isnan(d)
+    if valid.all():
+        valid = None  # nothing to mask
+    else:
+        d = d.nan_to_num(0.0)
+        m = m & valid
+    s = neighbor_scores(d, sim_func, 1.0)  # scoring's sign convention; s / T is its score at T
+    if valid is not None:
+        s = s.masked_fill(~valid, float("-inf"))
+    top = s.max(dim=-1, keepdim=True).values
+    x = s - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    mf = m.float()
+    has_match = m.any(dim=-1)
+    buf = torch.empty_like(x)
+    out = []
+    for t in temperatures:
+        torch.div(x, t, out=buf)
+        buf.exp_()  # missing neighbors: exp(-inf) = 0
+        matched = torch.linalg.vecdot(buf, mf)
+        lp = matched.log() - buf.sum(dim=-1).log()
+        lp = lp.masked_fill(~has_match, float("-inf"))  # also rows with no neighbor at all
+        redo = has_match & ~(matched >= 1e-30) | torch.isnan(lp)  # NaN compares False: redone
+        if redo.any():
+            lp[redo] = _lp_knn_exact(d[redo], m[redo], None if valid is None else valid[redo], sim_func, t)
+        out.append(lp.numpy())
+    return out
+
+
+def lp_knn_grid(export, temperatures, rows=slice(None)):
+    """log p_kNN(target) at each temperature: (len(temperatures), n) float32.
+
+    Re-scores from the stored distances and matches in chunks (memory is bounded whatever N
+    and K); each chunk is read once for all temperatures. When the export kept fewer
+    neighbors than the run used (K < k), this is the softmax over the K nearest only: an
+    approximation of what a run at that temperature would give (a warning says so).
+    """
+    if not export.has_neighbors:
+        raise ConfigError(
+            f"export {export.path} has no neighbor distances, so p_kNN cannot be re-scored at "
+            f"another temperature; only the run's own (T = {export.meta['temperature']}) is available"
+        )
+    temperatures = [float(t) for t in temperatures]
+    for t in temperatures:
+        check_temperature(t, "temperature")
+    if export.truncated and not export._warned:
+        logger.warning(
+            "export %s kept %d of the run's %d neighbors: p_kNN re-scored at a new temperature "
+            "uses only those %d, an approximation (the stored lp_knn, at T = %g, is exact)",
+            export.path, export.k_kept, export.k, export.k_kept, export.meta["temperature"])
+        export._warned = True
+    sel = np.arange(export.count)[rows]
+    contiguous = isinstance(rows, slice) and rows.step in (None, 1)
+    out = np.empty((len(temperatures), len(sel)), dtype=np.float32)
+    step = _chunk_rows(export.k_kept)
+    for s in range(0, len(sel), step):
+        part = sel[s:s + step]
+        if contiguous:  # a plain slice of the memory map: no fancy-index copy
+            lo, hi = int(part[0]), int(part[-1]) + 1
+            d, m = export.dists[lo:hi], export.match[lo:hi]
+        else:
+            d, m = export.dists[part], export.match[part]
+        for i, lp in enumerate(_lp_knn_chunk(d, m, export.meta["sim_func"], temperatures)):
+            out[i, s:s + len(part)] = lp
+    return out
+
+
+def lp_knn_at(export, temperature, rows=slice(None)):
+    """log p_kNN(target) re-scored at `temperature` for `rows` (a slice, index or mask): (n,) float32.
+
+    Exact when the export kept all the run's neighbors; with K kept < k an approximation
+    (see `lp_knn_grid`).
+    """
+    return lp_knn_grid(export, [temperature], rows)[0]
+
+
+def same_temperature(a, b):
+    return math.isclose(a, b, rel_tol=1e-9)

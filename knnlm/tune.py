@@ -1,0 +1,300 @@
+"""knnlm-tune: grid-search lambda and the temperature on an export from `--knnlm-dump-probs`.
+
+    perplexity(lambda, T) = exp(-mean_t log(lambda p_kNN,T(y_t) + (1 - lambda) p_LM(y_t)))
+
+p_kNN at each temperature is re-scored once from the exported neighbor distances (chunked),
+after which every lambda is one vector operation over the tokens.
+
+Default temperature grid: T_run * 2**(j/2) for j = -6..6, i.e. 13 values from T_run/8 to
+8 T_run in steps of sqrt(2), T_run (the run's own temperature) included exactly.
+"""
+
+import argparse
+import logging
+import math
+import sys
+
+import numpy as np
+import torch
+
+from .datastore import write_json_atomic
+from .errors import ConfigError, CorruptError, KNNLMError
+from .export import load_export, lp_knn_grid, same_temperature
+from .scoring import check_lambda, check_temperature, interpolate
+
+DEFAULT_LAMBDAS = "0:1:0.01"
+DEFAULT_TABLE_LAMBDAS = "0,0.1,0.25,0.5,0.75,0.9,1"
+# Stored and re-scored lp_knn at the run's temperature must agree this closely (fp32 rounding
+# of a logsumexp over up to a few thousand neighbors stays far below it).
+CONSISTENCY_ATOL = 1e-4
+
+
+def default_temperatures(t_run):
+    return [t_run * 2.0 ** (j / 2) for j in range(-6, 7)]
+
+
+def parse_lambdas(text, name="--lambdas"):
+    """'START:STOP:STEP' (STOP included) or a comma list -> sorted unique values in [0, 1]."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if not step > 0 or stop < start:
+                raise ValueError
+            n = (stop - start) / step
+            if abs(n - round(n)) > 1e-6:
+                raise ConfigError(f"{name} {text}: STEP does not divide STOP - START")
+            # Rounded so that 0.1 * 3 prints and compares as 0.3.
+            values = [round(start + i * step, 12) for i in range(int(round(n)) + 1)]
+        else:
+            values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{name} must be START:STOP:STEP or a comma list of numbers, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{name} is empty")
+    for v in values:
+        check_lambda(v, name)
+    return sorted(set(values))
+
+
+def parse_temperatures(text, name="--temperatures"):
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{name} must be a comma list of numbers, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{name} is empty")
+    for v in values:
+        check_temperature(v, name)
+    return sorted(set(values))
+
+
+def perplexity(lp_lm, lp_knn, lmbda):
+    """(ppl, number of tokens of probability 0) for one lambda; both vectors are torch fp32."""
+    lp = interpolate(lp_lm, lp_knn, lmbda)
+    n_zero = int(torch.isneginf(lp).sum())
+    if n_zero:
+        return math.inf, n_zero
+    return math.exp(-float(lp.double().mean())), 0
+
+
+def _check_consistent(export, recomputed):
+    """Re-scored lp_knn at the run's temperature must reproduce the stored one."""
+    stored = np.asarray(export.lp_knn)
+    inf_s, inf_r = np.isneginf(stored), np.isneginf(recomputed)
+    if (inf_s != inf_r).any():
+        i = int(np.argmax(inf_s != inf_r))
+        raise CorruptError(
+            f"export {export.path} is inconsistent: at token {i} the stored lp_knn is {stored[i]} "
+            f"but its distances and matches give {recomputed[i]} (does any neighbor carry the "
+            f"target?). Its files do not belong together; export again."
+        )
+    finite = ~inf_s
+    diff = np.abs(stored[finite].astype(np.float64) - recomputed[finite])
+    if diff.size and diff.max() > CONSISTENCY_ATOL:
+        i = int(np.flatnonzero(finite)[np.argmax(diff)])
+        raise CorruptError(
+            f"export {export.path} is inconsistent: re-scoring its distances at the run's "
+            f"temperature T = {export.meta['temperature']:g} gives lp_knn {recomputed[i]:.6f} at "
+            f"token {i}, the stored value is {stored[i]:.6f} (|diff| {diff.max():.2e} > "
+            f"{CONSISTENCY_ATOL:g}); wrong sim_func/temperature in meta.json, or distances other "
+            f"than those scored. Export again."
+        )
+    return float(diff.max()) if diff.size else 0.0
+
+
+def tune(export, lambdas, temperatures=None):
+    """The perplexity grid and its best point, as a dict (see `main` for the fields)."""
+    meta = export.meta
+    t_run, l_run = float(meta["temperature"]), float(meta["lmbda"])
+    if export.count == 0:
+        raise ConfigError(f"export {export.path} holds no tokens")
+    lp_lm = torch.from_numpy(np.array(export.lp_lm, dtype=np.float32))
+    stored = torch.from_numpy(np.array(export.lp_knn, dtype=np.float32))
+    for name, v in (("lp_lm", lp_lm), ("lp_knn", stored)):
+        if torch.isnan(v).any() or (v > 1e-4).any():
+            raise CorruptError(f"export {export.path}: {name}.npy holds NaN or positive log-probabilities")
+    result = {"export": export.path, "count": export.count, "sim_func": meta["sim_func"],
+              "k": export.k, "k_kept": export.k_kept, "run_lambda": l_run, "run_temperature": t_run,
+              "approximate_temperatures": bool(export.truncated), "consistency_max_abs_diff": None}
+    if not export.has_neighbors:
+        if temperatures is not None and any(not same_temperature(t, t_run) for t in temperatures):
+            raise ConfigError(
+                f"export {export.path} has no neighbor distances, so only lambda can be tuned "
+                f"(at the run's T = {t_run:g}); drop --temperatures"
+            )
+        temperatures, grid = [t_run], stored.unsqueeze(0)
+    else:
+        temperatures = sorted(set(temperatures if temperatures is not None else default_temperatures(t_run)))
+        # The run's own temperature is always re-scored: it checks the export's consistency.
+        at_run = [i for i, t in enumerate(temperatures) if same_temperature(t, t_run)]
+        grid = torch.from_numpy(lp_knn_grid(export, temperatures + ([] if at_run else [t_run])))
+        recomputed = grid[at_run[0] if at_run else -1]
+        if not at_run:
+            grid = grid[:-1]
+        if not export.truncated:
+            result["consistency_max_abs_diff"] = _check_consistent(export, recomputed.numpy())
+        else:
+            result["run_ppl_rescored"] = perplexity(lp_lm, recomputed, l_run)[0]
+    ppl = np.empty((len(temperatures), len(lambdas)))
+    for i in range(len(temperatures)):
+        for j, lam in enumerate(lambdas):
+            ppl[i, j] = perplexity(lp_lm, grid[i], lam)[0]
+    i, j = np.unravel_index(np.argmin(ppl), ppl.shape)
+    # p_kNN = 0 exactly where no kept neighbor carries the target, whatever the temperature.
+    no_target = [int(torch.isneginf(g).sum()) for g in grid]
+    result.update(
+        base_ppl=perplexity(lp_lm, stored, 0.0)[0],
+        run_ppl=perplexity(lp_lm, stored, l_run)[0],
+        best_lambda=float(lambdas[j]), best_temperature=float(temperatures[i]), best_ppl=float(ppl[i, j]),
+        lambdas=[float(x) for x in lambdas], temperatures=[float(t) for t in temperatures],
+        ppl=ppl, tokens_without_target=no_target, _lp_lm=lp_lm, _grid=grid,
+    )
+    return result
+
+
+def _fmt_ppl(x):
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.2f}" if x < 1e5 else f"{x:.3g}"
+
+
+def table(result, table_lambdas):
+    """Rows: temperatures; columns: table_lambdas, then the best lambda of the grid at that T."""
+    lp_lm, grid = result["_lp_lm"], result["_grid"]
+    head = ["T"] + [f"l={lam:g}" for lam in table_lambdas] + ["best l", "ppl"]
+    rows = []
+    for i, t in enumerate(result["temperatures"]):
+        cells = [f"{t:.4g}" + ("*" if same_temperature(t, result["run_temperature"]) else "")]
+        cells += [_fmt_ppl(perplexity(lp_lm, grid[i], lam)[0]) for lam in table_lambdas]
+        j = int(np.argmin(result["ppl"][i]))
+        cells += [f"{result['lambdas'][j]:g}", _fmt_ppl(result["ppl"][i, j])]
+        rows.append(cells)
+    widths = [max(len(r[c]) for r in [head] + rows) for c in range(len(head))]
+    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(head)] + [line(r) for r in rows])
+
+
+def plot(result, path):
+    """Perplexity vs lambda, one curve per temperature (the paper's Figure 5), best point marked."""
+    from matplotlib.figure import Figure  # Agg through Figure.savefig: no pyplot, no display
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    ppl, lambdas, temps = result["ppl"], result["lambdas"], result["temperatures"]
+    colors = _colors(len(temps))
+    for i, t in enumerate(temps):
+        run = same_temperature(t, result["run_temperature"])
+        y = np.where(np.isfinite(ppl[i]), ppl[i], np.nan)  # inf: a gap, not a spike
+        ax.plot(lambdas, y, color=colors[i], lw=2.2 if run else 1.2,
+                label=f"T={t:.3g}" + (" (run)" if run else ""))
+    ax.axhline(result["base_ppl"], color="gray", ls="--", lw=1, label=f"LM only ({result['base_ppl']:.2f})")
+    ax.plot([result["best_lambda"]], [result["best_ppl"]], "r*", ms=14, zorder=5,
+            label=f"best: $\\lambda$={result['best_lambda']:g}, T={result['best_temperature']:.3g} "
+                  f"({_fmt_ppl(result['best_ppl'])})")
+    finite = ppl[np.isfinite(ppl)]
+    if finite.size and finite.max() / finite.min() > 3:
+        ax.set_yscale("log")
+    ax.set_xlabel(r"$\lambda$ (weight of $p_{kNN}$)")
+    ax.set_ylabel("perplexity")
+    title = f"kNN-LM interpolation, {result['count']:,} tokens"
+    if math.isinf(result["ppl"][:, -1].max()) and result["lambdas"][-1] == 1.0:
+        title += f"\n($\\lambda$=1: inf, {max(result['tokens_without_target']):,} tokens without their target)"
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _colors(n):
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def to_json(result):
+    """The result without internals, infinite perplexities as null (JSON has no inf)."""
+    clean = lambda x: None if isinstance(x, float) and math.isinf(x) else x  # noqa: E731
+    out = {k: clean(v) for k, v in result.items() if not k.startswith("_") and k != "ppl"}
+    out["ppl"] = [[clean(float(x)) for x in row] for row in result["ppl"]]
+    out["ppl_layout"] = "ppl[i][j]: temperatures[i], lambdas[j]; null = infinite"
+    return out
+
+
+def report(result, table_lambdas):
+    r = result
+    lines = [
+        f"export {r['export']}: {r['count']:,} tokens, sim_func {r['sim_func']}, "
+        + (f"{r['k_kept']} of k={r['k']} neighbors kept, " if r["k"] else "no neighbors exported, ")
+        + f"run lambda={r['run_lambda']:g}, T={r['run_temperature']:g}",
+        f"base LM (lambda=0):            ppl {_fmt_ppl(r['base_ppl'])}",
+        f"run (lambda={r['run_lambda']:g}, T={r['run_temperature']:g}):  ppl {_fmt_ppl(r['run_ppl'])}",
+        f"best (lambda={r['best_lambda']:g}, T={r['best_temperature']:.4g}): ppl {_fmt_ppl(r['best_ppl'])}",
+    ]
+    if r["approximate_temperatures"]:
+        lines.append(
+            f"note: only {r['k_kept']} of {r['k']} neighbors were exported, so perplexities at the grid's "
+            f"temperatures are approximate (at the run's setting: {_fmt_ppl(r['run_ppl_rescored'])} "
+            f"re-scored vs {_fmt_ppl(r['run_ppl'])} exact)"
+        )
+    ts = r["temperatures"]
+    if len(ts) > 1 and r["best_temperature"] in (ts[0], ts[-1]) and r["best_lambda"] > 0:
+        lines.append(f"note: the best temperature is at the edge of the grid ({ts[0]:.4g} .. {ts[-1]:.4g}); "
+                     f"widen --temperatures")
+    missing = max(r["tokens_without_target"])
+    if missing:
+        lines.append(
+            f"lambda=1 gives ppl inf: {missing:,} of {r['count']:,} tokens ({100 * missing / r['count']:.2f}%) "
+            f"have no retrieved neighbor carrying their target"
+        )
+    lines += ["", "perplexity by temperature (rows, * = the run's) and lambda (columns):",
+              table(r, table_lambdas)]
+    return "\n".join(lines)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="knnlm-tune",
+        description="Grid-search the kNN-LM interpolation weight lambda and the softmax temperature "
+                    "on a per-token export (--knnlm-dump-probs), without re-running the model.",
+    )
+    p.add_argument("export_dir", metavar="EXPORT_DIR")
+    p.add_argument("--lambdas", default=DEFAULT_LAMBDAS,
+                   help="START:STOP:STEP (STOP included) or a comma list, within [0, 1] (default %(default)s)")
+    p.add_argument("--temperatures",
+                   help="comma list of temperatures (default: 13 values T_run * 2**(j/2), j = -6..6, "
+                        "i.e. T_run/8 to 8 T_run, T_run included)")
+    p.add_argument("--table-lambdas", default=DEFAULT_TABLE_LAMBDAS,
+                   help="lambda columns of the printed table (default %(default)s)")
+    p.add_argument("--plot", metavar="PNG", help="write perplexity vs lambda, one curve per temperature")
+    p.add_argument("--json", metavar="JSON", help="write the best point and the whole grid")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="knnlm-tune: warning: %(message)s", level=logging.WARNING)
+    try:
+        lambdas = parse_lambdas(args.lambdas)
+        table_lambdas = parse_lambdas(args.table_lambdas, "--table-lambdas")
+        temperatures = parse_temperatures(args.temperatures) if args.temperatures else None
+        result = tune(load_export(args.export_dir), lambdas, temperatures)
+        print(report(result, table_lambdas))
+        for path, write in ((args.json, lambda p: write_json_atomic(p, to_json(result))),
+                            (args.plot, lambda p: plot(result, p))):
+            if path:
+                try:
+                    write(path)
+                except OSError as e:
+                    raise KNNLMError(f"cannot write {path}: {e.strerror or e}") from None
+                print(f"wrote {path}")
+    except KNNLMError as e:
+        print(f"knnlm-tune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
