@@ -142,7 +142,11 @@ def tune(export, lambdas, temperatures=None):
     i, j = np.unravel_index(np.argmin(ppl), ppl.shape)
     # p_kNN = 0 exactly where no kept neighbor carries the target, whatever the temperature.
     no_target = [int(torch.isneginf(g).sum()) for g in grid]
+    # Lambda alone at the run's T from the stored lp_knn: exact even when K kept < k.
+    at_run_ppl = [perplexity(lp_lm, stored, lam)[0] for lam in lambdas]
+    j_run = int(np.argmin(at_run_ppl))
     result.update(
+        best_lambda_at_run_temperature=float(lambdas[j_run]), best_ppl_at_run_temperature=at_run_ppl[j_run],
         base_ppl=perplexity(lp_lm, stored, 0.0)[0],
         run_ppl=perplexity(lp_lm, stored, l_run)[0],
         best_lambda=float(lambdas[j]), best_temperature=float(temperatures[i]), best_ppl=float(ppl[i, j]),
@@ -231,12 +235,15 @@ def report(result, table_lambdas):
         f"base LM (lambda=0):            ppl {_fmt_ppl(r['base_ppl'])}",
         f"run (lambda={r['run_lambda']:g}, T={r['run_temperature']:g}):  ppl {_fmt_ppl(r['run_ppl'])}",
         f"best (lambda={r['best_lambda']:g}, T={r['best_temperature']:.4g}): ppl {_fmt_ppl(r['best_ppl'])}",
+        f"best lambda at the run's T:    lambda={r['best_lambda_at_run_temperature']:g}, "
+        f"ppl {_fmt_ppl(r['best_ppl_at_run_temperature'])}",
     ]
     if r["approximate_temperatures"]:
         lines.append(
             f"note: only {r['k_kept']} of {r['k']} neighbors were exported, so perplexities at the grid's "
-            f"temperatures are approximate (at the run's setting: {_fmt_ppl(r['run_ppl_rescored'])} "
-            f"re-scored vs {_fmt_ppl(r['run_ppl'])} exact)"
+            f"temperatures are those of a {r['k_kept']}-neighbor kNN-LM, an approximation (at the run's "
+            f"setting: {_fmt_ppl(r['run_ppl_rescored'])} re-scored vs {_fmt_ppl(r['run_ppl'])} exact); "
+            f"the best lambda at the run's T (above) is exact"
         )
     ts = r["temperatures"]
     if len(ts) > 1 and r["best_temperature"] in (ts[0], ts[-1]) and r["best_lambda"] > 0:
@@ -247,6 +254,7 @@ def report(result, table_lambdas):
         lines.append(
             f"lambda=1 gives ppl inf: {missing:,} of {r['count']:,} tokens ({100 * missing / r['count']:.2f}%) "
             f"have no retrieved neighbor carrying their target"
+            + (f" among the {r['k_kept']} exported" if r["approximate_temperatures"] else "")
         )
     lines += ["", "perplexity by temperature (rows, * = the run's) and lambda (columns):",
               table(r, table_lambdas)]

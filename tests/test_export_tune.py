@@ -283,6 +283,10 @@ def test_tune_finds_brute_force_best(tmp_path):
         for j, lam in enumerate(lambdas):
             assert res["ppl"][i, j] == pytest.approx(brute[(lam, t)], rel=1e-5)
     assert res["consistency_max_abs_diff"] < 1e-5
+    stored = {lam: ref_ppl(lp_lm, np.asarray(e.lp_knn), lam) for lam in lambdas}
+    lam_run = min(stored, key=stored.get)
+    assert res["best_lambda_at_run_temperature"] == lam_run
+    assert res["best_ppl_at_run_temperature"] == pytest.approx(stored[lam_run], rel=1e-5)
 
 
 def test_default_temperature_grid():
@@ -347,7 +351,7 @@ def test_cli_truncated_and_lm_only_exports(tmp_path, capsys):
     path = str(tmp_path / "trunc")
     write_export(path, n=60, k=16, k_kept=4)
     assert tune.main([path, "--lambdas", "0,0.5"]) == 0
-    assert "approximate" in capsys.readouterr().out
+    assert "an approximation" in capsys.readouterr().out
     path = str(tmp_path / "nodists")
     write_export(path, n=60, with_dists=False)
     assert tune.main([path, "--lambdas", "0:1:0.5"]) == 0
