@@ -342,8 +342,17 @@ def maybe_to_gpu(index, want, what):
         return index, False
     if _GPU_RESOURCES is None:
         _GPU_RESOURCES = faiss.StandardGpuResources()
+    options = faiss.GpuClonerOptions()
     try:
-        return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index), True
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        ivf = None
+    # For IVFPQ, useFloat16 means float16 lookup tables: without them PQ64 x 8 bits needs more
+    # shared memory than a GPU block has and the copy fails. The codes stay exact. (For
+    # IVFFlat it would store the vectors in float16, so it stays off there.)
+    options.useFloat16 = isinstance(ivf, faiss.IndexIVFPQ)
+    try:
+        return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index, options), True
     except RuntimeError as e:  # e.g. PQ with fewer than 8 bits, or an unsupported sub-quantizer size
         logger.warning("gpu=true, but FAISS cannot run this index on the GPU (%s): %s on the CPU",
                        str(e).strip().splitlines()[-1], what)
@@ -608,6 +617,8 @@ def print_summary(s, file=None):
     ]
     if s["resumed_from_row"]:
         rows.append(("resumed from row", f"{s['resumed_from_row']:,}"))
+    if m.get("shards_reused"):
+        rows.append(("shards reused", ", ".join(map(str, m["shards_reused"])) + "  (added by an interrupted run)"))
     rows.append(("index file", _human_bytes(s["index_bytes"])))
     if "ivfdata_bytes" in s:
         rows.append(("ivfdata file", _human_bytes(s["ivfdata_bytes"])))

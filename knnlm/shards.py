@@ -386,7 +386,6 @@ def build_sharded(plan, state, t_start=None):
         "gpu": any(d.get("gpu") for d in done.values()),
     }
     leftovers = [job["out"] for job in jobs] + [f"{job['out']}.json" for job in jobs]
-    resumed = sum(job["size"] for job in jobs if job not in todo) or None
+    extra["shards_reused"] = [job["k"] for job in jobs if job not in todo]  # added by an interrupted run
     return ib.finalize(plan, index, train_seconds=train_seconds, add_seconds=add_wall + merge_seconds,
-                       rows_added=rows_added_now, extra_meta=extra, leftovers=leftovers,
-                       resumed_from=resumed, t_start=t_start)
+                       rows_added=rows_added_now, extra_meta=extra, leftovers=leftovers, t_start=t_start)

@@ -146,15 +146,32 @@ def test_changed_parameters_restart_cleanly(tmp_path, ds, monkeypatch, caplog):
     assert s["meta"]["ncentroids"] == 16 and s["resumed_from_row"] is None
 
 
-def test_two_shards_merged_on_disk_match_single_index(tmp_path, keys, queries):
+def test_two_shards_merged_on_disk_match_single_index(tmp_path, keys, queries, monkeypatch, caplog):
     vals = np.random.default_rng(2).integers(0, 100, N)
     whole = make_datastore(tmp_path / "whole", keys, vals)
     make_datastore(tmp_path / "s0", keys[:1700], vals[:1700])
     make_datastore(tmp_path / "s1", keys[1700:], vals[1700:])
     common = {"ncentroids": 32, "code_size": 8, "shard_workers": 2}
     ib.build_index(settings(whole.prefix, tmp_path / "whole.index", **common))
-    s = ib.build_index(settings(tmp_path / "sh", tmp_path / "sh.index",
-                                shards=[str(tmp_path / "s0"), str(tmp_path / "s1")], **common))
+    sharded_cfg = settings(tmp_path / "sh", tmp_path / "sh.index",
+                           shards=[str(tmp_path / "s0"), str(tmp_path / "s1")], **common)
+
+    # Killed after both shard processes finished, before the merge: the shards are kept...
+    import faiss.contrib.ondisk
+
+    def killed(*args):
+        raise RuntimeError("simulated kill before the merge")
+
+    monkeypatch.setattr(faiss.contrib.ondisk, "merge_ondisk", killed)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        ib.build_index(sharded_cfg)
+    assert not (tmp_path / "sh.index").exists() and len(list(tmp_path.glob("sh.index.shard?"))) == 2
+    monkeypatch.undo()
+    # ...and the re-run only merges them.
+    with caplog.at_level(logging.INFO, logger="knnlm"):
+        s = ib.build_index(sharded_cfg)
+    assert "shard 1 (" in caplog.text and "in separate processes" not in caplog.text
+    assert s["meta"]["shards_reused"] == [0, 1] and s["rows_added"] == 0
     assert s["meta"]["ondisk"] and os.path.exists(tmp_path / "sh.index.ivfdata")
     assert not list(tmp_path.glob("sh.index.shard*"))
 
