@@ -70,7 +70,7 @@ class ExportWriter:
     """Append per-token rows with `add()`; `finalize()` marks the export complete.
 
     k_kept: how many nearest neighbors to keep per token (the first k_kept of the k given, which
-    arrive sorted nearest-first). Fewer kept than the run's k makes re-scoring at another
+    arrive sorted nearest-first); 0 keeps none (then only lambda can be tuned offline). Fewer kept than the run's k makes re-scoring at another
     temperature an approximation (see `lp_knn_at`); the stored lp_knn is always exact.
     with_ids: also store the neighbors' datastore rows and values (ids.npy, vals.npy); `add()`
     must then be given both.
@@ -82,8 +82,8 @@ class ExportWriter:
             raise ConfigError(f"sim_func must be one of {', '.join(SIM_FUNCS)}, got {sim_func!r}")
         check_temperature(temperature)
         check_lambda(lmbda)
-        if isinstance(k_kept, bool) or not isinstance(k_kept, (int, np.integer)) or k_kept < 1:
-            raise ConfigError(f"the number of neighbors to export must be a positive integer, got {k_kept!r}")
+        if isinstance(k_kept, bool) or not isinstance(k_kept, (int, np.integer)) or k_kept < 0:
+            raise ConfigError(f"the number of neighbors to export must be an integer >= 0, got {k_kept!r}")
         clash = _RESERVED & set(meta or {})
         if clash:
             raise ConfigError(f"export metadata keys {sorted(clash)} are reserved for the export itself")
@@ -174,11 +174,12 @@ class ExportWriter:
             if dists is not None:
                 if dists.ndim != 2:
                     raise ValueError(f"export add(): dists has shape {dists.shape}, expected (n, k)")
-                names += ["dists", "match"] + (["ids", "vals"] if self.with_ids else [])
+                if self.meta["k_kept"] > 0:
+                    names += ["dists", "match"] + (["ids", "vals"] if self.with_ids else [])
             self._open(names, None if dists is None else dists.shape[1])
         if "dists" in self._files:
             row.update(self._neighbors(n, targets, dists, match, ids, vals, valid))
-        elif dists is not None:
+        elif dists is not None and self.meta["k"] is None:
             raise ValueError("export add(): distances given, but the first add() had none")
         for name, f in self._files.items():
             f.append(row[name])

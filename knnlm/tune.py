@@ -230,7 +230,7 @@ def report(result, table_lambdas):
     r = result
     lines = [
         f"export {r['export']}: {r['count']:,} tokens, sim_func {r['sim_func']}, "
-        + (f"{r['k_kept']} of k={r['k']} neighbors kept, " if r["k"] else "no neighbors exported, ")
+        + (f"{r['k_kept']} of k={r['k']} neighbors kept, " if r["k_kept"] else "no neighbors exported, ")
         + f"run lambda={r['run_lambda']:g}, T={r['run_temperature']:g}",
         f"base LM (lambda=0):            ppl {_fmt_ppl(r['base_ppl'])}",
         f"run (lambda={r['run_lambda']:g}, T={r['run_temperature']:g}):  ppl {_fmt_ppl(r['run_ppl'])}",

@@ -137,6 +137,13 @@ def test_k_kept_above_k_keeps_all_and_no_dists_export(tmp_path):
     e = ex.load_export(str(tmp_path / "b"))
     assert e.dists is None and not e.has_neighbors and e.count == 3
 
+    w = ex.ExportWriter(str(tmp_path / "c"), 0, sim_func="l2", temperature=1.0, lmbda=0.5)
+    for _ in range(2):  # neighbors given, none kept
+        w.add(np.zeros(2), np.zeros(2), np.arange(2), dists=np.ones((2, 4)), match=np.ones((2, 4), bool))
+    w.finalize()
+    e = ex.load_export(str(tmp_path / "c"))
+    assert e.dists is None and e.count == 4 and e.k == 4 and e.meta["k_kept"] == 0
+
 
 def test_incomplete_corrupt_and_existing_exports(tmp_path):
     path = str(tmp_path / "exp")
@@ -178,7 +185,7 @@ def test_writer_rejects_bad_input(tmp_path):
     with pytest.raises(ConfigError):
         ex.ExportWriter(str(tmp_path / "a"), 4, sim_func="l2", temperature=1.0, lmbda=1.5)
     with pytest.raises(ConfigError):
-        ex.ExportWriter(str(tmp_path / "a"), 0, sim_func="l2", temperature=1.0, lmbda=0.5)
+        ex.ExportWriter(str(tmp_path / "a"), -1, sim_func="l2", temperature=1.0, lmbda=0.5)
     with pytest.raises(ConfigError, match="reserved"):
         ex.ExportWriter(str(tmp_path / "a"), 4, sim_func="l2", temperature=1.0, lmbda=0.5, meta={"complete": True})
     w = ex.ExportWriter(str(tmp_path / "b"), 4, sim_func="l2", temperature=1.0, lmbda=0.25)
