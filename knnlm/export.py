@@ -351,10 +351,10 @@ def _lp_knn_chunk(dists, match, sim_func, temperatures):
     s = neighbor_scores(d, sim_func, 1.0)  # scoring's sign convention; s / T is its score at T
     if valid is not None:
         s = s.masked_fill(~valid, float("-inf"))
-    top = s.max(dim=-1, keepdim=True).values
+    top = s.amax(dim=-1, keepdim=True)
     x = s - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     mf = m.float()
-    has_match = m.any(dim=-1)
+    has_match = mf.amax(dim=-1) > 0
     buf = torch.empty_like(x)
     out = []
     for t in temperatures:

@@ -364,3 +364,19 @@ def test_cli_truncated_and_lm_only_exports(tmp_path, capsys):
     assert tune.main([path, "--lambdas", "0:1:0.5"]) == 0
     assert tune.main([path, "--temperatures", "1,4"]) == 2
     assert "no neighbor distances" in capsys.readouterr().err
+
+
+def test_consistency_check_tolerates_fp32_rounding_of_large_distances(tmp_path):
+    """Squared L2 distances in the thousands (real keys): fp32 scores are only good to ~1e-4 there."""
+    path = str(tmp_path / "exp")
+    d, valid, vals, targets, lp_lm = synth(500, 64, 5, seed=4)
+    d = np.sort(d * 100 + 2000, axis=1).astype(np.float32)  # 2000 .. 4000
+    w = ex.ExportWriter(path, 64, sim_func="l2", temperature=1.0, lmbda=0.3)
+    w.add(lp_lm, scored(d, valid, vals, targets, "l2", 1.0), targets, dists=d, vals=vals, valid=valid)
+    w.finalize()
+    e = ex.load_export(path)
+    ref = ref_lp_knn(e.dists[:100], e.match[:100], "l2", 1.0)
+    np.testing.assert_allclose(ex.lp_knn_at(e, 1.0, rows=slice(0, 100)), ref, atol=4 * 4e3 * 1.2e-7)
+    res = tune.tune(e, [0.0, 0.3], [1.0])
+    assert 1e-4 < res["consistency_max_abs_diff"] < 1e-3  # beyond the plain atol, still accepted
+    assert res["run_ppl"] == pytest.approx(ref_ppl(lp_lm, np.asarray(e.lp_knn), 0.3), rel=1e-5)
