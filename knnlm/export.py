@@ -70,8 +70,9 @@ class ExportWriter:
     """Append per-token rows with `add()`; `finalize()` marks the export complete.
 
     k_kept: how many nearest neighbors to keep per token (the first k_kept of the k given, which
-    arrive sorted nearest-first); 0 keeps none (then only lambda can be tuned offline). Fewer kept than the run's k makes re-scoring at another
-    temperature an approximation (see `lp_knn_at`); the stored lp_knn is always exact.
+    arrive sorted nearest-first); 0 keeps none (then only lambda can be tuned offline). Fewer
+    kept than the run's k makes re-scoring at another temperature an approximation (see
+    `lp_knn_grid`); the stored lp_knn is always exact.
     with_ids: also store the neighbors' datastore rows and values (ids.npy, vals.npy); `add()`
     must then be given both.
     """

@@ -113,7 +113,16 @@ def _check_consistent(export, recomputed):
 
 
 def tune(export, lambdas, temperatures=None):
-    """The perplexity grid and its best point, as a dict (see `main` for the fields)."""
+    """Perplexity for every (temperature, lambda) of the grid, as a dict.
+
+    temperatures: None for `default_temperatures` around the run's T. Keys: ppl (array,
+    rows = temperatures, columns = lambdas; inf where some token gets probability 0),
+    best_lambda/best_temperature/best_ppl, base_ppl (lambda = 0), run_ppl (the run's lambda
+    and T, from the stored lp_knn), best_lambda_at_run_temperature/best_ppl_at_run_temperature
+    (stored lp_knn: exact even for a truncated export), tokens_without_target (per temperature:
+    tokens whose target no kept neighbor carries, the cause of inf at lambda = 1),
+    consistency_max_abs_diff, approximate_temperatures (K kept < k), and the export's facts.
+    """
     meta = export.meta
     t_run, l_run = float(meta["temperature"]), float(meta["lmbda"])
     if export.count == 0:
