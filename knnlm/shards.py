@@ -204,13 +204,21 @@ def is_manifest(path):
 
 
 def open_datastore(path, **kwargs):
-    """Open a datastore prefix, a shard manifest, or a prefix P that has only P_shards.json."""
+    """Open a datastore prefix, a shard manifest, or a prefix P that has only P_shards.json.
+
+    kwargs are Datastore.open's (in_memory, dstore_size, dim, fp16); for shards, dstore_size
+    and dim are checked against the whole.
+    """
     path = str(path)
-    if is_manifest(path):
-        return open_manifest(path, in_memory=kwargs.get("in_memory", False))
-    if not os.path.exists(f"{path}_keys.npy") and os.path.isfile(manifest_path(path)):
-        return open_manifest(manifest_path(path), in_memory=kwargs.get("in_memory", False))
-    return Datastore.open(path, **kwargs)
+    manifest = path if is_manifest(path) else manifest_path(path)
+    if not (is_manifest(path) or (not os.path.exists(f"{path}_keys.npy") and os.path.isfile(manifest))):
+        return Datastore.open(path, **kwargs)
+    sharded = open_manifest(manifest, in_memory=kwargs.get("in_memory", False))
+    if kwargs.get("dstore_size") is not None and kwargs["dstore_size"] != sharded.size:
+        raise MismatchError(f"sharded datastore {manifest} has {sharded.size:,} entries, --dstore-size says {kwargs['dstore_size']:,}")
+    if kwargs.get("dim") is not None and kwargs["dim"] != sharded.dim:
+        raise MismatchError(f"sharded datastore {manifest} has keys of dimension {sharded.dim}, but {kwargs['dim']} was expected")
+    return sharded
 
 
 # ---------------------------------------------------------------------------------------
