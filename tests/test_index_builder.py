@@ -204,6 +204,8 @@ def test_manifest_refuses_a_redumped_shard(tmp_path, keys):
     make_datastore(tmp_path / "s1", keys[100:200])
     write_manifest(str(tmp_path / "m.json"), [str(tmp_path / "s0"), str(tmp_path / "s1")])
     assert open_manifest(str(tmp_path / "m.json")).size == 200
+    with pytest.raises(MismatchError, match="201"):
+        open_datastore(tmp_path / "m.json", dstore_size=201)
     w = DatastoreWriter(str(tmp_path / "s1"), D, keytype="last_ffn_input", dict_size=100,
                         dict_fingerprint="x", overwrite=True)
     w.add(keys[100:200], np.zeros(100, dtype=np.int64))
