@@ -171,3 +171,22 @@ def test_continuous_cache_against_loops():
                 assert torch.isneginf(got[b, t])
             else:
                 assert got[b, t].item() == pytest.approx(want, abs=1e-5)
+
+
+def test_large_distances_keep_precision():
+    # Squared L2 of real 1024-d keys is in the thousands; fp32 must still give log p to ~1e-6.
+    rng = np.random.default_rng(1)
+    d = rng.uniform(1000, 4000, size=(50, 64)).astype(np.float32).astype(np.float64)  # same inputs
+    vals = rng.integers(0, 5, size=(50, 64))
+    targets = rng.integers(0, 5, size=50)
+    s = -d
+    ref = []
+    for row, v, t in zip(s, vals, targets):
+        m = row.max()
+        w = np.exp(row - m)
+        mass = w[v == t].sum()
+        ref.append(np.log(mass / w.sum()) if mass > 0 else -np.inf)
+    got = knn_log_prob(neighbor_scores(torch.tensor(d, dtype=torch.float32)), torch.tensor(vals), torch.tensor(targets))
+    ref = torch.tensor(ref, dtype=torch.float32)
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(got[fin], ref[fin], atol=2e-6, rtol=1e-6)
