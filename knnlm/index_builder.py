@@ -419,11 +419,16 @@ def _write_progress(plan, **fields):
     write_json_atomic(plan.progress_path, state)
 
 
+def _stale_temporaries(index_path):
+    """Temporary files (NAME.tmpPID) that a killed build of this index left behind."""
+    names = [index_path] + [f"{index_path}{x}" for x in (".trained", ".partial", ".progress.json", ".meta.json")]
+    return sorted(p for n in names for p in glob.glob(f"{glob.escape(n)}.tmp[0-9]*"))
+
+
 def _leftovers(index_path):
-    pat = glob.escape(index_path)
     found = [p for p in (f"{index_path}.trained", f"{index_path}.partial", f"{index_path}.progress.json")
              if os.path.exists(p)]
-    return found + sorted(glob.glob(f"{pat}.shard[0-9]*")) + sorted(glob.glob(f"{pat}.tmp[0-9]*"))
+    return found + sorted(glob.glob(f"{glob.escape(index_path)}.shard[0-9]*")) + _stale_temporaries(index_path)
 
 
 def check_target(plan):
@@ -463,6 +468,8 @@ def load_state(plan):
         except CorruptError:
             state = None
     if state and state.get("identity") == plan.identity() and os.path.exists(plan.trained_path):
+        for p in _stale_temporaries(plan.index_path):
+            os.remove(p)
         return state
     found = _leftovers(plan.index_path)
     if found:
