@@ -317,21 +317,25 @@ def hand_states(model, tokens):
 
 def reference_dump(model, lines, dictionary, keytypes, order, tokens_per_sample, break_mode="none",
                    context_window=0):
-    """The (keys per key type, values) eval_lm should dump, for the blocks in `order` (sample ids)."""
+    """The (keys per key type, values) eval_lm should dump, for the blocks in `order` (sample ids).
+
+    All blocks go through the decoder as one right-padded batch (padding cannot reach earlier
+    positions through the causal mask).
+    """
     import numpy as np
     import torch
 
     stream = torch.cat(lines)
     spans = scored_blocks(lines, tokens_per_sample, break_mode)
-    keys = {k: [] for k in keytypes}
-    vals = []
-    for i in order:
-        inp, n = model_inputs(stream, spans[i], context_window, dictionary.eos())
-        st = hand_states(model, inp.unsqueeze(0))
-        for k in keytypes:
-            keys[k].append(st[k][0, -n:].numpy())
-        vals.append(stream[spans[i][0]:spans[i][1]].numpy())
-    return {k: np.concatenate(v) for k, v in keys.items()}, np.concatenate(vals)
+    inputs = [model_inputs(stream, spans[i], context_window, dictionary.eos()) for i in order]
+    tokens = torch.full((len(inputs), max(len(x) for x, _ in inputs)), dictionary.pad(), dtype=torch.long)
+    for row, (x, _) in enumerate(inputs):
+        tokens[row, :len(x)] = x
+    st = hand_states(model, tokens)
+    keys = {k: np.concatenate([st[k][row, len(x) - n:len(x)].numpy() for row, (x, n) in enumerate(inputs)])
+            for k in keytypes}
+    vals = np.concatenate([stream[spans[i][0]:spans[i][1]].numpy() for i in order])
+    return keys, vals
 
 
 # ----------------------------------------------------------------------------- indexes
