@@ -228,16 +228,18 @@ class Datastore:
 
     def gather_vals(self, ids):
         """Values at row `ids` (any shape)."""
-        ids = np.asarray(ids)
-        return np.asarray(self.vals[ids.reshape(-1)]).reshape(ids.shape)
+        return np.asarray(np.take(self.vals, np.asarray(ids)))  # same values and shape as vals[ids]
 
     def gather_keys(self, ids):
         """Keys at rows `ids` (1-D), read in ascending row order so the memory map streams."""
         ids = np.asarray(ids).reshape(-1)
         if isinstance(self.keys, np.memmap) or not self.keys.flags.owndata:
-            order = np.argsort(ids, kind="stable")
+            if len(ids) < 2 or (ids[1:] >= ids[:-1]).all():
+                return np.asarray(np.take(self.keys, ids, axis=0))  # already ascending: one read
+            # Equal ids read the same row, so an unstable sort gives the same result, faster.
+            order = np.argsort(ids)
             out = np.empty((len(ids), self.dim), dtype=self.keys.dtype)
-            out[order] = self.keys[ids[order]]
+            out[order] = np.take(self.keys, ids[order], axis=0)
             return out
         return self.keys[ids]
 

@@ -78,12 +78,21 @@ class Retriever:
         self._set_nprobe(gpu_index, self.nprobe)
         return gpu_index
 
-    def search(self, queries):
-        """(N, D) queries -> (distances (N, k) float32, ids (N, k) int64) from FAISS."""
-        q = queries.detach().float().cpu().numpy() if torch.is_tensor(queries) else np.asarray(queries, np.float32)
+    def _host_queries(self, queries):
+        """(N, D) queries as a C-contiguous float32 numpy array on the host: one copy off a GPU
+        at most, none at all for float32 CPU tensors or arrays."""
+        if torch.is_tensor(queries):
+            q = queries.detach()
+            q = (q if q.dtype == torch.float32 else q.float()).cpu().numpy()
+        else:
+            q = np.asarray(queries, np.float32)
         if q.ndim != 2 or q.shape[1] != self.datastore.dim:
             raise ConfigError(f"queries of shape {q.shape} do not match the datastore's dimension {self.datastore.dim}")
-        return self.index.search(np.ascontiguousarray(q), self.k)
+        return np.ascontiguousarray(q)
+
+    def search(self, queries):
+        """(N, D) queries -> (distances (N, k) float32, ids (N, k) int64) from FAISS."""
+        return self.index.search(self._host_queries(queries), self.k)
 
     def __call__(self, queries):
         """(N, D) queries -> (distances, values, valid) as tensors on the queries' device.
@@ -92,18 +101,20 @@ class Retriever:
         values: the datastore's next tokens; valid: False where FAISS found fewer than k.
         """
         device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
-        dists, ids = self.search(queries)
+        q = self._host_queries(queries)  # searched and (on the fast path) recomputed on the host
+        dists, ids = self.index.search(q, self.k)
         valid = ids >= 0
-        safe_ids = np.where(valid, ids, 0)
+        safe_ids = ids if valid.all() else np.where(valid, ids, 0)
         vals = np.asarray(self.datastore.gather_vals(safe_ids))
         dict_size = self.datastore.meta.get("dict_size")
         if dict_size is not None and len(vals) and (vals.max() >= dict_size or vals.min() < 0):
             raise CorruptError(f"datastore {self.datastore.prefix} holds values outside its dictionary of {dict_size}")
         if self.recompute:
-            q = queries.detach().float() if torch.is_tensor(queries) else torch.from_numpy(np.asarray(queries, np.float32))
-            dists = self.exact_distances(q.cpu(), safe_ids)
-        else:
-            dists = torch.from_numpy(dists)
+            dists = self._fused_distances(q, safe_ids)
+            if dists is None:  # keys that FAISS cannot read in place: gather them, compute on `device`
+                on_device = queries if torch.is_tensor(queries) and queries.device.type != "cpu" else None
+                dists = self._gathered_distances(q if on_device is None else on_device, safe_ids)
+        dists = torch.from_numpy(dists) if isinstance(dists, np.ndarray) else dists
         return (
             dists.to(device),
             torch.from_numpy(vals.astype(np.int64, copy=False)).to(device),
@@ -111,18 +122,74 @@ class Retriever:
         )
 
     def exact_distances(self, queries, ids):
-        """Exact squared L2 (or inner product) in fp32 against the full-precision keys, in chunks."""
+        """Exact squared L2 (or inner product) in fp32 against the full-precision keys: (N, k) on the CPU."""
+        q = self._host_queries(queries)
+        ids = np.asarray(ids, dtype=np.int64)
+        out = self._fused_distances(q, ids)
+        if out is None:
+            return self._gathered_distances(q, ids).cpu()
+        return torch.from_numpy(out)
+
+    # ---- recomputing distances ----
+
+    def _key_sources(self):
+        """[(id offset, key array)] if every key array can be read in place by FAISS, else None."""
+        if not hasattr(self, "_sources"):
+            ds = self.datastore
+            parts = [(int(off), s.keys) for off, s in zip(ds.offsets, ds.shards)] if hasattr(ds, "shards") else [(0, ds.keys)]
+            ok = all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 2
+                     and a.flags.c_contiguous for _, a in parts)
+            self._sources = parts if ok else None
+        return self._sources
+
+    def _fused_distances(self, q, ids):
+        """FAISS's fused gather-and-distance (fvec_L2sqr_by_idx / fvec_inner_products_by_idx):
+        each key is read once, straight from the (memory-mapped) datastore, into no buffer;
+        the per-key sum is the direct sum((k - q)^2), OpenMP-parallel over queries.
+        None where the keys are not float32 arrays in one piece per shard (fp16, say)."""
+        sources = self._key_sources()
+        if sources is None:
+            return None
+        import faiss
+
+        fn = faiss.fvec_inner_products_by_idx if self.sim_func == "dot" else faiss.fvec_L2sqr_by_idx
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
         n, k = ids.shape
         d = self.datastore.dim
-        out = torch.empty(n, k, dtype=torch.float32)
+        out = np.empty((n, k), dtype=np.float32)
+        if len(sources) == 1:
+            fn(faiss.swig_ptr(out), faiss.swig_ptr(q), faiss.swig_ptr(sources[0][1]), faiss.swig_ptr(ids), d, n, k)
+            return out
+        # Shards: one pass per shard; ids of other shards are passed as -1, which FAISS skips.
+        part = np.empty((n, k), dtype=np.float32)
+        for s, (off, keys) in enumerate(sources):
+            end = off + len(keys)
+            mine = (ids >= off) & (ids < end)
+            if not mine.any():
+                continue
+            rows = np.where(mine, ids - off, -1)
+            fn(faiss.swig_ptr(part), faiss.swig_ptr(q), faiss.swig_ptr(keys), faiss.swig_ptr(rows), d, n, k)
+            np.copyto(out, part, where=mine)
+        return out
+
+    def _gathered_distances(self, queries, ids):
+        """Gather keys with datastore.gather_keys in chunks and compute on the queries' device.
+
+        queries: a numpy array or a tensor (a CUDA tensor keeps the arithmetic on its GPU: each
+        chunk of gathered keys crosses to it once, in the keys' own dtype). Returns a tensor.
+        """
+        q = queries.detach().float() if torch.is_tensor(queries) else torch.from_numpy(np.asarray(queries, np.float32))
+        n, k = ids.shape
+        d = self.datastore.dim
+        out = torch.empty(n, k, dtype=torch.float32, device=q.device)
         rows = max(1, RECOMPUTE_CHUNK_BYTES // (k * d * 4))
         for s in range(0, n, rows):
             chunk_ids = ids[s:s + rows]
-            keys = torch.from_numpy(self.datastore.gather_keys(chunk_ids.reshape(-1))).float()
-            keys = keys.view(len(chunk_ids), k, d)
-            q = queries[s:s + rows].unsqueeze(1)
+            keys = torch.from_numpy(self.datastore.gather_keys(chunk_ids.reshape(-1)))
+            keys = keys.to(q.device).float().view(len(chunk_ids), k, d)  # a fresh buffer we may overwrite
+            qs = q[s:s + rows].unsqueeze(1)
             if self.sim_func == "dot":
-                out[s:s + rows] = (keys * q).sum(-1)
+                out[s:s + rows] = keys.mul_(qs).sum(-1)
             else:
-                out[s:s + rows] = (keys - q).pow_(2).sum(-1)
+                out[s:s + rows] = keys.sub_(qs).pow_(2).sum(-1)
         return out
