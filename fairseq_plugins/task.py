@@ -84,9 +84,9 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         self._scorer = None
         self._split = None
         self._context_window = 0
-        eval_lm = sys.modules.get("fairseq_cli.eval_lm")
-        if eval_lm is not None and (args.knnlm or args.save_knnlm_dstore):
-            eval_lm.SequenceScorer = self.build_knn_scorer
+        if args.knnlm or args.save_knnlm_dstore:
+            for module in _eval_lm_modules():
+                module.SequenceScorer = self.build_knn_scorer
 
     # ---- fairseq hooks ----
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
@@ -207,6 +207,15 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                 f"T={self.args.knn_temp}, {self.args.knn_sim_func}){note}"
             )
         s.close()
+
+
+def _eval_lm_modules():
+    """fairseq's eval_lm module, imported (fairseq-eval-lm) or run as `python -m fairseq_cli.eval_lm`."""
+    modules = [sys.modules.get("fairseq_cli.eval_lm")]
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) == "fairseq_cli.eval_lm":
+        modules.append(main)
+    return [m for m in modules if m is not None]
 
 
 class _FinishOnExhaust:
