@@ -91,16 +91,14 @@ class KNNSequenceScorer(SequenceScorer):
         else:
             final = lp_lm
             if self.retriever is not None:
-                dists, vals, valid = self.retriever(queries)
+                dists, vals, valid, ids = self.retriever(queries, return_ids=True)
                 scores = neighbor_scores(dists, self.sim_func, self.temperature)
                 lp_knn = knn_log_prob(scores, vals, targets, valid)
                 final = interpolate(lp_lm, lp_knn.to(lp_lm.device), self.lmbda)
                 if self.export is not None:
                     keep = self._not_bos(spans, queries.device)
-                    d = dists.masked_fill(~valid, float("nan"))
-                    self.export.add(lp_lm[keep], lp_knn[keep], targets[keep], dists=d[keep],
-                                    match=(vals == targets.unsqueeze(-1))[keep] & valid[keep],
-                                    ids=None, vals=None)
+                    self.export.add(lp_lm[keep], lp_knn[keep], targets[keep], dists=dists[keep],
+                                    ids=ids[keep], vals=vals[keep], valid=valid[keep])
             if self.cache is not None:
                 lp_cache = continuous_cache_log_prob(
                     keys, target, self._scored_mask(spans, target), self.cache["theta"],

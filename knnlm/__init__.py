@@ -5,7 +5,13 @@ the scoring math on plain tensors. The fairseq task and `KNNSequenceScorer` live
 `fairseq_plugins` (the `--user-dir`).
 """
 
-from .datastore import Datastore, DatastoreWriter
+import logging
+
+# faiss logs every instruction-set build it tries at INFO; under fairseq's INFO logging that
+# buries the output in "No module named faiss.swigfaiss_avx512" lines.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+from .datastore import Datastore, DatastoreWriter  # noqa: E402
 from .errors import ConfigError, CorruptError, IncompleteError, KNNLMError, MismatchError
 from .index import load_index
 from .retrieval import Retriever

@@ -94,11 +94,12 @@ class Retriever:
         """(N, D) queries -> (distances (N, k) float32, ids (N, k) int64) from FAISS."""
         return self.index.search(self._host_queries(queries), self.k)
 
-    def __call__(self, queries):
+    def __call__(self, queries, return_ids=False):
         """(N, D) queries -> (distances, values, valid) as tensors on the queries' device.
 
         distances: exact squared L2 or inner products if recomputing, else FAISS's;
         values: the datastore's next tokens; valid: False where FAISS found fewer than k.
+        With return_ids, the datastore rows (N, k) come fourth (-1 where missing).
         """
         device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
         q = self._host_queries(queries)  # searched and (on the fast path) recomputed on the host
@@ -115,11 +116,12 @@ class Retriever:
                 on_device = queries if torch.is_tensor(queries) and queries.device.type != "cpu" else None
                 dists = self._gathered_distances(q if on_device is None else on_device, safe_ids)
         dists = torch.from_numpy(dists) if isinstance(dists, np.ndarray) else dists
-        return (
+        out = (
             dists.to(device),
             torch.from_numpy(vals.astype(np.int64, copy=False)).to(device),
             torch.from_numpy(valid).to(device),
         )
+        return out + (torch.from_numpy(ids).to(device),) if return_ids else out
 
     def exact_distances(self, queries, ids):
         """Exact squared L2 (or inner product) in fp32 against the full-precision keys: (N, k) on the CPU."""
