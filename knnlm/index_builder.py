@@ -65,6 +65,9 @@ def load_config(overrides=()):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    if not (CONFIG_DIR / f"{CONFIG_NAME}.yaml").is_file():
+        raise ConfigError(f"the defaults {CONFIG_DIR / CONFIG_NAME}.yaml are missing: run from a checkout "
+                          f"of knnlm or install it with `pip install -e .`")
     # compose needs its own GlobalHydra; if a hydra app already holds one, lend it back after.
     gh = GlobalHydra.instance()
     saved = gh.hydra if gh.is_initialized() else None
