@@ -198,7 +198,7 @@ class Datastore:
         if dim is not None and dim != meta["dim"]:
             raise MismatchError(f"datastore {prefix} has keys of dimension {meta['dim']}, but {dim} was expected")
         if in_memory:
-            keys, vals = np.ascontiguousarray(keys), np.ascontiguousarray(vals)
+            keys, vals = np.array(keys), np.array(vals)  # a real copy: ascontiguousarray would keep the memmap
         return cls(prefix, keys, vals, meta)
 
     @classmethod

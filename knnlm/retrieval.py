@@ -73,7 +73,7 @@ class Retriever:
             return index
         self._gpu_res = faiss.StandardGpuResources()
         options = faiss.GpuClonerOptions()
-        options.useFloat16LookupTables = True  # PQ64 lookup tables do not fit shared memory in fp32
+        options.useFloat16 = True  # IVFPQ: fp16 lookup tables; PQ64 tables do not fit shared memory in fp32
         gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, torch.cuda.current_device(), index, options)
         self._set_nprobe(gpu_index, self.nprobe)
         return gpu_index

@@ -270,3 +270,14 @@ def test_small_datastore_shrinks_centroids_and_pq_bits(tmp_path, ds, caplog):
     m = s["meta"]
     assert (m["ncentroids"], m["pq_nbits"], m["factory"]) == (64, 6, "IVF64,PQ8x6")
     assert load_index(str(tmp_path / "s.index"), ds).ntotal == N
+
+
+def test_move_dstore_to_mem_really_loads(tmp_path):
+    from knnlm.datastore import Datastore, DatastoreWriter
+
+    w = DatastoreWriter(str(tmp_path / "d"), 4, keytype="last_ffn_input", dict_size=10, dict_fingerprint="x")
+    w.add(np.ones((5, 4), np.float32), np.arange(5))
+    w.finalize()
+    ds = Datastore.open(str(tmp_path / "d"), in_memory=True)
+    assert not isinstance(ds.keys, np.memmap) and not isinstance(ds.keys.base, np.memmap)
+    assert ds.keys.flags.owndata and ds.vals.flags.owndata
