@@ -165,10 +165,10 @@ class Datastore:
         metadata) opens only with `dstore_size` and `dim` (and `fp16` if it was).
         """
         files = paths(prefix)
-        for what in ("keys", "vals"):
+        for what, name in (("keys", "keys"), ("vals", "values")):
             if not os.path.exists(files[what]):
                 raise CorruptError(
-                    f"datastore {prefix}: {what} file {files[what]} is missing; check "
+                    f"datastore {prefix}: {name} file {files[what]} is missing; check "
                     f"--dstore-filename/--dstore-mmap (the prefix, without _keys.npy)"
                 )
         with open(files["keys"], "rb") as f:
