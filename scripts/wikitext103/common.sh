@@ -1,0 +1,169 @@
+# Sourced by every script in scripts/wikitext103/ (not run on its own).
+#
+# Defaults come from configs/wikitext103.yaml (the paper's values); any variable set in the
+# environment wins, e.g. `K=8 WORK=/tmp/small scripts/wikitext103/table1.sh`. KNNLM_CONFIG
+# points at another YAML file of the same form, PYTHON at the interpreter (default: python).
+#
+# Helpers:
+#   run CMD...           log CMD (copy-pasteable) to stderr and $LOG_DIR/commands.log, run it
+#   step META LOG DEPS -- CMD...
+#                        run CMD (output to LOG) unless META is complete, was written by this
+#                        very CMD and is newer than each DEP: datastores, indexes and exports
+#                        are reused while up to date (FORCE=1 redoes them)
+#   eval_args DATA SPLIT / knn_args PREFIX INDEX KEYTYPE
+#                        fill the arrays EVAL and KNN with the paper's evaluation options
+#   ppl_from LOG base|knn|lm
+#                        a perplexity from a fairseq-eval-lm log: our summary line
+#                        ("kNN-LM: N tokens, base LM perplexity X, kNN-LM perplexity Y") or
+#                        fairseq's own "Perplexity: Z" line
+#   dump_datastore PREFIX KEYTYPE [DATA], build_index PREFIX INDEX,
+#   ensure_knn PREFIX INDEX KEYTYPE [DATA] (both), knn_export NAME DATA SPLIT PREFIX INDEX KEYTYPE
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+PLUGIN=$REPO/fairseq_plugins
+KNNLM_CONFIG=${KNNLM_CONFIG:-$REPO/configs/wikitext103.yaml}
+PYTHON=${PYTHON:-python}
+
+log() { echo "[$(date '+%F %T')] $*" >&2; }
+die() { echo "error: $*" >&2; exit 1; }
+
+need() {
+    local tool
+    for tool; do
+        command -v "$tool" >/dev/null ||
+            die "$tool not found on PATH: activate the project's environment (source .venv/bin/activate, after make install)"
+    done
+}
+
+need "$PYTHON"
+# YAML -> `export NAME=value` lines, in file order, so ${NAME} may refer to earlier entries;
+# values already in the environment are kept as they are.
+defaults=$("$PYTHON" - "$KNNLM_CONFIG" <<'EOF'
+import os, shlex, sys, yaml
+for name, value in yaml.safe_load(open(sys.argv[1])).items():
+    if name not in os.environ:
+        os.environ[name] = os.path.expandvars("" if value is None else str(value))
+    print(f"export {name}={shlex.quote(os.environ[name])}")
+EOF
+) || die "cannot read the defaults in $KNNLM_CONFIG"
+eval "$defaults"
+unset defaults
+mkdir -p "$LOG_DIR" "$RESULTS"
+
+run() {
+    local line
+    line=$(printf ' %q' "$@")
+    log "+$line"
+    echo "[$(date '+%F %T')]$line" >>"$LOG_DIR/commands.log"
+    "$@"
+}
+
+newer_than_all() {  # FILE DEP...: FILE exists and is newer than every DEP
+    local f=$1 dep
+    shift
+    for dep; do [[ $f -nt $dep ]] || return 1; done
+}
+
+step() {
+    local meta=$1 out=$2 deps=() cmd
+    shift 2
+    while [[ $1 != -- ]]; do deps+=("$1"); shift; done
+    shift
+    cmd=$(printf '%q ' "$@")
+    if [[ $FORCE != 1 && -f $meta.cmd && $(<"$meta.cmd") == "$cmd" ]] &&
+        grep -qs '"complete": true' "$meta" && newer_than_all "$meta" "${deps[@]}"; then
+        log "up to date, not redone: ${meta} (FORCE=1 redoes it)"
+        return 0
+    fi
+    rm -f "$meta.cmd"
+    # Everything to the log and to stderr, so stdout carries only results.
+    run "$@" 2>&1 | tee "$out" >&2
+    echo "$cmd" >"$meta.cmd"
+}
+
+resolve_device() {
+    if [[ $DEVICE_ARGS == auto ]]; then
+        if "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+            DEVICE_ARGS=--fp16
+        else
+            DEVICE_ARGS=--cpu
+        fi
+        log "DEVICE_ARGS=auto: using $DEVICE_ARGS"
+    fi
+}
+
+require_inputs() {  # the checkpoint and the binarized data, made by the first two scripts
+    [[ -f $CKPT ]] || die "no checkpoint at $CKPT: run scripts/wikitext103/fetch_checkpoint.sh (or set CKPT)"
+    [[ -f $DATA_BIN/dict.txt && -f $DATA_BIN/train.idx ]] ||
+        die "no binarized data in $DATA_BIN: run scripts/wikitext103/prepare_data.sh (or set DATA_BIN)"
+}
+
+fairseq_args() {  # DATA SPLIT TOKENS_PER_SAMPLE CONTEXT_WINDOW BREAK_MODE -> array FAIRSEQ
+    local device extra
+    resolve_device
+    read -ra device <<<"$DEVICE_ARGS"
+    read -ra extra <<<"$EVAL_EXTRA_ARGS"
+    FAIRSEQ=(fairseq-eval-lm "$1" --path "$CKPT" --user-dir "$PLUGIN" --task knnlm --gen-subset "$2"
+        --tokens-per-sample "$3" --context-window "$4" --sample-break-mode "$5"
+        --max-tokens "$MAX_TOKENS" --softmax-batch "$SOFTMAX_BATCH" "${device[@]}" "${extra[@]}")
+}
+
+eval_args() {  # DATA SPLIT -> array EVAL: the paper's evaluation (512 scored, 2560 context)
+    fairseq_args "$1" "$2" "$EVAL_TOKENS_PER_SAMPLE" "$EVAL_CONTEXT_WINDOW" "$EVAL_BREAK_MODE"
+    EVAL=("${FAIRSEQ[@]}")
+}
+
+knn_args() {  # PREFIX INDEX KEYTYPE -> array KNN
+    KNN=(--knnlm --dstore-filename "$1" --indexfile "$2" --knn-keytype "$3" --k "$K" --probe "$PROBE"
+        --lmbda "$LMBDA" --knn-temp "$KNN_TEMP" --knn-sim-func "$SIM_FUNC")
+    if [[ $KNN_GPU == 1 ]]; then KNN+=(--knn-gpu); fi
+}
+
+ppl_from() {  # LOG base|knn|lm
+    local v=
+    case $2 in
+        base) v=$(sed -n 's/.*base LM perplexity \([0-9.]*\).*/\1/p' "$1" | tail -n 1) ;;
+        knn) v=$(sed -n 's/.*kNN-LM perplexity \([0-9.]*\|inf\) .*/\1/p' "$1" | tail -n 1) ;;
+        lm) v=$(sed -n 's/.*Perplexity: \([0-9.]*\|inf\).*/\1/p' "$1" | tail -n 1) ;;
+    esac
+    [[ -n $v ]] || die "no $2 perplexity in $1 (see that log)"
+    echo "$v"
+}
+
+json_get() {  # FILE KEY: a top-level field of a JSON file
+    "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"
+}
+
+fmt() { printf '%.2f' "$1"; }  # perplexities in tables: two decimals, like the paper
+
+dump_datastore() {  # PREFIX KEYTYPE [DATA]: keys and values of every training token
+    local prefix=$1 keytype=$2 data=${3:-$DATA_BIN} fp16=()
+    if [[ $DSTORE_FP16 == 1 ]]; then fp16=(--dstore-fp16); fi
+    fairseq_args "$data" train "$DUMP_TOKENS_PER_SAMPLE" "$DUMP_CONTEXT_WINDOW" "$DUMP_BREAK_MODE"
+    mkdir -p "$(dirname "$prefix")"
+    step "${prefix}_meta.json" "$LOG_DIR/dump_$(basename "$prefix").log" "$CKPT" "$data/train.bin" -- \
+        "${FAIRSEQ[@]}" --save-knnlm-dstore --dstore-mmap "$prefix" --knn-keytype "$keytype" "${fp16[@]}" --overwrite
+}
+
+build_index() {  # PREFIX INDEX: IVF + PQ over the datastore's keys
+    step "$2.meta.json" "$LOG_DIR/index_$(basename "$2").log" "${1}_meta.json" -- \
+        knnlm-build-index --dstore_mmap "$1" --faiss_index "$2" --factory "$INDEX_FACTORY" \
+        --ncentroids "$NCENTROIDS" --code_size "$CODE_SIZE" --probe "$PROBE" --seed "$INDEX_SEED" \
+        --num_keys_to_train "$NUM_KEYS_TO_TRAIN" "--gpu=$([[ $INDEX_GPU == 1 ]] && echo true || echo false)" --overwrite
+}
+
+ensure_knn() {  # PREFIX INDEX KEYTYPE [DATA]: dump and index, each skipped while up to date
+    dump_datastore "$1" "$3" "${4:-$DATA_BIN}"
+    build_index "$1" "$2"
+}
+
+knn_export() {  # NAME DATA SPLIT PREFIX INDEX KEYTYPE: per-token export at k = K, in $EXPORT_DIR/NAME
+    local dir=$EXPORT_DIR/$1
+    eval_args "$2" "$3"
+    knn_args "$4" "$5" "$6"
+    mkdir -p "$dir"
+    step "$dir/meta.json" "$LOG_DIR/export_$1.log" "$CKPT" "$2/$3.bin" "${4}_meta.json" "$5.meta.json" -- \
+        "${EVAL[@]}" "${KNN[@]}" --knnlm-dump-probs "$dir" --overwrite
+}
+
+dstore_size() { json_get "${1}_meta.json" size; }
