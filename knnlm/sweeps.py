@@ -239,6 +239,8 @@ def plot_k(result, path):
         ax.plot(ks, _finite([row["best_ppl"] for row in r["rows"]]), "s--", label="kNN-LM, $\\lambda$ tuned per k")
     ax.axhline(r["base_ppl"], color="gray", ls="--", lw=1, label=f"LM only ({r['base_ppl']:.2f})")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])  # the k values themselves, not powers of two
+    ax.minorticks_off()
     ax.set_xlabel("k (number of nearest neighbors)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"Perplexity vs k, {r['count']:,} tokens, T={r['temperature']:g}", fontsize=10)

@@ -131,6 +131,29 @@ def test_fetch_checkpoint_skips_an_existing_checkpoint(standin, prepared):
     assert missing.returncode != 0 and "curl" in missing.stderr
 
 
+def test_downloads_when_files_are_missing(standin, prepared, tmp_path):
+    """The download branches, from file:// URLs laid out like the real archives."""
+    import tarfile
+    import zipfile
+
+    work = standin["work"]
+    archive = tmp_path / "wikitext-103-v1.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for split in ("train", "valid", "test"):
+            z.write(work / "wikitext-103" / f"wiki.{split}.tokens", f"wikitext-103/wiki.{split}.tokens")
+    ckpt = work / "checkpoints" / "adaptive_lm_wiki103.v2"
+    tar = tmp_path / "adaptive_lm_wiki103.v2.tar.bz2"
+    with tarfile.open(tar, "w:bz2") as t:
+        t.add(ckpt, "adaptive_lm_wiki103.v2")
+    fetched = script(standin, "fetch_checkpoint.sh", CKPT_DIR=tmp_path / "ck", CKPT_URL=f"file://{tar}")
+    assert "curl" in fetched.stderr and (tmp_path / "ck" / "adaptive_lm_wiki103.v2" / "model.pt").exists()
+    script(standin, "prepare_data.sh", WT103_DIR=tmp_path / "wt", WT103_URL=f"file://{archive}",
+           DATA_BIN=tmp_path / "bin", CKPT_DIR=tmp_path / "ck")
+    assert (tmp_path / "wt" / "wiki.valid.tokens").read_text() == (work / "wikitext-103" / "wiki.valid.tokens").read_text()
+    assert (tmp_path / "bin" / "dict.txt").read_text() == (ckpt / "dict.txt").read_text()
+    assert (tmp_path / "bin" / "test.idx").exists()
+
+
 def test_dump_datastore_counts_every_training_token(standin, prepared):
     prefix = standin["work"] / "dstore" / "wt103_last_ffn_input"
     m = meta(prefix)
