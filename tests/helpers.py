@@ -196,7 +196,7 @@ def evaluated_tokens(output):
 
 
 def loss_line(output):
-    m = re.findall(r"Loss \(base 2\): [0-9.]+, Perplexity: [0-9.]+|Loss \(base 2\): [0-9.]+, Perplexity: inf", output)
+    m = re.findall(r"Loss \(base 2\): -?[0-9.]+, Perplexity: (?:[0-9.]+|inf)", output)
     assert m, output[-2000:]
     return m[-1]
 

@@ -1,0 +1,309 @@
+"""kNN-LM evaluation through fairseq's own eval_lm (`--task knnlm --knnlm ...`).
+
+Runs go through `fairseq_cli.eval_lm.cli_main` (what the `fairseq-eval-lm` console script
+calls), one forked process each (tests/helpers.EvalLM); the stock baselines are the same entry
+point with `--task language_modeling` and no `--user-dir`. References: stock eval_lm's own
+per-token log-probabilities (--output-word-probs) and perplexity, and a kNN-LM perplexity
+recomputed in numpy from the dumped keys by brute force.
+"""
+
+import math
+import re
+import subprocess
+import sys
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from knnlm import Datastore, DatastoreWriter
+from knnlm.errors import ConfigError
+
+from .conftest import knn_summary
+from .helpers import (
+    EvalLM,
+    build_index,
+    evaluated_tokens,
+    knn_argv,
+    load_model,
+    load_split,
+    loss_line,
+    stock_argv,
+    word_probs,
+)
+
+TPS = ("--tokens-per-sample", "64")
+
+
+@pytest.fixture(scope="module")
+def ev(tmp_path_factory):
+    e = EvalLM(tmp_path_factory.mktemp("evallm"))
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def stores(tiny, ev, tmp_path_factory):
+    """Datastores (dumped by eval_lm) and indexes (FAISS, and one by knnlm-build-index)."""
+    root = tmp_path_factory.mktemp("stores")
+    dumps = {  # name -> (model, split, break mode)
+        "train": ("ckpt", "train", "none"),
+        "train_eos": ("ckpt", "train", "eos"),
+        "valid": ("ckpt", "valid", "none"),
+        "test": ("ckpt", "test", "none"),  # the queries eval_lm makes on the test split, in its order
+        "adaptive_valid": ("adaptive", "valid", "none"),
+    }
+    runs = [{"argv": knn_argv(tiny["data"], tiny[m], *TPS, "--gen-subset", split, "--sample-break-mode", mode,
+                              "--save-knnlm-dstore", "--dstore-mmap", root / name)}
+            for name, (m, split, mode) in dumps.items()]
+    for r in ev.run_many(runs):
+        assert r.returncode == 0, str(r)
+    s = {name: str(root / name) for name in dumps}
+    for name in ("train", "train_eos", "valid", "adaptive_valid"):
+        build_index(s[name], f"{s[name]}.flat")
+    # the IVFPQ index by the project's builder: 8 lists, PQ with 8 sub-quantizers
+    p = subprocess.run([sys.executable, "-m", "knnlm.index_builder", f"dstore_mmap={s['valid']}",
+                        f"faiss_index={s['valid']}.ivfpq", "ncentroids=8", "code_size=8", "probe=8"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert faiss.extract_index_ivf(faiss.read_index(f"{s['valid']}.ivfpq")).nlist == 8
+
+    # an incomplete datastore (a dump that never finished)
+    ref = Datastore.open(s["train"])
+    w = DatastoreWriter(str(root / "incomplete"), ref.dim, keytype="last_ffn_input", dict_size=ref.meta["dict_size"],
+                        dict_fingerprint=ref.meta["dict_fingerprint"], model_fingerprint=ref.meta["model_fingerprint"])
+    w.add(np.asarray(ref.keys[:100]), np.asarray(ref.vals[:100]))
+    w.abandon()
+    s["incomplete"] = str(root / "incomplete")
+    # a complete datastore of another key width (another model) with its own index
+    w = DatastoreWriter(str(root / "dim16"), 16, keytype="last_ffn_input", dict_size=ref.meta["dict_size"],
+                        dict_fingerprint=ref.meta["dict_fingerprint"])
+    w.add(np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32), np.asarray(ref.vals[:300]))
+    w.finalize()
+    s["dim16"] = str(root / "dim16")
+    build_index(s["dim16"], f"{s['dim16']}.flat")
+    return s
+
+
+def knn(stores, name, index=None, *args):
+    return ("--knnlm", "--dstore-filename", stores[name], "--indexfile", index or f"{stores[name]}.flat", *args)
+
+
+def succeed(results):
+    for r in results:
+        assert r.returncode == 0, str(r)
+    return results
+
+
+# ----------------------------------------------------------------------------- lambda = 0 and no flags = stock
+LAMBDA0 = {  # name -> (model, datastore, extra flags)
+    "default": ("ckpt", "train", ()),
+    "context-window": ("ckpt", "train", ("--context-window", "32")),
+    "softmax-batch": ("ckpt", "train", ("--softmax-batch", "50")),
+    "adaptive+softmax-batch": ("adaptive", "adaptive_valid", ("--softmax-batch", "50")),
+}
+
+
+@pytest.mark.parametrize("name", list(LAMBDA0))
+def test_lambda_zero_reproduces_stock_eval_lm(tiny, ev, stores, name):
+    model, dstore, extra = LAMBDA0[name]
+    flags = (*TPS, *extra, "--output-word-probs")
+    stock, ours = succeed(ev.run_many([
+        {"argv": stock_argv(tiny["data"], tiny[model], *flags)},
+        {"argv": knn_argv(tiny["data"], tiny[model], *flags, *knn(stores, dstore, None, "--lmbda", "0", "--k", "8"))},
+    ]))
+    assert "fairseq_plugins" not in stock.output  # the baseline really is stock fairseq
+    assert word_probs(ours.output) == word_probs(stock.output)  # every token's log-probability
+    assert loss_line(ours.output) == loss_line(stock.output)
+    assert evaluated_tokens(ours.output) == evaluated_tokens(stock.output)
+    stock_loss = float(re.search(r"Loss \(base 2\): ([0-9.]+)", loss_line(stock.output))[1])
+    base, final = knn_summary(ours.output)
+    assert base == final
+    assert math.isclose(base, 2 ** stock_loss, rel_tol=1e-4)
+
+
+def test_without_knnlm_flags_the_task_is_stock(tiny, ev, stores):
+    flags = (*TPS, "--output-word-probs")
+    stock, plain, options = succeed(ev.run_many([
+        {"argv": stock_argv(tiny["data"], tiny["ckpt"], *flags)},
+        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *flags)},
+        # kNN options without --knnlm change nothing either
+        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *flags, "--dstore-filename", stores["train"],
+                          "--indexfile", stores["train"] + ".flat", "--k", "8", "--lmbda", "0.9")},
+    ]))
+    for r in (plain, options):
+        assert word_probs(r.output) == word_probs(stock.output)
+        assert loss_line(r.output) == loss_line(stock.output)
+        assert evaluated_tokens(r.output) == evaluated_tokens(stock.output)
+        assert "kNN-LM" not in r.output and "datastore" not in r.output.split("Evaluated")[-1]
+
+
+# ----------------------------------------------------------------------------- indexes, memorisation, the math
+def test_exact_and_ivfpq_indexes_agree_when_every_list_is_probed(tiny, ev, stores):
+    """k = every entry of the (valid) datastore: with nprobe = nlist the IVFPQ index returns the same
+    neighbor set as the exact one, and recomputed L2 makes the distances exact too."""
+    n = Datastore.open(stores["valid"]).size
+    common = (*TPS, "--k", str(n), "--lmbda", "0.5")
+    ivf = stores["valid"] + ".ivfpq"
+    flat, ivfpq, probe1, pq_dists = succeed(ev.run_many([
+        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *common, *knn(stores, "valid"))},
+        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *common, *knn(stores, "valid", ivf, "--probe", "8"))},
+        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *common, *knn(stores, "valid", ivf, "--probe", "1"))},
+        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *common, *knn(stores, "valid", ivf, "--probe", "8",
+                                                                    "--knn-sim-func", "do_not_recomp_l2"))},
+    ]))
+    base, ppl = knn_summary(flat.output)
+    assert knn_summary(ivfpq.output) == pytest.approx((base, ppl), rel=1e-4)
+    assert loss_line(ivfpq.output) == loss_line(flat.output)
+    # the comparison can fail: fewer lists, or quantized distances, change the perplexity
+    assert knn_summary(probe1.output)[1] != pytest.approx(ppl, rel=1e-4)
+    assert knn_summary(pq_dists.output)[1] != pytest.approx(ppl, rel=1e-4)
+
+
+def test_knnlm_nails_memorised_text(tiny, ev, stores):
+    """Test lines are copies of train lines; one line per block (break mode eos) gives their tokens
+    the very contexts, hence keys, they had in the train datastore."""
+    (r,) = succeed(ev.run_many([{"argv": knn_argv(
+        tiny["data"], tiny["ckpt"], *TPS, "--sample-break-mode", "eos",
+        *knn(stores, "train_eos", None, "--k", "8", "--lmbda", "0.5"))}]))
+    base, ppl = knn_summary(r.output)
+    assert ppl < 0.7 * base, (base, ppl)
+
+
+@pytest.fixture(scope="module")
+def stock_test_logprobs(tiny, ev):
+    (r,) = succeed(ev.run_many([{"argv": stock_argv(tiny["data"], tiny["ckpt"], *TPS, "--output-word-probs")}]))
+    return np.array([p for _, row in word_probs(r.output) for _, p in row])
+
+
+def brute_force_knn(stores, queries_from, dstore):
+    q = np.asarray(Datastore.open(stores[queries_from]).keys, dtype=np.float64)
+    ds = Datastore.open(stores[dstore])
+    k = np.asarray(ds.keys, dtype=np.float64)
+    d = (q ** 2).sum(1)[:, None] - 2 * q @ k.T + (k ** 2).sum(1)[None]
+    return d, np.asarray(ds.vals)
+
+
+def test_knnlm_perplexity_equals_brute_force_numpy(tiny, ev, stores, stock_test_logprobs):
+    """p = lambda p_kNN + (1 - lambda) p_LM with p_kNN a softmax over -squared L2 of the k nearest
+    train keys: recomputed from the test split's dumped keys (eval_lm's queries, in its order)
+    and stock eval_lm's per-token log-probabilities."""
+    k, lmbda, temp = 8, 0.5, 2.0
+    (r,) = succeed(ev.run_many([{"argv": knn_argv(
+        tiny["data"], tiny["ckpt"], *TPS,
+        *knn(stores, "train", None, "--k", str(k), "--lmbda", str(lmbda), "--knn-temp", str(temp)))}]))
+    d, vals = brute_force_knn(stores, "test", "train")
+    targets = np.asarray(Datastore.open(stores["test"]).vals)
+    nn = np.argsort(d, axis=1, kind="stable")[:, :k]
+    s = -np.take_along_axis(d, nn, 1) / temp
+    w = np.exp(s - s.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+    p_knn = (w * (vals[nn] == targets[:, None])).sum(1)
+    p = lmbda * p_knn + (1 - lmbda) * np.exp(stock_test_logprobs)
+    base, ppl = knn_summary(r.output)
+    assert base == pytest.approx(math.exp(-stock_test_logprobs.mean()), rel=1e-4)
+    assert ppl == pytest.approx(math.exp(-np.log(p).mean()), rel=1e-4)
+    assert evaluated_tokens(r.output) == len(targets)
+
+
+def test_lambda_one_with_missing_targets_reports_inf(tiny, ev, stores):
+    """k = 1, lambda = 1: every token whose nearest train key carries another word gets p = 0."""
+    (r,) = succeed(ev.run_many([{"argv": knn_argv(
+        tiny["data"], tiny["ckpt"], *TPS, *knn(stores, "train", None, "--k", "1", "--lmbda", "1"))}]))
+    d, vals = brute_force_knn(stores, "test", "train")
+    targets = np.asarray(Datastore.open(stores["test"]).vals)
+    missing = int((vals[d.argmin(1)] != targets).sum())
+    assert 0 < missing < len(targets)
+    assert knn_summary(r.output)[1] == math.inf
+    m = re.search(r"kNN-LM: ([0-9,]+) tokens, .*; ([0-9,]+) tokens have probability 0", r.output)
+    assert m, r.output[-2000:]
+    assert int(m[1].replace(",", "")) == len(targets) == evaluated_tokens(r.output)
+    assert int(m[2].replace(",", "")) == missing
+    loss_line(r.output)  # eval_lm still prints its own (inf-skipping) line
+
+
+# ----------------------------------------------------------------------------- refusals
+def _refusals(stores, n_train):
+    t = stores["train"]
+    return {  # name -> (extra flags, the class and words the message must hold)
+        "keytype": (knn(stores, "train", None, "--knn-keytype", "decoder_output"),
+                    ("MismatchError", "'last_ffn_input' keys but 'decoder_output'")),
+        "other model weights": (knn(stores, "adaptive_valid", None, "--k", "8"), ("MismatchError", "different model weights",
+                                                                "--knn-allow-model-mismatch")),
+        "other model dimension": (knn(stores, "dim16", None, "--k", "8"), ("MismatchError", "dimension 16", "dimension 32")),
+        "index of another datastore": (knn(stores, "train", stores["valid"] + ".flat"),
+                                       ("MismatchError", "was built from datastore", t)),
+        "knnlm and save": (knn(stores, "train") + ("--save-knnlm-dstore", "--dstore-mmap", t + "_x"),
+                           ("ConfigError", "--knnlm", "--save-knnlm-dstore")),
+        "no indexfile": (("--knnlm", "--dstore-filename", t), ("ConfigError", "--indexfile")),
+        "no dstore-filename": (("--knnlm", "--indexfile", t + ".flat"), ("ConfigError", "--dstore-filename")),
+        "lmbda 1.5": (knn(stores, "train", None, "--lmbda", "1.5"), ("ConfigError", "--lmbda", "1.5")),
+        "lmbda -0.1": (knn(stores, "train", None, "--lmbda", "-0.1"), ("ConfigError", "--lmbda")),
+        "knn-temp 0": (knn(stores, "train", None, "--knn-temp", "0"), ("ConfigError", "--knn-temp")),
+        "k 0": (knn(stores, "train", None, "--k", "0"), ("ConfigError", "--k must be at least 1")),
+        "k > size": (knn(stores, "train", None, "--k", str(n_train + 1)), ("ConfigError", "--k", f"{n_train:,}")),
+        "probe 0": (knn(stores, "train", None, "--probe", "0"), ("ConfigError", "--probe")),
+        "sim-func": (knn(stores, "train", None, "--knn-sim-func", "cosine"), ("ConfigError", "--knn-sim-func", "cosine")),
+        "missing index": (knn(stores, "train", t + ".nope"), ("CorruptError", t + ".nope", "missing")),
+        "missing datastore": (("--knnlm", "--dstore-filename", t + "_nope", "--indexfile", t + ".flat"),
+                              ("CorruptError", t + "_nope")),
+        "incomplete datastore": (("--knnlm", "--dstore-filename", stores["incomplete"], "--indexfile", t + ".flat"),
+                                 ("IncompleteError", stores["incomplete"], "incomplete")),
+    }
+
+
+@pytest.fixture(scope="module")
+def refusals(tiny, ev, stores):
+    cases = _refusals(stores, Datastore.open(stores["train"]).size)
+    results = ev.run_many([{"argv": knn_argv(tiny["data"], tiny["ckpt"], *TPS, *flags)} for flags, _ in cases.values()])
+    return {name: (r, cases[name][1]) for name, r in zip(cases, results)}
+
+
+REFUSALS = list(_refusals({k: k for k in ("train", "valid", "adaptive_valid", "dim16", "incomplete")}, 0))
+
+
+@pytest.mark.parametrize("name", REFUSALS)
+def test_mismatch_or_bad_option_is_refused_by_name(refusals, name):
+    r, words = refusals[name]
+    assert r.returncode != 0, str(r)
+    for w in words:
+        assert w in r.stderr, f"{w!r} not in the error output of {name!r}:\n{r}"
+    assert "Loss (base 2)" not in r.output  # nothing was scored
+
+
+def test_refusals_are_one_line_messages_not_tracebacks(refusals):
+    """The task installs an excepthook so that a KNNLMError reads as `Class: message`, not a
+    traceback (fairseq_plugins/task.py, _excepthook)."""
+    tracebacks = [name for name, (r, words) in refusals.items()
+                  if "Traceback" in r.stderr or not re.search(rf"^{words[0]}: ", r.stderr, re.M)]
+    assert not tracebacks, (f"these refusals print a traceback instead of a one-line message: {tracebacks}\n"
+                            f"e.g.:\n{refusals[tracebacks[0]][0].stderr[-2000:]}")
+
+
+def test_model_mismatch_can_be_overridden(tiny, ev, stores):
+    (r,) = succeed(ev.run_many([{"argv": knn_argv(tiny["data"], tiny["ckpt"], *TPS, *knn(
+        stores, "adaptive_valid", None, "--k", "8", "--knn-allow-model-mismatch"))}]))
+    base, ppl = knn_summary(r.output)
+    assert math.isfinite(ppl) and ppl != base
+
+
+# ----------------------------------------------------------------------------- ensembles
+def test_ensemble_path_is_not_split_by_this_eval_lm(tiny, ev, stores):
+    """fairseq 0.12's eval_lm passes --path as one file name (no ':' split), so an ensemble never
+    reaches the kNN scorer from the command line: a:b is a missing file."""
+    (r,) = ev.run_many([{"argv": knn_argv(tiny["data"], f"{tiny['ckpt']}:{tiny['ckpt']}", *TPS, *knn(stores, "train"))}])
+    assert r.returncode != 0 and "Model file not found" in r.stderr, str(r)
+
+
+def test_ensemble_is_refused_by_the_scorer(tiny):
+    """From Python (several models handed to the scorer) an ensemble is refused with a ConfigError."""
+    from fairseq_plugins.sequence_scorer import KNNSequenceScorer
+
+    model, task = load_model(tiny["ckpt"])
+    lines, d = load_split(tiny["data"])
+    tokens = torch.cat(lines)[:16].unsqueeze(0)
+    sample = {"net_input": {"src_tokens": tokens, "src_lengths": torch.tensor([16])}, "target": tokens}
+    scorer = KNNSequenceScorer(task.target_dictionary, dump=True)
+    with pytest.raises(ConfigError, match="ensemble"):
+        scorer.generate([model, model], sample)
