@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import yaml
 
