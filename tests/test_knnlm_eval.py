@@ -1,8 +1,9 @@
 """kNN-LM evaluation through fairseq's own eval_lm (`--task knnlm --knnlm ...`).
 
 Runs go through `fairseq_cli.eval_lm.cli_main` (what the `fairseq-eval-lm` console script
-calls), one forked process each (tests/helpers.EvalLM); the stock baselines are the same entry
-point with `--task language_modeling` and no `--user-dir`. References: stock eval_lm's own
+calls), one forked process each (tests/helpers.EvalLM), all planned up front and run two at a
+time by the `results` fixture; the stock baselines are the same entry point with
+`--task language_modeling` and no `--user-dir`. References: stock eval_lm's own
 per-token log-probabilities (--output-word-probs) and perplexity, and a kNN-LM perplexity
 recomputed in numpy from the dumped keys by brute force.
 """
@@ -47,16 +48,17 @@ def ev(tmp_path_factory):
 def stores(tiny, ev, tmp_path_factory):
     """Datastores (dumped by eval_lm) and indexes (FAISS, and one by knnlm-build-index)."""
     root = tmp_path_factory.mktemp("stores")
-    dumps = {  # name -> (model, split, break mode)
+    dumps = {  # name -> (model, split, break mode, extra flags)
         "train": ("ckpt", "train", "none"),
         "train_eos": ("ckpt", "train", "eos"),
         "valid": ("ckpt", "valid", "none"),
         "test": ("ckpt", "test", "none"),  # the queries eval_lm makes on the test split, in its order
+        "test_cw": ("ckpt", "test", "none", "--context-window", "32"),  # ... and with a context window
         "adaptive_valid": ("adaptive", "valid", "none"),
     }
     runs = [{"argv": knn_argv(tiny["data"], tiny[m], *TPS, "--gen-subset", split, "--sample-break-mode", mode,
-                              "--save-knnlm-dstore", "--dstore-mmap", root / name)}
-            for name, (m, split, mode) in dumps.items()]
+                              *extra, "--save-knnlm-dstore", "--dstore-mmap", root / name)}
+            for name, (m, split, mode, *extra) in dumps.items()]
     for r in ev.run_many(runs):
         assert r.returncode == 0, str(r)
     s = {name: str(root / name) for name in dumps}
@@ -90,147 +92,39 @@ def knn(stores, name, index=None, *args):
     return ("--knnlm", "--dstore-filename", stores[name], "--indexfile", index or f"{stores[name]}.flat", *args)
 
 
-def succeed(results):
-    for r in results:
-        assert r.returncode == 0, str(r)
-    return results
+def ok(results, name):
+    r = results[name]
+    assert r.returncode == 0, str(r)
+    return r
 
 
-# ----------------------------------------------------------------------------- lambda = 0 and no flags = stock
+# ----------------------------------------------------------------------------- the runs
 LAMBDA0 = {  # name -> (model, datastore, extra flags)
     "default": ("ckpt", "train", ()),
     "context-window": ("ckpt", "train", ("--context-window", "32")),
     "softmax-batch": ("ckpt", "train", ("--softmax-batch", "50")),
     "adaptive+softmax-batch": ("adaptive", "adaptive_valid", ("--softmax-batch", "50")),
 }
+BRUTE_FORCE = {  # name -> (extra flags, dump of the test split made with the same flags, similarity)
+    "default": ((), "test", "l2"),
+    "context-window": (("--context-window", "32"), "test_cw", "l2"),
+    "dot": (("--knn-sim-func", "dot"), "test", "dot"),
+    "in-memory": (("--move-dstore-to-mem",), "test", "l2"),
+}
+BF_K, BF_LAMBDA, BF_TEMP = 8, 0.5, 2.0
 
 
-@pytest.mark.parametrize("name", list(LAMBDA0))
-def test_lambda_zero_reproduces_stock_eval_lm(tiny, ev, stores, name):
-    model, dstore, extra = LAMBDA0[name]
-    flags = (*TPS, *extra, "--output-word-probs")
-    stock, ours = succeed(ev.run_many([
-        {"argv": stock_argv(tiny["data"], tiny[model], *flags)},
-        {"argv": knn_argv(tiny["data"], tiny[model], *flags, *knn(stores, dstore, None, "--lmbda", "0", "--k", "8"))},
-    ]))
-    assert "fairseq_plugins" not in stock.output  # the baseline really is stock fairseq
-    assert word_probs(ours.output) == word_probs(stock.output)  # every token's log-probability
-    assert loss_line(ours.output) == loss_line(stock.output)
-    assert evaluated_tokens(ours.output) == evaluated_tokens(stock.output)
-    stock_loss = float(re.search(r"Loss \(base 2\): ([0-9.]+)", loss_line(stock.output))[1])
-    base, final = knn_summary(ours.output)
-    assert base == final
-    assert math.isclose(base, 2 ** stock_loss, rel_tol=1e-4)
+def stock_name(model, extra):
+    return f"stock {model} {' '.join(extra)}".strip()
 
 
-def test_without_knnlm_flags_the_task_is_stock(tiny, ev, stores):
-    flags = (*TPS, "--output-word-probs")
-    stock, plain, options = succeed(ev.run_many([
-        {"argv": stock_argv(tiny["data"], tiny["ckpt"], *flags)},
-        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *flags)},
-        # kNN options without --knnlm change nothing either
-        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *flags, "--dstore-filename", stores["train"],
-                          "--indexfile", stores["train"] + ".flat", "--k", "8", "--lmbda", "0.9")},
-    ]))
-    for r in (plain, options):
-        assert word_probs(r.output) == word_probs(stock.output)
-        assert loss_line(r.output) == loss_line(stock.output)
-        assert evaluated_tokens(r.output) == evaluated_tokens(stock.output)
-        assert "kNN-LM" not in r.output and "datastore" not in r.output.split("Evaluated")[-1]
-
-
-# ----------------------------------------------------------------------------- indexes, memorisation, the math
-def test_exact_and_ivfpq_indexes_agree_when_every_list_is_probed(tiny, ev, stores):
-    """k = every entry of the (valid) datastore: with nprobe = nlist the IVFPQ index returns the same
-    neighbor set as the exact one, and recomputed L2 makes the distances exact too."""
-    n = Datastore.open(stores["valid"]).size
-    common = (*TPS, "--k", str(n), "--lmbda", "0.5")
-    ivf = stores["valid"] + ".ivfpq"
-    flat, ivfpq, probe1, pq_dists = succeed(ev.run_many([
-        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *common, *knn(stores, "valid"))},
-        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *common, *knn(stores, "valid", ivf, "--probe", "8"))},
-        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *common, *knn(stores, "valid", ivf, "--probe", "1"))},
-        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *common, *knn(stores, "valid", ivf, "--probe", "8",
-                                                                    "--knn-sim-func", "do_not_recomp_l2"))},
-    ]))
-    base, ppl = knn_summary(flat.output)
-    assert knn_summary(ivfpq.output) == pytest.approx((base, ppl), rel=1e-4)
-    assert loss_line(ivfpq.output) == loss_line(flat.output)
-    # the comparison can fail: fewer lists, or quantized distances, change the perplexity
-    assert knn_summary(probe1.output)[1] != pytest.approx(ppl, rel=1e-4)
-    assert knn_summary(pq_dists.output)[1] != pytest.approx(ppl, rel=1e-4)
-
-
-def test_knnlm_nails_memorised_text(tiny, ev, stores):
-    """Test lines are copies of train lines; one line per block (break mode eos) gives their tokens
-    the very contexts, hence keys, they had in the train datastore."""
-    (r,) = succeed(ev.run_many([{"argv": knn_argv(
-        tiny["data"], tiny["ckpt"], *TPS, "--sample-break-mode", "eos",
-        *knn(stores, "train_eos", None, "--k", "8", "--lmbda", "0.5"))}]))
-    base, ppl = knn_summary(r.output)
-    assert ppl < 0.7 * base, (base, ppl)
-
-
-@pytest.fixture(scope="module")
-def stock_test_logprobs(tiny, ev):
-    (r,) = succeed(ev.run_many([{"argv": stock_argv(tiny["data"], tiny["ckpt"], *TPS, "--output-word-probs")}]))
-    return np.array([p for _, row in word_probs(r.output) for _, p in row])
-
-
-def brute_force_knn(stores, queries_from, dstore):
-    q = np.asarray(Datastore.open(stores[queries_from]).keys, dtype=np.float64)
-    ds = Datastore.open(stores[dstore])
-    k = np.asarray(ds.keys, dtype=np.float64)
-    d = (q ** 2).sum(1)[:, None] - 2 * q @ k.T + (k ** 2).sum(1)[None]
-    return d, np.asarray(ds.vals)
-
-
-def test_knnlm_perplexity_equals_brute_force_numpy(tiny, ev, stores, stock_test_logprobs):
-    """p = lambda p_kNN + (1 - lambda) p_LM with p_kNN a softmax over -squared L2 of the k nearest
-    train keys: recomputed from the test split's dumped keys (eval_lm's queries, in its order)
-    and stock eval_lm's per-token log-probabilities."""
-    k, lmbda, temp = 8, 0.5, 2.0
-    (r,) = succeed(ev.run_many([{"argv": knn_argv(
-        tiny["data"], tiny["ckpt"], *TPS,
-        *knn(stores, "train", None, "--k", str(k), "--lmbda", str(lmbda), "--knn-temp", str(temp)))}]))
-    d, vals = brute_force_knn(stores, "test", "train")
-    targets = np.asarray(Datastore.open(stores["test"]).vals)
-    nn = np.argsort(d, axis=1, kind="stable")[:, :k]
-    s = -np.take_along_axis(d, nn, 1) / temp
-    w = np.exp(s - s.max(1, keepdims=True))
-    w /= w.sum(1, keepdims=True)
-    p_knn = (w * (vals[nn] == targets[:, None])).sum(1)
-    p = lmbda * p_knn + (1 - lmbda) * np.exp(stock_test_logprobs)
-    base, ppl = knn_summary(r.output)
-    assert base == pytest.approx(math.exp(-stock_test_logprobs.mean()), rel=1e-4)
-    assert ppl == pytest.approx(math.exp(-np.log(p).mean()), rel=1e-4)
-    assert evaluated_tokens(r.output) == len(targets)
-
-
-def test_lambda_one_with_missing_targets_reports_inf(tiny, ev, stores):
-    """k = 1, lambda = 1: every token whose nearest train key carries another word gets p = 0."""
-    (r,) = succeed(ev.run_many([{"argv": knn_argv(
-        tiny["data"], tiny["ckpt"], *TPS, *knn(stores, "train", None, "--k", "1", "--lmbda", "1"))}]))
-    d, vals = brute_force_knn(stores, "test", "train")
-    targets = np.asarray(Datastore.open(stores["test"]).vals)
-    missing = int((vals[d.argmin(1)] != targets).sum())
-    assert 0 < missing < len(targets)
-    assert knn_summary(r.output)[1] == math.inf
-    m = re.search(r"kNN-LM: ([0-9,]+) tokens, .*; ([0-9,]+) tokens have probability 0", r.output)
-    assert m, r.output[-2000:]
-    assert int(m[1].replace(",", "")) == len(targets) == evaluated_tokens(r.output)
-    assert int(m[2].replace(",", "")) == missing
-    loss_line(r.output)  # eval_lm still prints its own (inf-skipping) line
-
-
-# ----------------------------------------------------------------------------- refusals
 def _refusals(stores, n_train):
     t = stores["train"]
     return {  # name -> (extra flags, the class and words the message must hold)
         "keytype": (knn(stores, "train", None, "--knn-keytype", "decoder_output"),
                     ("MismatchError", "'last_ffn_input' keys but 'decoder_output'")),
-        "other model weights": (knn(stores, "adaptive_valid", None, "--k", "8"), ("MismatchError", "different model weights",
-                                                                "--knn-allow-model-mismatch")),
+        "other model weights": (knn(stores, "adaptive_valid", None, "--k", "8"),
+                                ("MismatchError", "different model weights", "--knn-allow-model-mismatch")),
         "other model dimension": (knn(stores, "dim16", None, "--k", "8"), ("MismatchError", "dimension 16", "dimension 32")),
         "index of another datastore": (knn(stores, "train", stores["valid"] + ".flat"),
                                        ("MismatchError", "was built from datastore", t)),
@@ -253,14 +147,172 @@ def _refusals(stores, n_train):
     }
 
 
-@pytest.fixture(scope="module")
-def refusals(tiny, ev, stores):
-    cases = _refusals(stores, Datastore.open(stores["train"]).size)
-    results = ev.run_many([{"argv": knn_argv(tiny["data"], tiny["ckpt"], *TPS, *flags)} for flags, _ in cases.values()])
-    return {name: (r, cases[name][1]) for name, r in zip(cases, results)}
-
-
 REFUSALS = list(_refusals({k: k for k in ("train", "valid", "adaptive_valid", "dim16", "incomplete")}, 0))
+
+
+def plan(tiny, stores):
+    """Every eval_lm run of this file: name -> {argv, pre}."""
+    data = tiny["data"]
+    wp = "--output-word-probs"
+
+    def ours(model, *args, pre=None):
+        return {"argv": knn_argv(data, tiny[model], *TPS, *args), "pre": pre}
+
+    def stock(model, *args):
+        return {"argv": stock_argv(data, tiny[model], *TPS, *args, wp)}
+
+    runs = {}
+    for model, extra in {("ckpt", ()), ("ckpt", ("--context-window", "32")), ("ckpt", ("--softmax-batch", "50")),
+                         ("adaptive", ("--softmax-batch", "50"))}:
+        runs[stock_name(model, extra)] = stock(model, *extra)
+    for name, (model, dstore, extra) in LAMBDA0.items():
+        runs[f"lambda0 {name}"] = ours(model, *extra, wp, *knn(stores, dstore, None, "--lmbda", "0", "--k", "8"))
+    runs["plain"] = ours("ckpt", wp)
+    runs["options without --knnlm"] = ours("ckpt", wp, "--dstore-filename", stores["train"], "--indexfile",
+                                           stores["train"] + ".flat", "--k", "8", "--lmbda", "0.9")
+    first = knn_argv(data, tiny["ckpt"], *TPS, *knn(stores, "train", None, "--k", "8", "--lmbda", "0.5"))
+    runs["stock after knn"] = {
+        "argv": stock_argv(data, tiny["ckpt"], *TPS, wp),
+        "pre": (f"import sys, fairseq_cli.eval_lm as E\n_argv, sys.argv = sys.argv, ['fairseq-eval-lm'] + {first!r}\n"
+                f"E.cli_main()\nsys.argv = _argv\nprint('=== second run ===', file=sys.stderr)\n"),
+    }
+    n_valid = str(Datastore.open(stores["valid"]).size)
+    ivf = stores["valid"] + ".ivfpq"
+    all_valid = ("--k", n_valid, "--lmbda", "0.5")
+    runs["flat all"] = ours("ckpt", *knn(stores, "valid", None, *all_valid))
+    runs["ivfpq all"] = ours("ckpt", *knn(stores, "valid", ivf, *all_valid, "--probe", "8"))
+    runs["ivfpq probe 1"] = ours("ckpt", *knn(stores, "valid", ivf, *all_valid, "--probe", "1"))
+    runs["ivfpq pq distances"] = ours("ckpt", *knn(stores, "valid", ivf, *all_valid, "--probe", "8",
+                                                   "--knn-sim-func", "do_not_recomp_l2"))
+    runs["memorised"] = ours("ckpt", "--sample-break-mode", "eos", *knn(stores, "train_eos", None, "--k", "8", "--lmbda", "0.5"))
+    for name, (extra, _, _) in BRUTE_FORCE.items():
+        runs[f"brute force {name}"] = ours("ckpt", *extra, *knn(stores, "train", None, "--k", str(BF_K), "--lmbda",
+                                                                str(BF_LAMBDA), "--knn-temp", str(BF_TEMP)))
+    runs["lambda 1 k 1"] = ours("ckpt", *knn(stores, "train", None, "--k", "1", "--lmbda", "1"))
+    for name, (flags, _) in _refusals(stores, Datastore.open(stores["train"]).size).items():
+        runs[f"refuse {name}"] = ours("ckpt", *flags)
+    runs["mismatch override"] = ours("ckpt", *knn(stores, "adaptive_valid", None, "--k", "8", "--knn-allow-model-mismatch"))
+    runs["ensemble path"] = {"argv": knn_argv(data, f"{tiny['ckpt']}:{tiny['ckpt']}", *TPS, *knn(stores, "train"))}
+    return runs
+
+
+@pytest.fixture(scope="module")
+def results(tiny, ev, stores):
+    runs = plan(tiny, stores)
+    return dict(zip(runs, ev.run_many(list(runs.values()))))
+
+
+# ----------------------------------------------------------------------------- lambda = 0 and no flags = stock
+@pytest.mark.parametrize("name", list(LAMBDA0))
+def test_lambda_zero_reproduces_stock_eval_lm(results, name):
+    model, _, extra = LAMBDA0[name]
+    stock, ours = ok(results, stock_name(model, extra)), ok(results, f"lambda0 {name}")
+    assert "fairseq_plugins" not in stock.output  # the baseline really is stock fairseq
+    assert word_probs(ours.output) == word_probs(stock.output)  # every token's log-probability
+    assert loss_line(ours.output) == loss_line(stock.output)
+    assert evaluated_tokens(ours.output) == evaluated_tokens(stock.output)
+    stock_loss = float(re.search(r"Loss \(base 2\): ([0-9.]+)", loss_line(stock.output))[1])
+    base, final = knn_summary(ours.output)
+    assert base == final
+    assert math.isclose(base, 2 ** stock_loss, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["plain", "options without --knnlm"])
+def test_without_knnlm_the_task_is_stock(results, name):
+    stock, r = ok(results, stock_name("ckpt", ())), ok(results, name)
+    assert word_probs(r.output) == word_probs(stock.output)
+    assert loss_line(r.output) == loss_line(stock.output)
+    assert evaluated_tokens(r.output) == evaluated_tokens(stock.output)
+    assert "kNN-LM" not in r.output and "datastore" not in r.output.split("Evaluated")[-1]
+
+
+def test_stock_run_after_a_knn_run_in_the_same_process_is_stock(results):
+    """Driving eval_lm from Python (a notebook, a sweep): a plain `--task language_modeling` run after
+    a --knnlm run in the same process must score with the plain LM again."""
+    stock = ok(results, stock_name("ckpt", ()))
+    first_run, second_run = ok(results, "stock after knn").output.split("=== second run ===")
+    assert knn_summary(first_run)[1] != knn_summary(first_run)[0]  # the first run did use the kNN-LM
+    assert loss_line(second_run) == loss_line(stock.output), (
+        "the second, plain run still scored with the first run's kNN-LM: eval_lm.SequenceScorer stays patched")
+    assert word_probs(second_run) == word_probs(stock.output)
+
+
+# ----------------------------------------------------------------------------- indexes, memorisation, the math
+def test_exact_and_ivfpq_indexes_agree_when_every_list_is_probed(results):
+    """k = every entry of the (valid) datastore: with nprobe = nlist the IVFPQ index returns the same
+    neighbor set as the exact one, and recomputed L2 makes the distances exact too."""
+    base, ppl = knn_summary(ok(results, "flat all").output)
+    assert knn_summary(ok(results, "ivfpq all").output) == pytest.approx((base, ppl), rel=1e-4)
+    assert loss_line(results["ivfpq all"].output) == loss_line(results["flat all"].output)
+    # the comparison can fail: fewer lists, or quantized distances, change the perplexity
+    assert knn_summary(ok(results, "ivfpq probe 1").output)[1] != pytest.approx(ppl, rel=1e-4)
+    assert knn_summary(ok(results, "ivfpq pq distances").output)[1] != pytest.approx(ppl, rel=1e-4)
+
+
+def test_knnlm_nails_memorised_text(results):
+    """Test lines are copies of train lines; one line per block (break mode eos) gives their tokens
+    the very contexts, hence keys, they had in the train datastore."""
+    base, ppl = knn_summary(ok(results, "memorised").output)
+    assert ppl < 0.7 * base, (base, ppl)
+
+
+def brute_force_knn(stores, queries_from, dstore):
+    """Squared L2 from every query (a dump of the test split) to every datastore key, in float64."""
+    q = np.asarray(Datastore.open(stores[queries_from]).keys, dtype=np.float64)
+    ds = Datastore.open(stores[dstore])
+    k = np.asarray(ds.keys, dtype=np.float64)
+    d = (q ** 2).sum(1)[:, None] - 2 * q @ k.T + (k ** 2).sum(1)[None]
+    return d, np.asarray(ds.vals), q, k
+
+
+@pytest.mark.parametrize("name", list(BRUTE_FORCE))
+def test_knnlm_perplexity_equals_brute_force_numpy(results, stores, name):
+    """p = lambda p_kNN + (1 - lambda) p_LM, p_kNN a softmax over -(squared L2) / T (or q.k / T) of the
+    k nearest train keys: recomputed in numpy from the test split's dumped keys (eval_lm's queries,
+    in its order) and stock eval_lm's per-token log-probabilities."""
+    extra, queries, sim = BRUTE_FORCE[name]
+    r = ok(results, f"brute force {name}")
+    stock = ok(results, stock_name("ckpt", extra if "--context-window" in extra else ()))
+    lp_lm = np.array([p for _, row in word_probs(stock.output) for _, p in row])
+    d, vals, q, keys = brute_force_knn(stores, queries, "train")
+    targets = np.asarray(Datastore.open(stores[queries]).vals)
+    assert len(lp_lm) == len(targets)
+    nn = np.argsort(d, axis=1, kind="stable")[:, :BF_K]  # the (exact L2) index's neighbors
+    if sim == "dot":
+        s = np.einsum("nd,nkd->nk", q, keys[nn]) / BF_TEMP
+    else:
+        s = -np.take_along_axis(d, nn, 1) / BF_TEMP
+    w = np.exp(s - s.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+    p_knn = (w * (vals[nn] == targets[:, None])).sum(1)
+    p = BF_LAMBDA * p_knn + (1 - BF_LAMBDA) * np.exp(lp_lm)
+    base, ppl = knn_summary(r.output)
+    assert base == pytest.approx(math.exp(-lp_lm.mean()), rel=1e-4)
+    assert ppl == pytest.approx(math.exp(-np.log(p).mean()), rel=1e-4)
+    assert evaluated_tokens(r.output) == len(targets)
+
+
+def test_lambda_one_with_missing_targets_reports_inf(results, stores):
+    """k = 1, lambda = 1: every token whose nearest train key carries another word gets p = 0."""
+    r = ok(results, "lambda 1 k 1")
+    d, vals, _, _ = brute_force_knn(stores, "test", "train")
+    targets = np.asarray(Datastore.open(stores["test"]).vals)
+    missing = int((vals[d.argmin(1)] != targets).sum())
+    assert 0 < missing < len(targets)
+    assert knn_summary(r.output)[1] == math.inf
+    m = re.search(r"kNN-LM: ([0-9,]+) tokens, .*; ([0-9,]+) tokens have probability 0", r.output)
+    assert m, r.output[-2000:]
+    assert int(m[1].replace(",", "")) == len(targets) == evaluated_tokens(r.output)
+    assert int(m[2].replace(",", "")) == missing
+    loss_line(r.output)  # eval_lm still prints its own (inf-skipping) line
+
+
+# ----------------------------------------------------------------------------- refusals
+@pytest.fixture(scope="module")
+def refusals(results, stores):
+    """name -> (result, the error class and the words its message must hold)."""
+    cases = _refusals(stores, Datastore.open(stores["train"]).size)
+    return {name: (results[f"refuse {name}"], words) for name, (_, words) in cases.items()}
 
 
 @pytest.mark.parametrize("name", REFUSALS)
@@ -281,18 +333,16 @@ def test_refusals_are_one_line_messages_not_tracebacks(refusals):
                             f"e.g.:\n{refusals[tracebacks[0]][0].stderr[-2000:]}")
 
 
-def test_model_mismatch_can_be_overridden(tiny, ev, stores):
-    (r,) = succeed(ev.run_many([{"argv": knn_argv(tiny["data"], tiny["ckpt"], *TPS, *knn(
-        stores, "adaptive_valid", None, "--k", "8", "--knn-allow-model-mismatch"))}]))
-    base, ppl = knn_summary(r.output)
+def test_model_mismatch_can_be_overridden(results):
+    base, ppl = knn_summary(ok(results, "mismatch override").output)
     assert math.isfinite(ppl) and ppl != base
 
 
 # ----------------------------------------------------------------------------- ensembles
-def test_ensemble_path_is_not_split_by_this_eval_lm(tiny, ev, stores):
+def test_ensemble_path_is_not_split_by_this_eval_lm(results):
     """fairseq 0.12's eval_lm passes --path as one file name (no ':' split), so an ensemble never
     reaches the kNN scorer from the command line: a:b is a missing file."""
-    (r,) = ev.run_many([{"argv": knn_argv(tiny["data"], f"{tiny['ckpt']}:{tiny['ckpt']}", *TPS, *knn(stores, "train"))}])
+    r = results["ensemble path"]
     assert r.returncode != 0 and "Model file not found" in r.stderr, str(r)
 
 
@@ -301,7 +351,7 @@ def test_ensemble_is_refused_by_the_scorer(tiny):
     from fairseq_plugins.sequence_scorer import KNNSequenceScorer
 
     model, task = load_model(tiny["ckpt"])
-    lines, d = load_split(tiny["data"])
+    lines, _ = load_split(tiny["data"])
     tokens = torch.cat(lines)[:16].unsqueeze(0)
     sample = {"net_input": {"src_tokens": tokens, "src_lengths": torch.tensor([16])}, "target": tokens}
     scorer = KNNSequenceScorer(task.target_dictionary, dump=True)
