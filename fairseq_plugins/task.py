@@ -84,7 +84,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         self._scorer = None
         self._split = None
         self._context_window = 0
-        if args.knnlm or args.save_knnlm_dstore:
+        if self._custom_scoring:
             for module in _eval_lm_modules():
                 module.SequenceScorer = self.build_knn_scorer
 
@@ -96,7 +96,12 @@ class KNNLanguageModelingTask(LanguageModelingTask):
     def eval_lm_dataloader(self, dataset, **kwargs):
         self._context_window = kwargs.get("context_window", 0)
         itr = super().eval_lm_dataloader(dataset, **kwargs)
-        return _FinishOnExhaust(itr, self.finish) if (self.args.knnlm or self.args.save_knnlm_dstore) else itr
+        return _FinishOnExhaust(itr, self.finish) if self._custom_scoring else itr
+
+    @property
+    def _custom_scoring(self):
+        a = self.args
+        return a.knnlm or a.save_knnlm_dstore or a.continuous_cache
 
     # ---- kNN-LM ----
     def build_knn_scorer(self, tgt_dict, softmax_batch=None, **kwargs):
@@ -106,13 +111,14 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         if a.save_knnlm_dstore:
             self._scorer = KNNSequenceScorer(tgt_dict, softmax_batch, dump=True, on_first_batch=self._open_writer, **common)
         else:
-            datastore, retriever = self._open_retriever()
+            datastore, retriever = self._open_retriever() if a.knnlm else (None, None)
             cache = ({"lmbda": a.cache_lmbda, "theta": a.cache_theta, "size": a.cache_size}
                      if a.continuous_cache else None)
             self._scorer = KNNSequenceScorer(
                 tgt_dict, softmax_batch, retriever=retriever, lmbda=a.lmbda, temperature=a.knn_temp,
                 sim_func=a.knn_sim_func, cache=cache,
-                on_first_batch=lambda model: self._check_model(model, datastore), **common,
+                on_first_batch=(lambda model: self._check_model(model, datastore)) if a.knnlm else None,
+                **common,
             )
         return self._scorer
 
@@ -196,15 +202,20 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             s.export.finalize()
             logger.info(f"per-token export written to {self.args.knnlm_dump_probs}")
         summary = s.summary()
-        if summary and s.retriever is not None:
+        if summary and (s.retriever is not None or s.cache is not None):
             note = ""
             if summary["inf_tokens"]:
                 note = (f"; {summary['inf_tokens']:,} tokens have probability 0 (no neighbor carries the "
                         f"target and lambda = 1), so the perplexity is infinite; eval_lm's line below skips them")
+            a = self.args
+            setting = (f"k={a.k}, lambda={a.lmbda}, T={a.knn_temp}, {a.knn_sim_func}" if a.knnlm
+                       else "no datastore")
+            if a.continuous_cache:
+                setting += f"; continuous cache lambda={a.cache_lmbda}, theta={a.cache_theta}"
+            # One fixed wording, so scripts can parse it: "base LM perplexity X, kNN-LM perplexity Y".
             logger.info(
                 f"kNN-LM: {summary['tokens']:,} tokens, base LM perplexity {summary['base_ppl']:.4f}, "
-                f"kNN-LM perplexity {summary['ppl']:.4f} (k={self.args.k}, lambda={self.args.lmbda}, "
-                f"T={self.args.knn_temp}, {self.args.knn_sim_func}){note}"
+                f"kNN-LM perplexity {summary['ppl']:.4f} ({setting}){note}"
             )
         s.close()
 
@@ -256,10 +267,16 @@ def validate(a):
             raise ConfigError(f"--knn-sim-func must be one of {', '.join(SIM_FUNCS)}, got {a.knn_sim_func!r}")
         if a.no_load_keys and a.knn_sim_func != "do_not_recomp_l2":
             raise ConfigError("--no-load-keys leaves no keys to recompute distances from: add --knn-sim-func do_not_recomp_l2")
-        if a.continuous_cache:
-            check_lambda(a.cache_lmbda, "--cache-lmbda")
-            if not math.isfinite(a.cache_theta):
-                raise ConfigError(f"--cache-theta must be finite, got {a.cache_theta}")
+
+
+    if a.continuous_cache:
+        if a.save_knnlm_dstore:
+            raise ConfigError("--continuous-cache scores; --save-knnlm-dstore dumps: pick one per run")
+        check_lambda(a.cache_lmbda, "--cache-lmbda")
+        if not math.isfinite(a.cache_theta):
+            raise ConfigError(f"--cache-theta must be finite, got {a.cache_theta}")
+        if a.cache_size is not None and a.cache_size < 1:
+            raise ConfigError(f"--cache-size must be at least 1, got {a.cache_size}")
 
 
 def open_datastore(a):
