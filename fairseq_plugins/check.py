@@ -93,10 +93,17 @@ def check_keys(report, model, task, datastore, data, n_batches):
     capture = KeyCapture(model, meta["keytype"])
     batches = list(replay_batches(task, meta, data, model.max_positions()))
     total = sum(c for *_, c in batches)
-    if total != datastore.size:
-        report.line(False, "entry count", f"the split yields {total:,} scored tokens, datastore has {datastore.size:,}")
+    # A subset (knnlm.subset) keeps some rows of a dump; its source_rows file maps them back.
+    source_rows = None
+    expected = datastore.size
+    if meta.get("subset_of"):
+        prefix_dir = os.path.dirname(os.path.abspath(datastore.prefix))
+        source_rows = np.load(os.path.join(prefix_dir, meta["source_rows_file"]), mmap_mode="r")
+        expected = meta["subset_of_size"]
+    if total != expected:
+        report.line(False, "entry count", f"the split yields {total:,} scored tokens, the dump had {expected:,}")
         return
-    report.line(True, "entry count", f"{total:,} scored tokens = {datastore.size:,} entries")
+    report.line(True, "entry count", f"{total:,} scored tokens = {expected:,} entries dumped")
     picks = sorted({0, len(batches) // 2, len(batches) - 1})[:n_batches]
     worst, n_rows, bad_vals = 0.0, 0, 0
     device = next(model.parameters()).device
@@ -107,11 +114,17 @@ def check_keys(report, model, task, datastore, data, n_batches):
             keys = capture.pop()
             got = torch.cat([keys[i, s:s + n] for i, s, n in spans]).float().cpu().numpy()
             tgt = torch.cat([sample["target"][i, s:s + n] for i, s, n in spans]).numpy()
-            stored = np.asarray(datastore.gather_keys(np.arange(row, row + count)), dtype=np.float32)
+            rows = np.arange(row, row + count)  # datastore rows, and positions in this batch
+            if source_rows is not None:
+                rows = np.flatnonzero((source_rows >= row) & (source_rows < row + count))
+                got, tgt = got[source_rows[rows] - row], tgt[source_rows[rows] - row]
+            if len(rows) == 0:
+                continue
+            stored = np.asarray(datastore.gather_keys(rows), dtype=np.float32)
             scale = max(float(np.abs(got).max()), 1e-6)
             worst = max(worst, float(np.abs(stored - got).max()) / scale)
-            bad_vals += int((datastore.gather_vals(np.arange(row, row + count)) != tgt).sum())
-            n_rows += count
+            bad_vals += int((datastore.gather_vals(rows) != tgt).sum())
+            n_rows += len(rows)
     capture.remove()
     tol = 2e-3 if meta.get("keys_dtype") == "float16" else 1e-4
     report.line(worst <= tol, "keys recomputed", f"{n_rows:,} rows from {len(picks)} batches, max relative difference {worst:.2e} (tolerance {tol:g})")
@@ -162,6 +175,7 @@ def run_checks(args, out=sys.stdout):
 
 def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)  # fairseq's imports set the root logger to DEBUG
     warnings.filterwarnings("ignore")  # torch/fairseq deprecation chatter would bury the report
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--path", help="model checkpoint")

@@ -81,3 +81,10 @@ def test_check_reports_tampered_values(dumped, tmp_path):
     p = run(["knnlm-check", "--path", dumped["ckpt"], "--dstore-filename", copy], check=False)
     assert p.returncode == 1
     assert "FAIL  values in dictionary" in p.stdout and "row 5" in p.stdout
+
+
+def test_check_on_a_subset_datastore(dumped, tmp_path):
+    sub = str(tmp_path / "sub")
+    run(["python", "-m", "knnlm.subset", dumped["prefix"], "0.3", sub])
+    p = run(["knnlm-check", "--path", dumped["ckpt"], "--dstore-filename", sub])
+    assert "PASS  keys recomputed" in p.stdout and "all checks passed" in p.stdout
