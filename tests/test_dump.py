@@ -227,18 +227,23 @@ def test_console_script_writes_the_same_datastore(tiny, dumps, tmp_path):
     np.testing.assert_array_equal(np.asarray(ds.keys), np.asarray(ref.keys))
 
 
-def test_python_m_eval_lm_dumps_or_refuses(tiny, tmp_path):
-    """`python -m fairseq_cli.eval_lm` (and `python .../eval_lm.py`, the original kNN-LM usage) runs
-    eval_lm as __main__: the datastore must be written, or the run must fail -- never exit 0 without it."""
+@pytest.mark.parametrize("how", ["-m", "script"])
+def test_eval_lm_as_main_dumps_or_refuses(tiny, tmp_path, how):
+    """`python -m fairseq_cli.eval_lm` and `python .../fairseq_cli/eval_lm.py` (the original kNN-LM
+    usage, `python eval_lm.py ...`) run eval_lm as __main__: the datastore must be written, or the
+    run must fail -- never exit 0 without it."""
+    import fairseq_cli.eval_lm
+
     prefix = tmp_path / "m"
-    cmd = [sys.executable, "-m", "fairseq_cli.eval_lm", tiny["data"], "--path", tiny["ckpt"], "--user-dir",
+    entry = ["-m", "fairseq_cli.eval_lm"] if how == "-m" else [fairseq_cli.eval_lm.__file__]
+    cmd = [sys.executable, *entry, tiny["data"], "--path", tiny["ckpt"], "--user-dir",
            str(REPO / "fairseq_plugins"), "--task", "knnlm", "--cpu", "--num-workers", "0", "--no-progress-bar",
            "--tokens-per-sample", str(TPS), "--save-knnlm-dstore", "--dstore-mmap", str(prefix)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if p.returncode == 0:
         assert os.path.exists(f"{prefix}_meta.json"), (
-            "exit 0 but no datastore: the knnlm task did not replace eval_lm's SequenceScorer when "
-            "eval_lm runs as __main__, and nothing noticed")
+            f"python {' '.join(entry)}: exit 0 but no datastore -- the knnlm task did not replace "
+            f"eval_lm's SequenceScorer, and nothing noticed")
         assert Datastore.open(str(prefix)).size == evaluated_tokens(p.stdout + p.stderr)
 
 
