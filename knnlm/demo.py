@@ -107,9 +107,41 @@ def tool(name):
     return [str(script)] if script.exists() else [sys.executable, "-m", TOOLS[name]]
 
 
+def _spawn(cmd, env):
+    """Start `cmd` with stdout and stderr on a pseudo-terminal where there is one, so that the
+    tools draw their progress bars (fairseq shows none when stderr is not a terminal);
+    else on a pipe. Returns the process and a read() giving b"" at the end of its output."""
+    try:
+        import fcntl
+        import pty
+        import struct
+        import termios
+
+        master, slave = pty.openpty()
+        # rows, columns: a new terminal has 0 x 0, in which tqdm draws an empty bar.
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+    except (ImportError, OSError):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        return proc, lambda: proc.stdout.read1(1 << 16)
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    finally:
+        os.close(slave)
+
+    def read():
+        try:
+            return os.read(master, 1 << 16)
+        except OSError:  # EIO: every holder of the terminal's other end has exited
+            os.close(master)
+            return b""
+
+    return proc, read
+
+
 def run_tool(cmd, log_path, show=SHOW_ALL, env=None):
-    """Run `cmd`, appending its whole output to `log_path` and echoing the lines that match
-    `show` (and a progress bar now and then); returns the output's lines. Raises DemoError."""
+    """Run `cmd`, appending its output to `log_path` and echoing the lines that match `show`
+    and, every PROGRESS_EVERY seconds, its progress bar; returns the output's lines (progress
+    bars left out). Raises DemoError if it fails."""
     cmd = [str(c) for c in cmd]
     show_re = re.compile(show)
     log.info("$ %s", shlex.join(cmd))
@@ -117,32 +149,36 @@ def run_tool(cmd, log_path, show=SHOW_ALL, env=None):
     lines, tail, last_bar = [], deque(maxlen=30), 0.0
     with open(log_path, "a", encoding="utf-8") as out:
         out.write(f"\n$ {shlex.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        proc, read = _spawn(cmd, env)
         pending = b""
         try:
-            for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
-                out.write(chunk.decode("utf-8", "replace"))
-                out.flush()
+            for chunk in iter(read, b""):
                 *done, pending = re.split(rb"[\r\n]", pending + chunk)
                 for raw in done:
                     line = raw.decode("utf-8", "replace").rstrip()
                     if not line:
                         continue
-                    lines.append(line)
+                    if TQDM_RE.search(line):  # a progress bar redrawn in place
+                        if time.time() - last_bar < PROGRESS_EVERY:
+                            continue
+                        last_bar = time.time()
+                        bar = re.sub(r"\|[^|]*\|", " ", line).strip()  # drop the drawn bar
+                        print(f"    {bar[:160]}", flush=True)
+                    else:
+                        lines.append(line)
+                        if show_re.search(line):
+                            print(f"    {line[:200]}", flush=True)
                     tail.append(line)
-                    if TQDM_RE.search(line):
-                        if time.time() - last_bar >= PROGRESS_EVERY:
-                            last_bar = time.time()
-                            print(f"    {line.strip()[:150]}", flush=True)
-                    elif show_re.search(line):
-                        print(f"    {line[:200]}", flush=True)
+                    out.write(line + "\n")
+                out.flush()
         except BaseException:
             proc.kill()
             proc.wait()
             raise
         if pending.strip():
-            lines.append(pending.decode("utf-8", "replace"))
+            lines.append(pending.decode("utf-8", "replace").rstrip())
             tail.append(lines[-1])
+            out.write(lines[-1] + "\n")
         rc = proc.wait()
     if rc != 0:
         last = "\n".join(f"    {line}" for line in tail)
@@ -355,7 +391,8 @@ class Demo:
         temps = t.temperatures
         temps = ",".join(str(x) for x in temps) if OmegaConf.is_list(temps) else str(temps)
         self.best.parent.mkdir(parents=True, exist_ok=True)
-        self.tool("tune", "knnlm-tune", self.export, "--lambdas", t.lambdas, "--temperatures", temps,
+        lambdas = f"0:1:{t.lambda_step}"
+        self.tool("tune", "knnlm-tune", self.export, "--lambdas", lambdas, "--temperatures", temps,
                   "--json", self.best, "--plot", self.best.with_name("fig5.png"))
         best = json.loads(self.best.read_text())
         return {k: best.get(k) for k in ("best_lambda", "best_temperature", "best_ppl", "base_ppl")}
