@@ -10,10 +10,12 @@ task is fairseq's language-modeling task, unchanged.
 import argparse
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from fairseq.sequence_scorer import SequenceScorer
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
@@ -106,6 +108,9 @@ class KNNLanguageModelingTask(LanguageModelingTask):
     # ---- kNN-LM ----
     def build_knn_scorer(self, tgt_dict, softmax_batch=None, **kwargs):
         """What eval_lm gets instead of SequenceScorer(tgt_dict, softmax_batch)."""
+        if tgt_dict is not self.target_dictionary:
+            # A later eval_lm run in the same process, with another task: not ours to change.
+            return SequenceScorer(tgt_dict, softmax_batch, **kwargs)
         a = self.args
         common = dict(keytype=a.knn_keytype, remove_bos=a.add_bos_token, **kwargs)
         if a.save_knnlm_dstore:
@@ -188,6 +193,8 @@ class KNNLanguageModelingTask(LanguageModelingTask):
 
     def finish(self):
         """Runs once every batch has been scored: only now is a dump or export complete."""
+        for module in _eval_lm_modules():
+            module.SequenceScorer = SequenceScorer  # leave eval_lm as we found it
         s = self._scorer
         if s is None:
             return
@@ -224,7 +231,9 @@ def _eval_lm_modules():
     """fairseq's eval_lm module, imported (fairseq-eval-lm) or run as `python -m fairseq_cli.eval_lm`."""
     modules = [sys.modules.get("fairseq_cli.eval_lm")]
     main = sys.modules.get("__main__")
-    if getattr(getattr(main, "__spec__", None), "name", None) == "fairseq_cli.eval_lm":
+    run_as = getattr(getattr(main, "__spec__", None), "name", None)
+    path = os.path.normpath(getattr(main, "__file__", None) or "")
+    if run_as == "fairseq_cli.eval_lm" or path.endswith(os.path.join("fairseq_cli", "eval_lm.py")):
         modules.append(main)
     return [m for m in modules if m is not None]
 
