@@ -93,21 +93,25 @@ def measured(fn, *args, memory=True):
 
 def compare(data, path, dstore, index, *, split="valid", k=1024, probe=32, lmbda=0.25, temperature=1.0,
             context_window=128, max_tokens=8192, keytype="last_ffn_input", max_batches=None, log=print):
-    from fairseq import checkpoint_utils, utils
+    from fairseq import checkpoint_utils, tasks, utils
 
     from fairseq_plugins.hooks import KeyCapture
     from knnlm.retrieval import Retriever
     from knnlm.shards import open_datastore
 
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data})
+    models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data})
     model = models[0].eval()
+    # As fairseq-eval-lm: blocks of tokens_per_sample - context_window new tokens, each after
+    # up to context_window tokens of context (whose targets are padding: not scored).
+    cfg.task.tokens_per_sample -= context_window
+    task = tasks.setup_task(cfg.task)
     task.load_dataset(split)
     dataset = task.dataset(split)
     itr = task.eval_lm_dataloader(
         dataset=dataset, max_tokens=max_tokens, batch_size=None,
         max_positions=utils.resolve_max_positions(model.max_positions()),
         num_shards=1, shard_id=0, num_workers=0, data_buffer_size=0, context_window=context_window,
-    ).next_epoch_itr(shuffle=False)
+    )
     datastore = open_datastore(dstore)
     retriever = Retriever(index, datastore, k=k, nprobe=probe, sim_func="l2")
     capture = KeyCapture(model, keytype)
