@@ -5,13 +5,11 @@ calls), one forked process each (tests/helpers.EvalLM), all planned up front and
 time by the `results` fixture; the stock baselines are the same entry point with
 `--task language_modeling` and no `--user-dir`. References: stock eval_lm's own
 per-token log-probabilities (--output-word-probs) and perplexity, and a kNN-LM perplexity
-recomputed in numpy from the dumped keys by brute force.
+recomputed in numpy by brute force from queries rebuilt by hand (no plugin code).
 """
 
 import math
 import re
-import subprocess
-import sys
 
 import faiss
 import numpy as np
@@ -21,7 +19,7 @@ import torch
 from knnlm import Datastore, DatastoreWriter
 from knnlm.errors import ConfigError
 
-from .conftest import knn_summary
+from .conftest import knn_summary, run
 from .helpers import (
     EvalLM,
     build_index,
@@ -30,6 +28,7 @@ from .helpers import (
     load_model,
     load_split,
     loss_line,
+    reference_dump,
     stock_argv,
     word_probs,
 )
@@ -51,9 +50,8 @@ def stores(tiny, ev, tmp_path_factory):
     dumps = {  # name -> (model, split, break mode, extra flags)
         "train": ("ckpt", "train", "none"),
         "train_eos": ("ckpt", "train", "eos"),
+        "train_fp16": ("ckpt", "train", "none", "--dstore-fp16"),
         "valid": ("ckpt", "valid", "none"),
-        "test": ("ckpt", "test", "none"),  # the queries eval_lm makes on the test split, in its order
-        "test_cw": ("ckpt", "test", "none", "--context-window", "32"),  # ... and with a context window
         "adaptive_valid": ("adaptive", "valid", "none"),
     }
     runs = [{"argv": knn_argv(tiny["data"], tiny[m], *TPS, "--gen-subset", split, "--sample-break-mode", mode,
@@ -62,13 +60,11 @@ def stores(tiny, ev, tmp_path_factory):
     for r in ev.run_many(runs):
         assert r.returncode == 0, str(r)
     s = {name: str(root / name) for name in dumps}
-    for name in ("train", "train_eos", "valid", "adaptive_valid"):
+    for name in ("train", "train_eos", "train_fp16", "valid", "adaptive_valid"):
         build_index(s[name], f"{s[name]}.flat")
     # the IVFPQ index by the project's builder: 8 lists, PQ with 8 sub-quantizers
-    p = subprocess.run([sys.executable, "-m", "knnlm.index_builder", f"dstore_mmap={s['valid']}",
-                        f"faiss_index={s['valid']}.ivfpq", "ncentroids=8", "code_size=8", "probe=8"],
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run(["knnlm-build-index", f"dstore_mmap={s['valid']}", f"faiss_index={s['valid']}.ivfpq", "ncentroids=8",
+         "code_size=8", "probe=8"])
     assert faiss.extract_index_ivf(faiss.read_index(f"{s['valid']}.ivfpq")).nlist == 8
 
     # an incomplete datastore (a dump that never finished)
@@ -105,13 +101,14 @@ LAMBDA0 = {  # name -> (model, datastore, extra flags)
     "softmax-batch": ("ckpt", "train", ("--softmax-batch", "50")),
     "adaptive+softmax-batch": ("adaptive", "adaptive_valid", ("--softmax-batch", "50")),
 }
-BRUTE_FORCE = {  # name -> (extra flags, dump of the test split made with the same flags, similarity)
-    "default": ((), "test", "l2"),
-    "context-window": (("--context-window", "32"), "test_cw", "l2"),
-    "dot": (("--knn-sim-func", "dot"), "test", "dot"),
-    "in-memory": (("--move-dstore-to-mem",), "test", "l2"),
+BRUTE_FORCE = {  # name -> (extra flags, similarity, datastore)
+    "default": ((), "l2", "train"),
+    "context-window": (("--context-window", "32"), "l2", "train"),
+    "dot": (("--knn-sim-func", "dot"), "dot", "train"),
+    "in-memory": (("--move-dstore-to-mem",), "l2", "train"),
+    "fp16 datastore": ((), "l2", "train_fp16"),  # distances recomputed from float16 keys
 }
-BF_K, BF_LAMBDA, BF_TEMP = 8, 0.5, 2.0
+BF_K, BF_LAMBDA, BF_TEMP = 8, 0.3, 2.0  # lambda != 0.5: swapping p_kNN and p_LM must show
 
 
 def stock_name(model, extra):
@@ -185,8 +182,8 @@ def plan(tiny, stores):
     runs["ivfpq pq distances"] = ours("ckpt", *knn(stores, "valid", ivf, *all_valid, "--probe", "8",
                                                    "--knn-sim-func", "do_not_recomp_l2"))
     runs["memorised"] = ours("ckpt", "--sample-break-mode", "eos", *knn(stores, "train_eos", None, "--k", "8", "--lmbda", "0.5"))
-    for name, (extra, _, _) in BRUTE_FORCE.items():
-        runs[f"brute force {name}"] = ours("ckpt", *extra, *knn(stores, "train", None, "--k", str(BF_K), "--lmbda",
+    for name, (extra, _, dstore) in BRUTE_FORCE.items():
+        runs[f"brute force {name}"] = ours("ckpt", *extra, *knn(stores, dstore, None, "--k", str(BF_K), "--lmbda",
                                                                 str(BF_LAMBDA), "--knn-temp", str(BF_TEMP)))
     runs["lambda 1 k 1"] = ours("ckpt", *knn(stores, "train", None, "--k", "1", "--lmbda", "1"))
     for name, (flags, _) in _refusals(stores, Datastore.open(stores["train"]).size).items():
@@ -256,27 +253,41 @@ def test_knnlm_nails_memorised_text(results):
     assert ppl < 0.7 * base, (base, ppl)
 
 
-def brute_force_knn(stores, queries_from, dstore):
-    """Squared L2 from every query (a dump of the test split) to every datastore key, in float64."""
-    q = np.asarray(Datastore.open(stores[queries_from]).keys, dtype=np.float64)
+@pytest.fixture(scope="module")
+def queries(tiny, results):
+    """The test split's queries and targets, in eval_lm's order, computed without the plugin:
+    flags -> (keys (N, D), targets (N,), stock log p_LM (N,))."""
+    model, _ = load_model(tiny["ckpt"])
+    lines, d = load_split(tiny["data"], "test")
+    out = {}
+    for extra in ((), ("--context-window", "32")):
+        stock = ok(results, stock_name("ckpt", extra))
+        rows = word_probs(stock.output)
+        cw = int(extra[1]) if extra else 0
+        keys, vals = reference_dump(model, lines, d, ["last_ffn_input"], [sid for sid, _ in rows], 64 - cw, "none", cw)
+        words = [d.index(w) for _, row in rows for w, _ in row]
+        np.testing.assert_array_equal(vals, words)  # the reference scores what stock eval_lm scored
+        out[extra] = (keys["last_ffn_input"].astype(np.float64), vals, np.array([p for _, row in rows for _, p in row]))
+    return out
+
+
+def brute_force_knn(q, stores, dstore):
+    """Squared L2 from every query to every datastore key, in float64."""
     ds = Datastore.open(stores[dstore])
     k = np.asarray(ds.keys, dtype=np.float64)
     d = (q ** 2).sum(1)[:, None] - 2 * q @ k.T + (k ** 2).sum(1)[None]
-    return d, np.asarray(ds.vals), q, k
+    return d, np.asarray(ds.vals), k
 
 
 @pytest.mark.parametrize("name", list(BRUTE_FORCE))
-def test_knnlm_perplexity_equals_brute_force_numpy(results, stores, name):
+def test_knnlm_perplexity_equals_brute_force_numpy(results, stores, queries, name):
     """p = lambda p_kNN + (1 - lambda) p_LM, p_kNN a softmax over -(squared L2) / T (or q.k / T) of the
-    k nearest train keys: recomputed in numpy from the test split's dumped keys (eval_lm's queries,
-    in its order) and stock eval_lm's per-token log-probabilities."""
-    extra, queries, sim = BRUTE_FORCE[name]
+    k nearest train keys: recomputed in numpy from queries rebuilt by hand (tests/helpers) and
+    stock eval_lm's per-token log-probabilities."""
+    extra, sim, dstore = BRUTE_FORCE[name]
     r = ok(results, f"brute force {name}")
-    stock = ok(results, stock_name("ckpt", extra if "--context-window" in extra else ()))
-    lp_lm = np.array([p for _, row in word_probs(stock.output) for _, p in row])
-    d, vals, q, keys = brute_force_knn(stores, queries, "train")
-    targets = np.asarray(Datastore.open(stores[queries]).vals)
-    assert len(lp_lm) == len(targets)
+    q, targets, lp_lm = queries[extra if "--context-window" in extra else ()]
+    d, vals, keys = brute_force_knn(q, stores, dstore)
     nn = np.argsort(d, axis=1, kind="stable")[:, :BF_K]  # the (exact L2) index's neighbors
     if sim == "dot":
         s = np.einsum("nd,nkd->nk", q, keys[nn]) / BF_TEMP
@@ -292,11 +303,11 @@ def test_knnlm_perplexity_equals_brute_force_numpy(results, stores, name):
     assert evaluated_tokens(r.output) == len(targets)
 
 
-def test_lambda_one_with_missing_targets_reports_inf(results, stores):
+def test_lambda_one_with_missing_targets_reports_inf(results, stores, queries):
     """k = 1, lambda = 1: every token whose nearest train key carries another word gets p = 0."""
     r = ok(results, "lambda 1 k 1")
-    d, vals, _, _ = brute_force_knn(stores, "test", "train")
-    targets = np.asarray(Datastore.open(stores["test"]).vals)
+    q, targets, _ = queries[()]
+    d, vals, _ = brute_force_knn(q, stores, "train")
     missing = int((vals[d.argmin(1)] != targets).sum())
     assert 0 < missing < len(targets)
     assert knn_summary(r.output)[1] == math.inf
