@@ -81,8 +81,8 @@ def _excepthook(kind, value, tb, _default=sys.excepthook):
 class KNNLanguageModelingTask(LanguageModelingTask):
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         super().__init__(args, dictionary, output_dictionary, targets=targets)
-        validate(args)
         sys.excepthook = _excepthook  # our errors are messages for the user, not tracebacks
+        validate(args)
         self._scorer = None
         self._split = None
         self._context_window = 0

@@ -1,7 +1,8 @@
 """Errors a user can act on.
 
-Each message names what is wrong, which file, what was expected and how to fix it;
-the command-line entry points turn them into a one-line message and exit code 2.
+Each message names what is wrong, which file, what was expected and how to fix it. Our
+command-line tools print them as one line and exit with code 2; under fairseq's commands
+(`fairseq-eval-lm --task knnlm ...`) they are printed as one line too, and fairseq exits 1.
 """
 
 

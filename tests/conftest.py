@@ -37,7 +37,7 @@ def eval_lm(data, ckpt, *args, check=True):
 
 def perplexity(output):
     """fairseq's final line: 'Loss (base 2): X, Perplexity: Y' -> (loss, ppl) as floats."""
-    m = re.findall(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+|inf)", output)
+    m = re.findall(r"Loss \(base 2\): (-?[0-9.]+), Perplexity: ([0-9.]+|inf)", output)
     assert m, output[-2000:]
     return float(m[-1][0]), float(m[-1][1])
 
