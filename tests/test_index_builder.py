@@ -281,3 +281,17 @@ def test_move_dstore_to_mem_really_loads(tmp_path):
     ds = Datastore.open(str(tmp_path / "d"), in_memory=True)
     assert not isinstance(ds.keys, np.memmap) and not isinstance(ds.keys.base, np.memmap)
     assert ds.keys.flags.owndata and ds.vals.flags.owndata
+
+
+def test_same_seed_same_index_and_versions_recorded(tmp_path, ds):
+    def build(name, seed):
+        path = tmp_path / name
+        ib.build_index(settings(ds.prefix, path, ncentroids=8, code_size=8, seed=seed, num_keys_to_train=1000))
+        return faiss.serialize_index(faiss.read_index(str(path))), json.load(open(f"{path}.meta.json"))
+
+    a, meta = build("a.index", 5)
+    b, _ = build("b.index", 5)
+    c, _ = build("c.index", 6)
+    assert np.array_equal(a, b)  # same seed: the same sample, the same index, byte for byte
+    assert not np.array_equal(a, c)  # another seed samples other training keys
+    assert meta["seed"] == 5 and {"faiss", "numpy"} <= set(meta["versions"])
