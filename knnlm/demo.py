@@ -65,6 +65,7 @@ SHOW_EVAL = r"fairseq_plugins\.knnlm[:|]|Evaluated \d|Loss \(base 2\)"
 SHOW_ALL = r"."
 # A tqdm progress bar; shown at most every PROGRESS_EVERY seconds.
 TQDM_RE = re.compile(r"\d+/\d+ \[|\d+it \[|it/s\]|s/it\]")
+LOG_START_RE = re.compile(r"(?:INFO|WARNING|ERROR|CRITICAL|DEBUG)[:| ]")
 PROGRESS_EVERY = 15.0
 
 log = logging.getLogger("knnlm.demo")
@@ -138,6 +139,17 @@ def _spawn(cmd, env):
     return proc, read
 
 
+def _split_bar_and_log(raw_lines):
+    """Decoded lines; a log record that tqdm's unfinished bar line swallowed becomes its own line."""
+    for raw in raw_lines:
+        line = raw.decode("utf-8", "replace").rstrip()
+        m = LOG_START_RE.search(line)
+        if m and m.start() > 0 and TQDM_RE.search(line[:m.start()]):
+            yield line[:m.start()].rstrip()
+            line = line[m.start():]
+        yield line
+
+
 def run_tool(cmd, log_path, show=SHOW_ALL, env=None):
     """Run `cmd`, appending its output to `log_path` and echoing the lines that match `show`
     and, every PROGRESS_EVERY seconds, its progress bar; returns the output's lines (progress
@@ -154,8 +166,7 @@ def run_tool(cmd, log_path, show=SHOW_ALL, env=None):
         try:
             for chunk in iter(read, b""):
                 *done, pending = re.split(rb"[\r\n]", pending + chunk)
-                for raw in done:
-                    line = raw.decode("utf-8", "replace").rstrip()
+                for line in _split_bar_and_log(done):
                     if not line:
                         continue
                     if TQDM_RE.search(line):  # a progress bar redrawn in place
