@@ -88,3 +88,23 @@ def test_check_on_a_subset_datastore(dumped, tmp_path):
     run(["python", "-m", "knnlm.subset", dumped["prefix"], "0.3", sub])
     p = run(["knnlm-check", "--path", dumped["ckpt"], "--dstore-filename", sub])
     assert "PASS  keys recomputed" in p.stdout and "all checks passed" in p.stdout
+
+
+def test_tuned_lambda_and_temperature_reproduce_in_eval_lm(dumped, tmp_path):
+    """knnlm-tune's best (lambda, T), passed back to fairseq-eval-lm, gives the perplexity it reported."""
+    import json
+
+    from .conftest import knn_summary
+
+    common = ["--gen-subset", "valid", "--tokens-per-sample", "64", "--knnlm", "--dstore-filename",
+              dumped["prefix"], "--indexfile", dumped["index"], "--k", "8"]
+    export = tmp_path / "export"
+    eval_lm(dumped["data"], dumped["ckpt"], *common, "--knnlm-dump-probs", export)
+    best = tmp_path / "best.json"
+    run(["knnlm-tune", export, "--temperatures", "0.5,1,4,16", "--json", best])
+    b = json.loads(best.read_text())
+    assert 0 < b["best_lambda"] < 1  # an interior optimum, so the check below means something
+    p = eval_lm(dumped["data"], dumped["ckpt"], *common, "--lmbda", b["best_lambda"], "--knn-temp", b["best_temperature"])
+    base, ppl = knn_summary(p.stdout + p.stderr)
+    assert ppl == pytest.approx(b["best_ppl"], rel=1e-4)
+    assert base == pytest.approx(b["base_ppl"], rel=1e-4)
