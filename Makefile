@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m knnlm.demo $(ARGS)
 
 analyses: $(STAMP)
-	$(PY) -m knnlm.demo --analyses $(ARGS)
+	$(PY) -m knnlm.analyses $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(ARGS)
