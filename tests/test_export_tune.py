@@ -378,5 +378,7 @@ def test_consistency_check_tolerates_fp32_rounding_of_large_distances(tmp_path):
     ref = ref_lp_knn(e.dists[:100], e.match[:100], "l2", 1.0)
     np.testing.assert_allclose(ex.lp_knn_at(e, 1.0, rows=slice(0, 100)), ref, atol=4 * 4e3 * 1.2e-7)
     res = tune.tune(e, [0.0, 0.3], [1.0])
-    assert 1e-4 < res["consistency_max_abs_diff"] < 1e-3  # beyond the plain atol, still accepted
+    # knn_log_prob now shifts by the row maximum, so scoring and re-scoring agree far inside the
+    # tolerance; exports written by older code or on other hardware may differ by up to ~1e-3.
+    assert res["consistency_max_abs_diff"] < 1e-3
     assert res["run_ppl"] == pytest.approx(ref_ppl(lp_lm, np.asarray(e.lp_knn), 0.3), rel=1e-5)
