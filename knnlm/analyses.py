@@ -899,7 +899,7 @@ class Report:
                 out.append(_row([f"{f:.0%} of the training split", f"`{sf}`", f"{r['count']:,}", _f(r["base_ppl"]),
                                  _f(ppl1), f"{lam1:g}", _f(r["best_ppl"]), f"{r['best_lambda']:g}",
                                  f"{r['best_temperature']:g}"]))
-                curves.append((f"{sf}, {f:g} datastore", r))
+                curves.append((f"{sf}, {f:.0%} datastore", r))
         self.data["simfunc"] = data
         self._plot_curves(curves, self.an.out / "simfunc.png", "Quantized vs recomputed distances",
                           relative=False, temps=(t_run, None))
@@ -923,6 +923,8 @@ class Report:
             ax.set_title(title + (f", T = {temp:g}" if temp is not None else ", tuned T"), fontsize=10)
             if relative:
                 ax.axhline(1.0, color="gray", ls="--", lw=1)
+                lows = [min(v for v in row if v is not None) / r["base_ppl"] for _, r in curves for row in r["ppl"]]
+                ax.set_ylim(min(lows) * 0.98, 1.25)  # the region around the optima
             finite = [v for _, r in curves for row in r["ppl"] for v in row if v is not None]
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
