@@ -162,8 +162,9 @@ def read_lines(path):
 class Analyses:
     """The plan of steps for the selected analyses; `run()` does them and writes results.md."""
 
-    def __init__(self, cfg, dcfg, demo_overrides=(), demo_config=demo_mod.DEFAULT_CONFIG):
+    def __init__(self, cfg, dcfg, demo_overrides=(), demo_config=demo_mod.DEFAULT_CONFIG, overrides=()):
         self.cfg, self.dcfg = cfg, dcfg
+        self.overrides = list(overrides)
         self.demo_overrides, self.demo_config = list(demo_overrides), demo_config
         self.demo = Demo(dcfg)
         self.out = self.demo.workdir / "analyses"
@@ -214,9 +215,8 @@ class Analyses:
             name, "fairseq-eval-lm", data, "--path", ckpt, "--user-dir", PLUGIN_DIR, "--task", "knnlm",
             "--gen-subset", split, "--tokens-per-sample", c.model.tokens_per_sample,
             "--context-window", c.context_window, "--max-tokens", c.eval_max_tokens,
-            # "simple", not tqdm: knnlm.demo's run_tool reads tools on a pseudo-terminal, where a
-            # log line written right after a tqdm bar shares the bar's line and is dropped with it
-            # (the plugin's kNN-LM summary line among them).
+            # "simple", not tqdm: no progress bars to untangle from the log lines we parse (the
+            # plugin's kNN-LM summary is logged while tqdm's bar line is still open).
             "--knn-keytype", keytype, "--cpu", "--num-workers", 0, "--log-format", "simple", *args,
             show=SHOW_EVAL)
 
@@ -619,6 +619,7 @@ class Analyses:
         for d in (self.out, self.steps_dir, self.logs_dir):
             d.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+        (self.out / "demo_config.yaml").write_text(OmegaConf.to_yaml(self.dcfg))
         self.build_plan()
         log.info("analyses %s: %d steps, outputs in %s", ", ".join(self.cfg.run), self.n_steps, self.out)
         needs = {a: self.needs(a) for a in self.cfg.run}
@@ -736,6 +737,10 @@ class Report:
             f"(IVF{dc.index.ncentroids},PQ{dc.index.code_size}, probe {dc.probe}); k = {dc.k}, distances "
             f"{dc.sim_func}, context window {dc.context_window}. The demo's knnlm-tune on its valid "
             f"export chose lambda = {lam:g}, T = {t:g}. Grids: lambda {an.lambdas}, T {an.temperatures}.",
+            "",
+            "Settings: configs/demo/analyses.yaml and the demo's config"
+            + (f", with `{' '.join(an.overrides)}`" if an.overrides else "")
+            + " (resolved: analyses/config.yaml, analyses/demo_config.yaml).",
             "",
         ]
         if export_tokens:
@@ -1068,7 +1073,7 @@ def main(argv=None):
         if args.print_config:
             print(OmegaConf.to_yaml(cfg) + "# demo:\n" + OmegaConf.to_yaml(dcfg), end="")
             return 0
-        Analyses(cfg, dcfg, demo_over, demo_path).run()
+        Analyses(cfg, dcfg, demo_over, demo_path, overrides).run()
     except DemoError as e:
         print(f"knnlm.analyses: error: {e}", file=sys.stderr)
         return 1
