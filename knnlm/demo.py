@@ -356,6 +356,8 @@ class Demo:
             "--lr", t.lr, "--lr-scheduler", t.lr_scheduler, "--warmup-updates", t.warmup_updates,
             "--warmup-init-lr", 1e-7, "--max-update", t.max_update, "--max-tokens", t.max_tokens,
             "--seed", t.seed, "--save-dir", self.checkpoint.parent, "--no-epoch-checkpoints",
+            # checkpoint_last.pt every save_interval_updates: an interrupted run resumes there.
+            "--save-interval-updates", t.save_interval_updates, "--keep-interval-updates", 1,
             "--disable-validation", "--cpu", "--num-workers", 0,
             "--log-format", "simple", "--log-interval", t.log_interval, *t.extra_args,
         ]
