@@ -37,26 +37,41 @@ def neighbor_scores(distances, sim_func="l2", temperature=1.0):
     return (d if sim_func == "dot" else -d) / temperature
 
 
+# Rows scored together by knn_log_prob: its (rows, k) temporaries stay ~4 MB each at k = 1024
+# (cache-sized, and a batch of thousands of tokens never holds several full (N, k) copies).
+KNN_ROWS_PER_BLOCK = 1024
+
+
 def knn_log_prob(scores, neighbor_vals, targets, valid=None):
     """log p_kNN(target) for each query: (N, k) scores, (N, k) values, (N,) targets -> (N,).
 
     -inf where no neighbor carries the target (or no neighbor was found at all).
     """
-    scores = scores.float()
-    if valid is not None:
-        scores = scores.masked_fill(~valid, float("-inf"))
+    n = scores.shape[0]
+    if n <= KNN_ROWS_PER_BLOCK:
+        return _knn_log_prob_block(scores, neighbor_vals, targets, valid)
+    out = torch.empty(n, dtype=torch.float32, device=scores.device)
+    for s in range(0, n, KNN_ROWS_PER_BLOCK):
+        e = s + KNN_ROWS_PER_BLOCK
+        out[s:e] = _knn_log_prob_block(scores[s:e], neighbor_vals[s:e], targets[s:e],
+                                       None if valid is None else valid[s:e])
+    return out
+
+
+def _knn_log_prob_block(scores, neighbor_vals, targets, valid):
+    match = neighbor_vals == targets.unsqueeze(-1)
+    if valid is not None and not bool(valid.all()):
+        match &= valid
+        scores = scores.float().masked_fill(~valid, float("-inf"))
     # Shift by the row maximum first: squared distances in the thousands would otherwise be
     # added back and subtracted again in fp32, losing ~1e-4 of log-probability.
-    top = scores.max(dim=-1, keepdim=True).values
-    scores = scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    log_norm = torch.logsumexp(scores, dim=-1, keepdim=True)
-    match = neighbor_vals == targets.unsqueeze(-1)
-    if valid is not None:
-        match &= valid
+    top = scores.max(dim=-1, keepdim=True).values.float()
+    shifted = scores.float() - torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # our own buffer
+    log_norm = torch.logsumexp(shifted, dim=-1)
     # Rows with no valid neighbor have log_norm = -inf; keep them at -inf, not NaN.
     log_norm = torch.where(torch.isfinite(log_norm), log_norm, torch.zeros_like(log_norm))
-    matched = scores.masked_fill(~match, float("-inf"))
-    return torch.logsumexp(matched, dim=-1) - log_norm.squeeze(-1)
+    matched = shifted.masked_fill_(match.logical_not_(), float("-inf"))
+    return torch.logsumexp(matched, dim=-1) - log_norm
 
 
 def interpolate(lp_lm, lp_knn, lmbda):

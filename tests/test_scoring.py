@@ -190,3 +190,27 @@ def test_large_distances_keep_precision():
     ref = torch.tensor(ref, dtype=torch.float32)
     fin = torch.isfinite(ref)
     torch.testing.assert_close(got[fin], ref[fin], atol=2e-6, rtol=1e-6)
+
+
+def test_row_blocks_give_the_same_result_as_one_row_at_a_time(monkeypatch):
+    """knn_log_prob scores long batches in row blocks; block edges must not change anything."""
+    import knnlm.scoring as scoring
+
+    monkeypatch.setattr(scoring, "KNN_ROWS_PER_BLOCK", 7)
+    g = torch.Generator().manual_seed(0)
+    n, k = 40, 9
+    d = torch.rand(n, k, generator=g) * 300
+    vals = torch.randint(0, 4, (n, k), generator=g)
+    targets = torch.randint(0, 4, (n,), generator=g)
+    valid = torch.rand(n, k, generator=g) > 0.2
+    valid[3] = False  # a row with no neighbor at all
+    got = knn_log_prob(neighbor_scores(d, "l2", 3.0), vals, targets, valid)
+    for i in range(n):
+        keep = valid[i]
+        if not keep.any():
+            assert got[i] == -math.inf
+            continue
+        p = torch.softmax(-d[i][keep].double() / 3.0, 0)
+        mass = p[vals[i][keep] == targets[i]].sum().item()
+        want = math.log(mass) if mass > 0 else -math.inf
+        assert got[i].item() == pytest.approx(want, abs=1e-5)

@@ -1,0 +1,136 @@
+"""Which IVFPQ index for a datastore: search time vs kNN-LM perplexity, side by side.
+
+    .venv/bin/python benchmarks/index_choice.py [--demo-dir demo_runs/austen] \
+        [--factories IVF1024,PQ64 IVF4096,PQ64] [--queries 16384] [--nprobe 32 ...]
+
+Uses the demo's model, training datastore, valid-split export and tuned lambda/T (`make demo`).
+The valid split is dumped once (its keys are the queries, in the export's order); each factory
+is built with knnlm-build-index (the demo's own index is reused for its factory); then, in this
+process and on the same queries, each (index, nprobe) is searched at k = 1024 in batches of
+4,096 like fairseq-eval-lm's, distances are recomputed exactly, and the interpolated
+perplexity is computed with the export's LM log-probabilities. Recall@8 and @1024 against
+exact brute-force neighbors (faiss IndexFlatL2 over the whole datastore) on the first
+--recall-queries queries.
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+BIN = Path(sys.executable).parent
+BATCH = 4096
+
+
+def sh(cmd, log):
+    with open(log, "w") as f:
+        subprocess.run([str(c) for c in cmd], check=True, stdout=f, stderr=subprocess.STDOUT)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo-dir", default="demo_runs/austen")
+    p.add_argument("--work", default="bench_runs/index_choice")
+    p.add_argument("--factories", nargs="+", default=["IVF1024,PQ64", "IVF4096,PQ64"])
+    p.add_argument("--nprobe", nargs="+", type=int, default=[32])
+    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--queries", type=int, default=16384)
+    p.add_argument("--recall-queries", type=int, default=1024)
+    p.add_argument("--tokens-per-sample", type=int, default=256, help="as the demo's export was made")
+    p.add_argument("--context-window", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=8192)
+    a = p.parse_args(argv)
+
+    import faiss
+
+    from knnlm.datastore import Datastore
+    from knnlm.export import load_export
+    from knnlm.retrieval import Retriever
+    from knnlm.scoring import interpolate, knn_log_prob, neighbor_scores
+
+    demo, work = Path(a.demo_dir), Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    best = json.loads((demo / "tune" / "best.json").read_text())
+    lmbda, temp = best["best_lambda"], best["best_temperature"]
+    train = Datastore.open(str(demo / "dstore" / "train"), in_memory=True)
+    export = load_export(str(demo / "export_valid"))
+
+    # The queries: the valid split's keys, dumped with the export's settings (same order).
+    qprefix = work / "valid"
+    if not Path(f"{qprefix}_meta.json").exists():
+        print("dumping the valid split's keys ...", flush=True)
+        sh([BIN / "fairseq-eval-lm", demo / "data-bin", "--path", demo / "checkpoints" / "checkpoint_last.pt",
+            "--user-dir", REPO / "fairseq_plugins", "--task", "knnlm", "--gen-subset", "valid",
+            "--tokens-per-sample", a.tokens_per_sample, "--context-window", a.context_window,
+            "--max-tokens", a.max_tokens,
+            "--cpu", "--num-workers", 0, "--save-knnlm-dstore", "--dstore-mmap", qprefix, "--overwrite"],
+           work / "dump_valid.log")
+    qds = Datastore.open(str(qprefix))
+    n = min(a.queries, qds.size)
+    queries = np.array(qds.keys[:n], dtype=np.float32)
+    targets = torch.from_numpy(np.array(qds.vals[:n], dtype=np.int64))
+    lp_lm = torch.from_numpy(np.array(export.lp_lm[:n]))
+    assert np.array_equal(targets.numpy(), np.array(export.targets[:n])), "dump and export disagree"
+
+    # Exact neighbors for recall, brute force.
+    nr = min(a.recall_queries, n)
+    flat = faiss.IndexFlatL2(train.dim)
+    flat.add(np.asarray(train.keys, dtype=np.float32))
+    _, exact_ids = flat.search(queries[:nr], a.k)
+    del flat
+
+    rows = []
+    for factory in a.factories:
+        index_path = demo / "dstore" / "train_knn.index"
+        meta = json.loads(Path(f"{index_path}.meta.json").read_text()) if Path(f"{index_path}.meta.json").exists() else {}
+        if meta.get("factory") != factory:
+            index_path = work / (factory.replace(",", "_") + ".index")
+            if not index_path.exists():
+                print(f"building {factory} ...", flush=True)
+                t0 = time.perf_counter()
+                sh([BIN / "knnlm-build-index", f"dstore_mmap={demo / 'dstore' / 'train'}", f"faiss_index={index_path}",
+                    f"factory='{factory}'", "num_keys_to_train=200000", "seed=1"], work / f"build_{index_path.stem}.log")
+                print(f"  built in {time.perf_counter() - t0:.1f} s", flush=True)
+        for nprobe in a.nprobe:
+            r = Retriever(str(index_path), train, k=a.k, nprobe=nprobe, sim_func="l2")
+            t_search = t_rec = 0.0
+            lp = torch.empty(n)
+            for s in range(0, n, BATCH):
+                q = queries[s:s + BATCH]
+                t0 = time.perf_counter()
+                d, ids = r.index.search(q, a.k)
+                t1 = time.perf_counter()
+                valid = ids >= 0
+                dist = r.exact_distances(q, np.where(valid, ids, 0))
+                t_rec += time.perf_counter() - t1
+                t_search += t1 - t0
+                vals = torch.from_numpy(train.gather_vals(np.where(valid, ids, 0)).astype(np.int64))
+                lp_knn = knn_log_prob(neighbor_scores(dist, "l2", temp), vals, targets[s:s + BATCH],
+                                      torch.from_numpy(valid))
+                lp[s:s + BATCH] = interpolate(lp_lm[s:s + BATCH], lp_knn, lmbda)
+                if s == 0:
+                    ids0 = ids[:nr]
+            rec = [np.mean([len(set(ids0[i, :m]) & set(exact_ids[i, :m])) / m for i in range(nr)]) for m in (8, a.k)]
+            rows.append((factory, nprobe, t_search, t_rec, math.exp(-lp.mean().item()), *rec))
+            print(f"  {factory} nprobe={nprobe}: search {t_search:.2f} s, ppl {rows[-1][4]:.3f}", flush=True)
+
+    base = math.exp(-lp_lm.mean().item())
+    print(f"\n{n:,} valid queries, k={a.k}, datastore {train.size:,} x {train.dim}, lambda={lmbda}, T={temp}; "
+          f"LM perplexity on them {base:.3f}; faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads\n")
+    print("| index | nprobe | search s | queries/s | recompute s | kNN-LM ppl | recall@8 | recall@%d |" % a.k)
+    print("|---|---|---|---|---|---|---|---|")
+    for f, npb, ts, tr, ppl, r8, rk in rows:
+        print(f"| {f} | {npb} | {ts:.2f} | {n / ts:,.0f} | {tr:.2f} | {ppl:.3f} | {r8:.3f} | {rk:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
