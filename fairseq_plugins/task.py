@@ -46,6 +46,9 @@ class KNNLMConfig(LanguageModelingConfig):
     indexfile: Optional[str] = field(default=None, metadata={"help": "FAISS index built by knnlm-build-index"})
     k: int = field(default=1024, metadata={"help": "neighbors to retrieve"})
     probe: int = field(default=32, metadata={"help": "IVF lists to visit (nprobe)"})
+    knn_k_factor: float = field(default=1.0, metadata={
+        "help": "ask FAISS for k x this many candidates and keep the k nearest by exact distance "
+                "(needs --knn-sim-func l2 or dot); for fast but coarse indexes such as IVF...,PQ128x4fs"})
     lmbda: float = field(default=0.25, metadata={"help": "weight of p_kNN in the interpolation, in [0, 1]"})
     knn_temp: float = field(default=1.0, metadata={"help": "softmax temperature over neighbor distances"})
     knn_sim_func: str = field(default="l2", metadata={"help": "l2 (exact recomputed squared L2), do_not_recomp_l2 (FAISS distances) or dot"})
@@ -131,7 +134,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         a = self.args
         datastore = open_datastore(a)
         return datastore, Retriever(a.indexfile, datastore, k=a.k, nprobe=a.probe,
-                                    sim_func=a.knn_sim_func, gpu=a.knn_gpu)
+                                    sim_func=a.knn_sim_func, gpu=a.knn_gpu, k_factor=a.knn_k_factor)
 
     def build_generator(self, models, args, **kwargs):
         """fairseq-generate / fairseq-interactive: sample or search from the kNN-LM distribution."""

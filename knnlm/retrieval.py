@@ -5,6 +5,7 @@ queries' device.
 """
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -29,9 +30,14 @@ class Retriever:
     sim_func: "l2" recomputes exact squared L2 from the full-precision keys (the paper's
     WikiText-103 setting), "do_not_recomp_l2" keeps FAISS's quantized distances, "dot"
     recomputes inner products.
+
+    k_factor > 1 (FAISS's IndexRefine idea, on our datastore's keys): FAISS returns
+    ceil(k * k_factor) candidates, their exact distances are computed, and the k nearest are
+    kept. It lets a coarse but fast index (4-bit fast-scan PQ) match or beat the recall of
+    8-bit PQ at k (benchmarks/README.md); it needs exact distances (l2 or dot).
     """
 
-    def __init__(self, index, datastore, *, k=1024, nprobe=32, sim_func="l2", gpu=False):
+    def __init__(self, index, datastore, *, k=1024, nprobe=32, sim_func="l2", gpu=False, k_factor=1.0):
         if sim_func not in SIM_FUNCS:
             raise ConfigError(f"--knn-sim-func must be one of {', '.join(SIM_FUNCS)}, got {sim_func!r}")
         if k < 1:
@@ -40,6 +46,11 @@ class Retriever:
             raise ConfigError(f"--k {k} exceeds the {datastore.size:,} entries of datastore {datastore.prefix}")
         if nprobe < 1:
             raise ConfigError(f"--probe must be at least 1, got {nprobe}")
+        if not k_factor >= 1 or not math.isfinite(k_factor):
+            raise ConfigError(f"--knn-k-factor must be a finite number >= 1, got {k_factor}")
+        if k_factor > 1 and sim_func == "do_not_recomp_l2":
+            raise ConfigError("--knn-k-factor above 1 re-ranks candidates by exact distance: it needs "
+                              "--knn-sim-func l2 or dot, not do_not_recomp_l2")
         if isinstance(index, str):
             index = load_index(index, datastore=datastore)
         if index.d != datastore.dim:
@@ -48,6 +59,7 @@ class Retriever:
             )
         self.datastore = datastore
         self.k, self.nprobe, self.sim_func = k, nprobe, sim_func
+        self.k_search = min(datastore.size, math.ceil(k * k_factor))  # candidates asked of FAISS
         self.recompute = sim_func != "do_not_recomp_l2"
         self.index = index
         self._set_nprobe(index, nprobe)
@@ -66,10 +78,10 @@ class Retriever:
     def _to_gpu(self, index):
         import faiss
 
-        if self.k > FAISS_GPU_MAX_K:
+        if self.k_search > FAISS_GPU_MAX_K:
             raise ConfigError(
-                f"--k {self.k} is above FAISS's GPU limit of {FAISS_GPU_MAX_K} neighbors; "
-                f"lower --k or search on the CPU (drop --knn-gpu)"
+                f"--k {self.k} (x --knn-k-factor: {self.k_search} candidates) is above FAISS's GPU limit "
+                f"of {FAISS_GPU_MAX_K} neighbors; lower --k or search on the CPU (drop --knn-gpu)"
             )
         if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
             logger.warning("--knn-gpu: this faiss has no GPU support or sees no GPU; searching on the CPU")
@@ -94,8 +106,9 @@ class Retriever:
         return np.ascontiguousarray(q)
 
     def search(self, queries):
-        """(N, D) queries -> (distances (N, k) float32, ids (N, k) int64) from FAISS."""
-        return self.index.search(self._host_queries(queries), self.k)
+        """(N, D) queries -> (distances (N, k) float32, ids (N, k) int64) from FAISS (k_search
+        candidates with k_factor > 1)."""
+        return self.index.search(self._host_queries(queries), self.k_search)
 
     def __call__(self, queries, return_ids=False):
         """(N, D) queries -> (distances, values, valid) as tensors on the queries' device.
@@ -106,18 +119,22 @@ class Retriever:
         """
         device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
         q = self._host_queries(queries)  # searched and (on the fast path) recomputed on the host
-        dists, ids = self.index.search(q, self.k)
+        dists, ids = self.index.search(q, self.k_search)
         valid = ids >= 0
         safe_ids = ids if valid.all() else np.where(valid, ids, 0)
-        vals = np.asarray(self.datastore.gather_vals(safe_ids))
-        dict_size = self.datastore.meta.get("dict_size")
-        if dict_size is not None and len(vals) and (vals.max() >= dict_size or vals.min() < 0):
-            raise CorruptError(f"datastore {self.datastore.prefix} holds values outside its dictionary of {dict_size}")
         if self.recompute:
             dists = self._fused_distances(q, safe_ids)
             if dists is None:  # keys that FAISS cannot read in place: gather them, compute on `device`
                 on_device = queries if torch.is_tensor(queries) and queries.device.type != "cpu" else None
                 dists = self._gathered_distances(q if on_device is None else on_device, safe_ids)
+            if self.k_search > self.k:
+                dists, ids = self._keep_nearest(dists, ids, valid)
+                valid = ids >= 0
+                safe_ids = ids if valid.all() else np.where(valid, ids, 0)
+        vals = np.asarray(self.datastore.gather_vals(safe_ids))
+        dict_size = self.datastore.meta.get("dict_size")
+        if dict_size is not None and len(vals) and (vals.max() >= dict_size or vals.min() < 0):
+            raise CorruptError(f"datastore {self.datastore.prefix} holds values outside its dictionary of {dict_size}")
         dists = torch.from_numpy(dists) if isinstance(dists, np.ndarray) else dists
         out = (
             dists.to(device),
@@ -125,6 +142,16 @@ class Retriever:
             torch.from_numpy(valid).to(device),
         )
         return out + (torch.from_numpy(ids).to(device),) if return_ids else out
+
+    def _keep_nearest(self, dists, ids, valid):
+        """The k of the k_search candidates nearest by exact distance, nearest first: (dists, ids)."""
+        d = torch.from_numpy(dists) if isinstance(dists, np.ndarray) else dists
+        dot = self.sim_func == "dot"
+        mask = torch.from_numpy(~valid).to(d.device)
+        d = d.masked_fill(mask, float("-inf") if dot else float("inf"))
+        d, pos = d.topk(self.k, dim=1, largest=dot, sorted=True)
+        pos = pos.cpu().numpy()
+        return d, np.take_along_axis(np.where(valid, ids, -1), pos, axis=1)
 
     def exact_distances(self, queries, ids):
         """Exact squared L2 (or inner product) in fp32 against the full-precision keys: (N, k) on the CPU."""

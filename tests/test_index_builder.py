@@ -91,6 +91,38 @@ def test_ivfpq_recall(tmp_path, ds, keys, queries):
     assert recall > 0.6, recall  # about 0.8 here (6-bit PQ on 3000 keys)
 
 
+@pytest.mark.parametrize("sim", ["l2", "dot"])
+def test_k_factor_reranks_candidates_by_exact_distance(tmp_path, ds, keys, queries, sim):
+    """k_factor asks FAISS for more candidates and keeps the k nearest by exact distance: with
+    every key a candidate, that is exact search through a coarse 4-bit fast-scan index."""
+    ib.build_index(settings(ds.prefix, tmp_path / "fs.index", factory="IVF{ncentroids},PQ{code_size}x4fs",
+                            ncentroids=8, code_size=8, metric="ip" if sim == "dot" else "l2"))
+    index = load_index(str(tmp_path / "fs.index"), ds)
+    k = 10
+    r = Retriever(index, ds, k=k, nprobe=8, sim_func=sim, k_factor=N / k)  # all N keys are candidates
+    assert r.k_search == N
+    dists, vals, valid, ids = r(queries, return_ids=True)
+    exact = (queries.astype(np.float64) @ keys.T.astype(np.float64) if sim == "dot"
+             else ((queries[:, None, :].astype(np.float64) - keys[None]) ** 2).sum(-1))
+    want = -np.sort(-exact, 1)[:, :k] if sim == "dot" else np.sort(exact, 1)[:, :k]
+    np.testing.assert_allclose(dists.numpy(), want, rtol=1e-5, atol=1e-3)  # nearest first
+    got_exact = np.take_along_axis(exact, ids.numpy(), 1)
+    np.testing.assert_allclose(got_exact, dists.numpy(), rtol=1e-5, atol=1e-3)  # ids match distances
+    assert valid.all() and (vals.numpy() == np.asarray(ds.vals)[ids.numpy()]).all()
+    # Without it the 4-bit codes alone miss some of the exact top k.
+    _, coarse_ids = Retriever(index, ds, k=k, nprobe=8, sim_func=sim).search(queries)
+    ref = np.argsort(-exact if sim == "dot" else exact, 1)[:, :k]
+    assert np.mean([len(set(a) & set(b)) / k for a, b in zip(coarse_ids, ref)]) < 1.0
+
+
+def test_k_factor_refusals(ds):
+    index = faiss.IndexFlatL2(D)
+    with pytest.raises(ConfigError, match="--knn-k-factor"):
+        Retriever(index, ds, k=4, k_factor=0.5)
+    with pytest.raises(ConfigError, match="do_not_recomp_l2"):
+        Retriever(index, ds, k=4, k_factor=2, sim_func="do_not_recomp_l2")
+
+
 def test_killed_build_resumes_from_last_chunk(tmp_path, ds, monkeypatch, caplog):
     index = tmp_path / "r.index"
     cfg = settings(ds.prefix, index, ncentroids=32, code_size=8, num_keys_to_add_at_a_time=1000,

@@ -107,6 +107,7 @@ BRUTE_FORCE = {  # name -> (extra flags, similarity, datastore)
     "dot": (("--knn-sim-func", "dot"), "dot", "train"),
     "in-memory": (("--move-dstore-to-mem",), "l2", "train"),
     "fp16 datastore": ((), "l2", "train_fp16"),  # distances recomputed from float16 keys
+    "k-factor": (("--knn-k-factor", "3"), "l2", "train"),  # 24 candidates, the 8 nearest kept
 }
 BF_K, BF_LAMBDA, BF_TEMP = 8, 0.3, 2.0  # lambda != 0.5: swapping p_kNN and p_LM must show
 
@@ -135,6 +136,9 @@ def _refusals(stores, n_train):
         "k 0": (knn(stores, "train", None, "--k", "0"), ("ConfigError", "--k must be at least 1")),
         "k > size": (knn(stores, "train", None, "--k", str(n_train + 1)), ("ConfigError", "--k", f"{n_train:,}")),
         "probe 0": (knn(stores, "train", None, "--probe", "0"), ("ConfigError", "--probe")),
+        "k-factor 0.5": (knn(stores, "train", None, "--knn-k-factor", "0.5"), ("ConfigError", "--knn-k-factor")),
+        "k-factor without recompute": (knn(stores, "train", None, "--knn-k-factor", "2", "--knn-sim-func",
+                                           "do_not_recomp_l2"), ("ConfigError", "--knn-k-factor", "do_not_recomp_l2")),
         "sim-func": (knn(stores, "train", None, "--knn-sim-func", "cosine"), ("ConfigError", "--knn-sim-func", "cosine")),
         "missing index": (knn(stores, "train", t + ".nope"), ("CorruptError", t + ".nope", "missing")),
         "missing datastore": (("--knnlm", "--dstore-filename", t + "_nope", "--indexfile", t + ".flat"),
