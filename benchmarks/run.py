@@ -48,6 +48,7 @@ PLUGIN = str(REPO / "fairseq_plugins")
 
 K, PROBE = 1024, 32
 KS = (8, 64, 256, 1024)
+FAST_K_FACTOR = 2
 
 # Own setup: the demo's model and index shape (configs/demo/austen.yaml), trained for less.
 OWN = {
@@ -416,7 +417,7 @@ def main(argv=None):
     p.add_argument("--own", action="store_true", help="use the benchmark's own setup even if the demo's exists")
     p.add_argument("--quick-tokens", type=int, default=10_000)
     p.add_argument("--repeat", type=int, default=2,
-                   help="rounds of plain / kNN-LM / no-recompute evals, interleaved; each keeps its fastest")
+                   help="rounds of plain / kNN-LM / no-recompute / fast-scan evals, interleaved; each keeps its fastest")
     p.add_argument("--bare-build", nargs=7, metavar=("PREFIX", "INDEX", "FACTORY", "NTRAIN", "SEED", "CHUNK", "THREADS"),
                    help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -467,14 +468,27 @@ def main(argv=None):
             f"wall {wall:.1f} s, peak RSS {fmt_bytes(rss)}, perplexity {r.get('ppl', float('nan')):.2f}")
         return r
 
-    # 1. plain vs kNN-LM (interleaved, best of --repeat), dump
-    trio = [("plain eval", setup.eval_cmd(plain=True)),
-            ("kNN-LM, recompute (l2)", setup.eval_cmd(*setup.knn_args())),
-            ("kNN-LM, no recompute (do_not_recomp_l2)", setup.eval_cmd(*setup.knn_args(sim="do_not_recomp_l2")))]
+    # 1. plain vs kNN-LM (interleaved, best of --repeat), dump. The fast-scan row: same code
+    # bytes per key as the base index (twice the sub-quantizers at 4 bits), searched for
+    # FAST_K_FACTOR x k candidates that the exact recompute re-ranks (--knn-k-factor).
+    fast_factory = f"IVF{index_meta['ncentroids']},PQ{2 * index_meta['code_size']}x4fs"
+    fast_index = work / "fastscan" / f"{Path(setup.dstore).name}_{fast_factory.replace(',', '_')}.index"
+    if not Path(f"{fast_index}.meta.json").exists() or json.loads(Path(f"{fast_index}.meta.json").read_text()).get(
+            "datastore_fingerprint") != index_meta.get("datastore_fingerprint"):
+        log(f"[prepare] {fast_factory} index of the same datastore ...")
+        fast_index.parent.mkdir(parents=True, exist_ok=True)
+        run_tool(["knnlm-build-index", f"dstore_mmap={setup.dstore}", f"faiss_index={fast_index}",
+                  f"factory='{fast_factory}'", f"num_keys_to_train={index_meta.get('n_train', 200_000)}",
+                  f"seed={index_meta.get('seed', 1)}", "overwrite=true"], logs / "build_fastscan.log")
+    fast_name = f"kNN-LM, recompute, {fast_factory} + k-factor {FAST_K_FACTOR:g}"
+    quartet = [("plain eval", setup.eval_cmd(plain=True)),
+               ("kNN-LM, recompute (l2)", setup.eval_cmd(*setup.knn_args())),
+               ("kNN-LM, no recompute (do_not_recomp_l2)", setup.eval_cmd(*setup.knn_args(sim="do_not_recomp_l2"))),
+               (fast_name, setup.eval_cmd(*setup.knn_args(index=fast_index), "--knn-k-factor", FAST_K_FACTOR))]
     for rep in range(a.repeat):
-        for name, cmd in trio:
+        for name, cmd in quartet:
             evaluate(name, cmd, f" (round {rep + 1} of {a.repeat})" if a.repeat > 1 else "")
-    plain, knn, norec = (results[name] for name, _ in trio)
+    plain, knn, norec, fast = (results[name] for name, _ in quartet)
     dump_prefix = work / "dump_valid" / "valid"
     dump = evaluate("dump of the same split", setup.eval_cmd("--save-knnlm-dstore", "--dstore-mmap", dump_prefix, "--overwrite"))
 
@@ -551,12 +565,14 @@ def main(argv=None):
             f"{', --move-dstore-to-mem (as the demo)' if setup.move_to_mem else ''}.\n"
             f"Eval times are fairseq-eval-lm's own (scoring loop only); plain / kNN-LM / no-recompute ran "
             f"interleaved {a.repeat}x, fastest kept (all times: plain {_times(plain)}, kNN-LM {_times(knn)}, "
-            f"no recompute {_times(norec)} s); other rows ran once. Peak RSS is each child process's "
+            f"no recompute {_times(norec)}, fast-scan {_times(fast)} s); other rows ran once. Peak RSS is each child process's "
             f"ru_maxrss (os.wait4), max over repeats. Benchmark wall time {total / 60:.1f} min.")
 
     headline = [
         f"kNN-LM eval / plain eval (k={K}, nprobe={PROBE}, recompute): {ratio(knn['seconds'], plain['seconds'])}",
         f"kNN-LM eval / plain eval (k={K}, nprobe={PROBE}, no recompute): {ratio(norec['seconds'], plain['seconds'])}",
+        f"kNN-LM eval / plain eval (k={K}, nprobe={PROBE}, recompute, {fast_factory} + k-factor {FAST_K_FACTOR:g}): "
+        f"{ratio(fast['seconds'], plain['seconds'])}",
         f"dump / plain eval (same split): {ratio(dump['seconds'], plain['seconds'])}",
         f"knnlm-build-index / bare FAISS train+add ({b_size:,} keys): "
         f"{ratio(om['train_seconds'] + om['add_seconds'], bm['train_seconds'] + bm['add_seconds'])} "
@@ -578,7 +594,9 @@ def main(argv=None):
                 f"{r['ppl']:.2f}" if "ppl" in r else "-"]
 
     eval_rows = [row("plain fairseq-eval-lm", plain), row(f"kNN-LM k={K} nprobe={PROBE}, recompute (l2)", knn),
-                 row(f"kNN-LM k={K} nprobe={PROBE}, no recompute", norec), row("dump (--save-knnlm-dstore)", dump)]
+                 row(f"kNN-LM k={K} nprobe={PROBE}, no recompute", norec),
+                 row(f"kNN-LM k={K} nprobe={PROBE}, recompute, {fast_factory}, --knn-k-factor {FAST_K_FACTOR:g}", fast),
+                 row("dump (--save-knnlm-dstore)", dump)]
     k_rows = [row(f"k={k}", by_k[k]) for k in KS]
     size_rows = [row(f"{f:g}x: {n:,} entries{' (synthetic 3x)' if f > 1 else ''}", r) for f, (n, r) in sorted(by_size.items())]
     build_hdr = ["build", "train s", "add s", "train+add s", "wall s", "peak RSS"]
