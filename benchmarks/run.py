@@ -168,13 +168,16 @@ def demo_setup(demo_dir):
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.to_container(OmegaConf.load(d / "config.yaml"), resolve=True)
+    # The demo's tuned lambda and T when its tuning is done (the cost is the same; the
+    # perplexity column then shows the gain), else its run values.
+    best = json.loads((d / "tune" / "best.json").read_text()) if (d / "tune" / "best.json").exists() else {}
     return Setup(
         f"the demo's ({d})", d / "data-bin", need["ckpt"], d / "dstore" / "train", need["index"], need["valid"],
         context_window=cfg.get("context_window", 128), max_tokens=cfg.get("eval_max_tokens", 8192),
         tokens_per_sample=cfg.get("model", {}).get("tokens_per_sample", 256),
         keytype=cfg.get("datastore", {}).get("keytype", "last_ffn_input"),
         move_to_mem=bool(cfg.get("move_dstore_to_mem", False)),
-        lmbda=cfg.get("lmbda", 0.25), temp=cfg.get("knn_temp", 1.0),
+        lmbda=best.get("best_lambda", cfg.get("lmbda", 0.25)), temp=best.get("best_temperature", cfg.get("knn_temp", 1.0)),
     )
 
 
