@@ -84,16 +84,29 @@ def run_tool(cmd, log_path, env=None):
     e = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    rss_file = log_path.with_suffix(".maxrss")
     t0 = time.perf_counter()
     with open(log_path, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=e, cwd=REPO)
-        _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage
+        # Through a small launcher: Linux carries a process's peak RSS over fork and exec, so a
+        # tool forked straight from this (possibly large) process would report at least our size.
+        p = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(rss_file), *cmd], stdout=f,
+                             stderr=subprocess.STDOUT, env=e, cwd=REPO)
+        p.wait()
     wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
     out = log_path.read_text(errors="replace")
     if p.returncode != 0:
         raise ToolError(f"{' '.join(cmd)} failed ({p.returncode}); log {log_path}:\n{out[-3000:]}")
-    return wall, usage.ru_maxrss * 1024, out
+    return wall, int(rss_file.read_text()) * 1024, out
+
+
+# Runs argv[2:] and writes that child's own ru_maxrss (KiB, from os.wait4) to argv[1].
+_LAUNCHER = """
+import os, subprocess, sys
+p = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(p.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 EVALUATED = re.compile(r"Evaluated ([\d,]+) tokens in ([\d.]+)s \(([\d.]+) tokens/s\)")
