@@ -104,9 +104,10 @@ def main(argv=None):
                 sh([BIN / "knnlm-build-index", f"dstore_mmap={demo / 'dstore' / 'train'}", f"faiss_index={index_path}",
                     f"factory='{factory}'", "num_keys_to_train=200000", "seed=1"], work / f"build_{index_path.stem}.log")
                 print(f"  built in {time.perf_counter() - t0:.1f} s", flush=True)
+        index = faiss.read_index(str(index_path))  # each Retriever below sets its own nprobe on it
         for nprobe in a.nprobe:
             for kf in a.k_factors:
-                r = Retriever(faiss.read_index(str(index_path)), train, k=a.k, nprobe=nprobe, sim_func="l2", k_factor=kf)
+                r = Retriever(index, train, k=a.k, nprobe=nprobe, sim_func="l2", k_factor=kf)
                 r(queries[:256])  # warm up
                 t_ret = 0.0
                 lp = torch.empty(n)

@@ -59,14 +59,15 @@ def knn_log_prob(scores, neighbor_vals, targets, valid=None):
 
 
 def _knn_log_prob_block(scores, neighbor_vals, targets, valid):
+    scores = scores.float()
     match = neighbor_vals == targets.unsqueeze(-1)
     if valid is not None and not bool(valid.all()):
         match &= valid
-        scores = scores.float().masked_fill(~valid, float("-inf"))
+        scores = scores.masked_fill(~valid, float("-inf"))
     # Shift by the row maximum first: squared distances in the thousands would otherwise be
     # added back and subtracted again in fp32, losing ~1e-4 of log-probability.
-    top = scores.max(dim=-1, keepdim=True).values.float()
-    shifted = scores.float() - torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # our own buffer
+    top = scores.max(dim=-1, keepdim=True).values
+    shifted = scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # our own buffer
     log_norm = torch.logsumexp(shifted, dim=-1)
     # Rows with no valid neighbor have log_norm = -inf; keep them at -inf, not NaN.
     log_norm = torch.where(torch.isfinite(log_norm), log_norm, torch.zeros_like(log_norm))
