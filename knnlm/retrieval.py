@@ -147,11 +147,12 @@ class Retriever:
         """The k of the k_search candidates nearest by exact distance, nearest first: (dists, ids)."""
         d = torch.from_numpy(dists) if isinstance(dists, np.ndarray) else dists
         dot = self.sim_func == "dot"
-        mask = torch.from_numpy(~valid).to(d.device)
-        d = d.masked_fill(mask, float("-inf") if dot else float("inf"))
+        if not valid.all():  # rare (a tiny datastore or list): missing slots sort last, ids stay -1
+            mask = torch.from_numpy(~valid).to(d.device)
+            d = d.masked_fill(mask, float("-inf") if dot else float("inf"))
+            ids = np.where(valid, ids, -1)
         d, pos = d.topk(self.k, dim=1, largest=dot, sorted=True)
-        pos = pos.cpu().numpy()
-        return d, np.take_along_axis(np.where(valid, ids, -1), pos, axis=1)
+        return d, np.take_along_axis(ids, pos.cpu().numpy(), axis=1)
 
     def exact_distances(self, queries, ids):
         """Exact squared L2 (or inner product) in fp32 against the full-precision keys: (N, k) on the CPU."""

@@ -115,6 +115,27 @@ def test_k_factor_reranks_candidates_by_exact_distance(tmp_path, ds, keys, queri
     assert np.mean([len(set(a) & set(b)) / k for a, b in zip(coarse_ids, ref)]) < 1.0
 
 
+def test_k_factor_with_missing_candidates(tmp_path, ds, keys, queries):
+    """Where the probed list holds fewer than k x factor keys FAISS pads with -1: the kept k are
+    the list's nearest by exact distance, and the slots it cannot fill come last, invalid, id -1."""
+    ib.build_index(settings(ds.prefix, tmp_path / "ivf.index", factory="IVF{ncentroids},Flat", ncentroids=16))
+    index = load_index(str(tmp_path / "ivf.index"), ds)
+    k = 250  # lists hold ~190 keys each: most cannot fill k, none fills k x 2
+    r = Retriever(index, ds, k=k, nprobe=1, sim_func="l2", k_factor=2)
+    dists, vals, valid, ids = r(queries, return_ids=True)
+    _, q_list = index.quantizer.search(queries, 1)
+    _, key_list = index.quantizer.search(keys, 1)
+    assert not valid.all()
+    for i, q in enumerate(queries):
+        members = np.flatnonzero(key_list[:, 0] == q_list[i, 0])
+        exact = np.sort(((keys[members].astype(np.float64) - q) ** 2).sum(-1))[:k]
+        n = len(exact)
+        assert valid[i, :n].all() and not valid[i, n:].any() and (ids[i, n:] == -1).all()
+        np.testing.assert_allclose(dists[i, :n].numpy(), exact, rtol=1e-5, atol=1e-3)
+        assert set(ids[i, :n].tolist()) <= set(members.tolist())
+        assert (vals[i, :n].numpy() == np.asarray(ds.vals)[ids[i, :n].numpy()]).all()
+
+
 def test_k_factor_refusals(ds):
     index = faiss.IndexFlatL2(D)
     with pytest.raises(ConfigError, match="--knn-k-factor"):
