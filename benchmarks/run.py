@@ -433,7 +433,8 @@ def main(argv=None):
     p.add_argument("--own", action="store_true", help="use the benchmark's own setup even if the demo's exists")
     p.add_argument("--quick-tokens", type=int, default=10_000)
     p.add_argument("--repeat", type=int, default=2,
-                   help="rounds of plain / kNN-LM / no-recompute / fast-scan / dump runs, interleaved; each keeps its fastest")
+                   help="rounds of plain / kNN-LM / no-recompute / fast-scan / dump runs, interleaved, and of the two "
+                        "index builds, interleaved; each keeps its fastest")
     p.add_argument("--bare-build", nargs=7, metavar=("PREFIX", "INDEX", "FACTORY", "NTRAIN", "SEED", "CHUNK", "THREADS"),
                    help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -534,24 +535,35 @@ def main(argv=None):
         b_prefix, _, b_size = derived_datastore(setup.dstore, setup.index, work / "scaling", build_frac, logs)
     n_train = min(int(index_meta.get("n_train", 200_000)), b_size)
     threads = os.cpu_count() or 1
-    ours_index = work / "build" / "ours.index"
+    ours_index, bare_index = work / "build" / "ours.index", work / "build" / "bare.index"
     ours_index.parent.mkdir(parents=True, exist_ok=True)
-    log(f"[run] knnlm-build-index on {b_size:,} keys ({index_meta['factory_template']}, ncentroids "
-        f"{index_meta['ncentroids']}, code_size {index_meta['code_size']}, {n_train:,} training keys, {threads} threads) ...")
-    wall_o, rss_o, _ = run_tool(["knnlm-build-index", f"dstore_mmap={b_prefix}", f"faiss_index={ours_index}",
-                                 f"factory='{index_meta['factory_template']}'", f"ncentroids={index_meta['ncentroids']}",
-                                 f"code_size={index_meta['code_size']}", f"num_keys_to_train={n_train}",
-                                 f"seed={index_meta.get('seed', 1)}", f"threads={threads}", "overwrite=true"],
-                                logs / "build_ours.log")
-    om = json.loads(Path(f"{ours_index}.meta.json").read_text())
-    log(f"      train {om['train_seconds']:.1f} s + add {om['add_seconds']:.1f} s, wall {wall_o:.1f} s, "
-        f"peak RSS {fmt_bytes(rss_o)} ({om['factory']})")
-    log("[run] bare FAISS train+add on the same keys ...")
-    bare_index = work / "build" / "bare.index"
-    wall_b, rss_b, out_b = run_tool([sys.executable, __file__, "--bare-build", b_prefix, bare_index, om["factory"],
-                                     om["n_train"], om["seed"], 500_000, threads], logs / "build_bare.log")
-    bm = json.loads(out_b.strip().splitlines()[-1])
-    log(f"      train {bm['train_seconds']:.1f} s + add {bm['add_seconds']:.1f} s, wall {wall_b:.1f} s, peak RSS {fmt_bytes(rss_b)}")
+    log(f"[run] knnlm-build-index vs bare FAISS train+add on {b_size:,} keys ({index_meta['factory_template']}, "
+        f"ncentroids {index_meta['ncentroids']}, code_size {index_meta['code_size']}, {n_train:,} training keys, "
+        f"{threads} threads), interleaved {a.repeat}x ...")
+    builds = {"ours": [], "bare": []}  # per round: (train+add s, wall s, peak RSS, seconds dict)
+    for rep in range(a.repeat):
+        wall_o, rss_o, _ = run_tool(["knnlm-build-index", f"dstore_mmap={b_prefix}", f"faiss_index={ours_index}",
+                                     f"factory='{index_meta['factory_template']}'", f"ncentroids={index_meta['ncentroids']}",
+                                     f"code_size={index_meta['code_size']}", f"num_keys_to_train={n_train}",
+                                     f"seed={index_meta.get('seed', 1)}", f"threads={threads}", "overwrite=true"],
+                                    logs / "build_ours.log")
+        om = json.loads(Path(f"{ours_index}.meta.json").read_text())
+        builds["ours"].append((om["train_seconds"] + om["add_seconds"], wall_o, rss_o, om))
+        wall_b, rss_b, out_b = run_tool([sys.executable, __file__, "--bare-build", b_prefix, bare_index, om["factory"],
+                                         om["n_train"], om["seed"], 500_000, threads], logs / "build_bare.log")
+        bm = json.loads(out_b.strip().splitlines()[-1])
+        builds["bare"].append((bm["train_seconds"] + bm["add_seconds"], wall_b, rss_b, bm))
+        log(f"      round {rep + 1}: ours train {om['train_seconds']:.1f} + add {om['add_seconds']:.1f} s "
+            f"(wall {wall_o:.1f} s, peak RSS {fmt_bytes(rss_o)}); bare train {bm['train_seconds']:.1f} + add "
+            f"{bm['add_seconds']:.1f} s (wall {wall_b:.1f} s, peak RSS {fmt_bytes(rss_b)})")
+    build_times = {w: "/".join(f"{r[0]:.1f}" for r in rs) for w, rs in builds.items()}
+
+    def fastest(rounds):  # wall s and seconds of the fastest round; peak RSS, the max over rounds
+        best = min(rounds, key=lambda r: r[0])
+        return best[1], max(r[2] or 0 for r in rounds) or None, best[3]
+
+    wall_o, rss_o, om = fastest(builds["ours"])
+    wall_b, rss_b, bm = fastest(builds["bare"])
 
     # 5. scorers
     log("[run] our scorer vs the naive (N, V) scorer (benchmarks/naive_scorer.py) ...")
@@ -582,7 +594,7 @@ def main(argv=None):
             f"{', --move-dstore-to-mem (as the demo)' if setup.move_to_mem else ''}.\n"
             f"Eval times are fairseq-eval-lm's own (scoring loop only); plain / kNN-LM / no-recompute ran "
             f"interleaved {a.repeat}x, fastest kept (all times: plain {_times(plain)}, kNN-LM {_times(knn)}, "
-            f"no recompute {_times(norec)}, fast-scan {_times(fast)}, dump {_times(dump)} s); other rows ran once. Peak RSS is each child process's "
+            f"no recompute {_times(norec)}, fast-scan {_times(fast)}, dump {_times(dump)} s); the two index builds ran interleaved {a.repeat}x too, fastest kept (train+add: ours {build_times['ours']}, bare {build_times['bare']} s); other rows ran once. Peak RSS is each child process's "
             f"ru_maxrss (os.wait4), max over repeats. Benchmark wall time {total / 60:.1f} min.")
 
     headline = [

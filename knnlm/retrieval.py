@@ -200,10 +200,12 @@ class Retriever:
         for s in range(0, n, rows_per_block):
             block = ids[s:s + rows_per_block]
             m = block.size
-            # One sort key per pair: id * m + position (< 2^63 for any datastore below 2^41 rows).
-            pairs = block.reshape(-1) * m + np.arange(m, dtype=np.int64)
+            # One sort key per pair: the id above the position's bits (< 2^63 for any datastore
+            # below 2^41 rows); shifts and masks split it again, cheaper than a division.
+            shift = int(m - 1).bit_length()
+            pairs = (block.reshape(-1) << shift) | np.arange(m, dtype=np.int64)
             pairs.sort()
-            rows, pos = np.divmod(pairs, m)
+            rows, pos = pairs >> shift, pairs & ((1 << shift) - 1)
             del pairs
             qi = pos // k + s  # the query of each pair
             dist = np.empty(m, dtype=np.float32)

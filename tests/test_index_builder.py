@@ -136,6 +136,23 @@ def test_k_factor_with_missing_candidates(tmp_path, ds, keys, queries):
         assert (vals[i, :n].numpy() == np.asarray(ds.vals)[ids[i, :n].numpy()]).all()
 
 
+@pytest.mark.parametrize("sim", ["l2", "dot"])
+def test_exact_distances_in_sorted_blocks_match_float64(ds, keys, queries, sim, monkeypatch):
+    """The fused recompute sorts (id, position) pairs block by block: blocks of an odd number of
+    pairs and repeated ids must still put every distance back in its own slot."""
+    import knnlm.retrieval as retrieval
+
+    ids = np.random.default_rng(3).integers(0, 40, size=(len(queries), 37))  # many repeats
+    r = Retriever(faiss.IndexFlatL2(D), ds, k=37, sim_func=sim)
+    whole = r.exact_distances(queries, ids).numpy()
+    monkeypatch.setattr(retrieval, "SORT_BLOCK_PAIRS", 37 * 3)  # 3 queries = 111 pairs per block
+    blocked = r.exact_distances(queries, ids).numpy()
+    q, k = queries.astype(np.float64), keys[ids].astype(np.float64)
+    want = (k * q[:, None]).sum(-1) if sim == "dot" else ((k - q[:, None]) ** 2).sum(-1)
+    np.testing.assert_allclose(whole, want, rtol=1e-5, atol=1e-3)
+    assert np.array_equal(whole, blocked)
+
+
 def test_k_factor_refusals(ds):
     index = faiss.IndexFlatL2(D)
     with pytest.raises(ConfigError, match="--knn-k-factor"):
