@@ -34,6 +34,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -615,6 +616,20 @@ def main(argv=None):
                     f"{ratio(by_size[big][1]['seconds'], by_size[small][1]['seconds'])}")
     headline.append(f"kNN-LM eval, k={K} / k=8: {ratio(knn['seconds'], by_k[8]['seconds'])}")
 
+    # Paired by round: each run over the plain run of its own round. Best-of ratios above can be
+    # skewed by one lucky plain run on a host that slows down later; these cannot.
+    paired_hdr = ["run"] + [f"round {i + 1}" for i in range(a.repeat)] + ["median"]
+
+    def paired_row(name, mine, base):
+        rs = [t / b for t, b in zip(mine, base)]
+        return [name] + [f"{x:.2f}x" for x in rs] + [f"{statistics.median(rs):.2f}x"]
+
+    paired_rows = [paired_row(f"{n} / plain eval", r["times"], plain["times"]) for n, r in
+                   (("kNN-LM, recompute", knn), ("kNN-LM, no recompute", norec),
+                    (f"kNN-LM, recompute, {fast_factory} + k-factor {FAST_K_FACTOR:g}", fast), ("dump", dump))]
+    paired_rows.append(paired_row("knnlm-build-index / bare FAISS (train+add)", [r[0] for r in builds["ours"]],
+                                  [r[0] for r in builds["bare"]]))
+
     hdr = ["run", "tokens", "eval s", "tokens/s", "vs plain", "wall s", "peak RSS", "perplexity"]
 
     def row(name, r):
@@ -656,6 +671,7 @@ def main(argv=None):
 
     sections = [
         ("Headline", None, headline),
+        ("Ratios paired by round (each over its own round's plain run or bare build)", paired_hdr, paired_rows),
         ("Evaluation runs", hdr, eval_rows),
         (f"kNN-LM eval vs k (nprobe={PROBE}, recompute)", hdr, k_rows),
         (f"kNN-LM eval vs datastore size (k={K}, nprobe={PROBE}, recompute)", hdr, size_rows),
