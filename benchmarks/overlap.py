@@ -65,7 +65,8 @@ def at_once(n):
     return time.perf_counter() - t0
 
 
-forward(), search()  # warm up
+forward()  # warm up both
+search()
 for _ in range(a.rounds):
     f, s = one_after_the_other(2)
     print(f"one after the other, 2 threads each: forward {f:.2f} s + search {s:.2f} s = {f + s:.2f} s")

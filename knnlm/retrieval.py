@@ -120,8 +120,7 @@ class Retriever:
         device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
         q = self._host_queries(queries)  # searched and (on the fast path) recomputed on the host
         dists, ids = self.index.search(q, self.k_search)
-        valid = ids >= 0
-        safe_ids = ids if valid.all() else np.where(valid, ids, 0)
+        valid, safe_ids = self._valid_ids(ids)
         if self.recompute:
             dists = self._fused_distances(q, safe_ids)
             if dists is None:  # keys that FAISS cannot read in place: gather them, compute on `device`
@@ -129,8 +128,7 @@ class Retriever:
                 dists = self._gathered_distances(q if on_device is None else on_device, safe_ids)
             if self.k_search > self.k:
                 dists, ids = self._keep_nearest(dists, ids, valid)
-                valid = ids >= 0
-                safe_ids = ids if valid.all() else np.where(valid, ids, 0)
+                valid, safe_ids = self._valid_ids(ids)
         vals = np.asarray(self.datastore.gather_vals(safe_ids))
         dict_size = self.datastore.meta.get("dict_size")
         if dict_size is not None and len(vals) and (vals.max() >= dict_size or vals.min() < 0):
@@ -142,6 +140,12 @@ class Retriever:
             torch.from_numpy(valid).to(device),
         )
         return out + (torch.from_numpy(ids).to(device),) if return_ids else out
+
+    @staticmethod
+    def _valid_ids(ids):
+        """FAISS ids (-1 where it found no neighbor) -> (valid mask, ids safe to read: row 0 there)."""
+        valid = ids >= 0
+        return valid, ids if valid.all() else np.where(valid, ids, 0)
 
     def _keep_nearest(self, dists, ids, valid):
         """The k of the k_search candidates nearest by exact distance, nearest first: (dists, ids)."""
