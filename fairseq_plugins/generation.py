@@ -32,7 +32,7 @@ class KNNLMForGeneration(FairseqLanguageModel):
         keys = self.capture.pop()  # (B, T, C) of this step; T = 1 with incremental decoding
         steps = lm.size(1)
         queries = keys[:, -steps:].reshape(-1, keys.size(-1))
-        dists, vals, valid = self.retriever(queries)
+        dists, vals, valid = self.retriever(queries, nearest_first=False)  # order-free scores
         scores = neighbor_scores(dists, self.sim_func, self.temperature)
         out = knn_full_log_probs(lm.reshape(-1, lm.size(-1)), scores, vals, self.lmbda, valid)
         out = out.view_as(lm)

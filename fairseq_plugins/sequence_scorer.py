@@ -91,7 +91,9 @@ class KNNSequenceScorer(SequenceScorer):
         else:
             final = lp_lm
             if self.retriever is not None:
-                dists, vals, valid, ids = self.retriever(queries, return_ids=True)
+                # Only an export reads the neighbors' order (nearest first); scores do not.
+                dists, vals, valid, ids = self.retriever(queries, return_ids=True,
+                                                         nearest_first=self.export is not None)
                 scores = neighbor_scores(dists, self.sim_func, self.temperature)
                 lp_knn = knn_log_prob(scores, vals, targets, valid)
                 final = interpolate(lp_lm, lp_knn.to(lp_lm.device), self.lmbda)

@@ -6,6 +6,7 @@ queries' device.
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -19,9 +20,12 @@ logger = logging.getLogger(__name__)
 FAISS_GPU_MAX_K = 2048
 # Bytes of gathered keys per recompute chunk: large enough to amortise, small enough for RAM.
 RECOMPUTE_CHUNK_BYTES = 64 << 20
-# (query, neighbor) pairs sorted together by the fused recompute: 4M pairs take ~100 MB of
-# int64 bookkeeping while sorting, and cover a 4096-token eval batch at k = 1024.
-SORT_BLOCK_PAIRS = 1 << 22
+# (query, neighbor) pairs sorted together by the fused recompute: 2M pairs take ~50 MB of
+# int64 bookkeeping while sorting, and split a 4096-token eval batch at k = 1024 in two.
+SORT_BLOCK_PAIRS = 1 << 21
+# Fused-recompute blocks in flight at once: one block's numpy bookkeeping (single-threaded)
+# overlaps another's FAISS kernel (benchmarks/README.md, step 14).
+RECOMPUTE_BLOCKS_IN_FLIGHT = 2
 
 
 class Retriever:
@@ -62,6 +66,7 @@ class Retriever:
         self.k_search = min(datastore.size, math.ceil(k * k_factor))  # candidates asked of FAISS
         self.recompute = sim_func != "do_not_recomp_l2"
         self.index = index
+        self._pool = None  # threads of the fused recompute, started on first use
         self._set_nprobe(index, nprobe)
         if gpu:
             self.index = self._to_gpu(index)
@@ -110,12 +115,16 @@ class Retriever:
         candidates with k_factor > 1)."""
         return self.index.search(self._host_queries(queries), self.k_search)
 
-    def __call__(self, queries, return_ids=False):
+    def __call__(self, queries, return_ids=False, nearest_first=True):
         """(N, D) queries -> (distances, values, valid) as tensors on the queries' device.
 
         distances: exact squared L2 or inner products if recomputing, else FAISS's;
         values: the datastore's next tokens; valid: False where FAISS found fewer than k.
         With return_ids, the datastore rows (N, k) come fourth (-1 where missing).
+        nearest_first (k_factor > 1 only): the k kept come sorted by exact distance, as an
+        export needs (its k sweeps take each row's first k); False leaves them in any order,
+        which no score depends on, and keeps them about 3x faster. With k_factor 1 the order is
+        FAISS's.
         """
         device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
         q = self._host_queries(queries)  # searched and (on the fast path) recomputed on the host
@@ -127,7 +136,7 @@ class Retriever:
                 on_device = queries if torch.is_tensor(queries) and queries.device.type != "cpu" else None
                 dists = self._gathered_distances(q if on_device is None else on_device, safe_ids)
             if self.k_search > self.k:
-                dists, ids = self._keep_nearest(dists, ids, valid)
+                dists, ids = self._keep_nearest(dists, ids, valid, nearest_first)
                 valid, safe_ids = self._valid_ids(ids)
         vals = np.asarray(self.datastore.gather_vals(safe_ids))
         dict_size = self.datastore.meta.get("dict_size")
@@ -147,16 +156,17 @@ class Retriever:
         valid = ids >= 0
         return valid, ids if valid.all() else np.where(valid, ids, 0)
 
-    def _keep_nearest(self, dists, ids, valid):
-        """The k of the k_search candidates nearest by exact distance, nearest first: (dists, ids)."""
+    def _keep_nearest(self, dists, ids, valid, nearest_first=True):
+        """The k of the k_search candidates nearest by exact distance: (dists, ids), nearest first
+        if asked (sorting the k kept costs twice as much as finding them)."""
         d = torch.from_numpy(dists) if isinstance(dists, np.ndarray) else dists
         dot = self.sim_func == "dot"
         if not valid.all():  # rare (a tiny datastore or list): missing slots sort last, ids stay -1
             mask = torch.from_numpy(~valid).to(d.device)
             d = d.masked_fill(mask, float("-inf") if dot else float("inf"))
             ids = np.where(valid, ids, -1)
-        d, pos = d.topk(self.k, dim=1, largest=dot, sorted=True)
-        return d, np.take_along_axis(ids, pos.cpu().numpy(), axis=1)
+        d, pos = d.topk(self.k, dim=1, largest=dot, sorted=nearest_first)
+        return d, torch.from_numpy(ids).gather(1, pos.cpu()).numpy()
 
     def exact_distances(self, queries, ids):
         """Exact squared L2 (or inner product) in fp32 against the full-precision keys: (N, k) on the CPU."""
@@ -187,7 +197,8 @@ class Retriever:
         The (id, position) pairs of a block of queries are first sorted by id, so that a key that
         several queries retrieved (most are, in a batch of thousands of tokens) is read from
         memory once and reused from cache, and the datastore is read in ascending order. The
-        per-pair sum is the direct sum((k - q)^2) (or k.q) in float32, OpenMP-parallel.
+        per-pair sum is the direct sum((k - q)^2) (or k.q) in float32, OpenMP-parallel; two
+        blocks run at once, so one block's sort overlaps the other's kernel.
         """
         sources = self._key_sources()
         if sources is None or (ids.size and ids.min() < 0):
@@ -201,13 +212,14 @@ class Retriever:
         d = self.datastore.dim
         out = np.empty((n, k), dtype=np.float32)
         rows_per_block = max(1, SORT_BLOCK_PAIRS // max(k, 1))
-        for s in range(0, n, rows_per_block):
-            block = ids[s:s + rows_per_block]
-            m = block.size
+
+        def block(s):
+            b_ids = ids[s:s + rows_per_block]
+            m = b_ids.size
             # One sort key per pair: the id above the position's bits (< 2^63 for any datastore
             # below 2^41 rows); shifts and masks split it again, cheaper than a division.
             shift = int(m - 1).bit_length()
-            pairs = (block.reshape(-1) << shift) | np.arange(m, dtype=np.int64)
+            pairs = (b_ids.reshape(-1) << shift) | np.arange(m, dtype=np.int64)
             pairs.sort()
             rows, pos = pairs >> shift, pairs & ((1 << shift) - 1)
             del pairs
@@ -219,7 +231,16 @@ class Retriever:
                     r = np.ascontiguousarray(rows[a:b] - off if off else rows[a:b])
                     pairwise(d, int(b - a), ptr(q), ptr(np.ascontiguousarray(qi[a:b])), ptr(keys), ptr(r),
                              ptr(dist[a:b]))
-            out[s:s + len(block)].reshape(-1)[pos] = dist
+            out[s:s + len(b_ids)].reshape(-1)[pos] = dist  # blocks write disjoint rows
+
+        starts = range(0, n, rows_per_block)
+        if len(starts) == 1:
+            block(0)
+        else:  # numpy and FAISS release the GIL: the blocks' threads really run side by side
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(RECOMPUTE_BLOCKS_IN_FLIGHT, thread_name_prefix="knnlm-recompute")
+            for _ in self._pool.map(block, starts):
+                pass  # re-raises a block's exception here
         return out
 
     def _gathered_distances(self, queries, ids):

@@ -108,3 +108,17 @@ def test_tuned_lambda_and_temperature_reproduce_in_eval_lm(dumped, tmp_path):
     base, ppl = knn_summary(p.stdout + p.stderr)
     assert ppl == pytest.approx(b["best_ppl"], rel=1e-4)
     assert base == pytest.approx(b["base_ppl"], rel=1e-4)
+
+
+def test_export_with_k_factor_is_nearest_first(dumped, tmp_path):
+    """With --knn-k-factor the k kept are re-ranked by exact distance; an export stores them
+    nearest first (its k sweeps take each row's first k), though scoring alone needs no order."""
+    from knnlm.export import load_export
+
+    export = tmp_path / "export"
+    eval_lm(dumped["data"], dumped["ckpt"], "--gen-subset", "valid", "--tokens-per-sample", "64", "--knnlm",
+            "--dstore-filename", dumped["prefix"], "--indexfile", dumped["index"], "--k", "64",
+            "--knn-k-factor", "3", "--knnlm-dump-probs", export)
+    d = np.asarray(load_export(str(export)).dists)
+    assert d.shape[1] == 64 and not np.isnan(d).any()
+    assert (np.diff(d, axis=1) >= 0).all()
