@@ -1,12 +1,14 @@
 """Where FAISS's own search time goes: seconds per batch of queries vs k, for each index given.
 
     .venv/bin/python benchmarks/faiss_search.py INDEX [INDEX ...] [--queries Q.npy] [--n 8192] \
-        [--ks 1 8 64 256 1024 2048] [--nprobe 32] [--implems 0 10 12 13 14 15]
+        [--ks 1 8 64 256 1024 2048] [--nprobe 32] [--implems 0 10 12 13 14 15] \
+        [--qbs 0 16 32 64 --rounds 3]
 
 Queries: the first --n rows of --queries (an .npy of shape (Q, D), e.g. the valid split's keys
 that benchmarks/index_choice.py dumps to bench_runs/index_choice_demo/valid_keys.npy). For each
 index: one search of all of them per k, the coarse quantizer alone (nprobe lists), and, for
-4-bit fast-scan indexes, FAISS's other search implementations (`implem`) at the two largest k.
+4-bit fast-scan indexes, FAISS's other search implementations (`implem`) at the two largest k,
+and with --qbs, query block sizes timed over interleaved rounds.
 One process, one thread setting (FAISS's default), so the rows compare with each other.
 """
 
@@ -31,6 +33,10 @@ def main(argv=None):
     p.add_argument("--ks", nargs="+", type=int, default=[1, 8, 64, 256, 1024, 2048])
     p.add_argument("--nprobe", type=int, default=32)
     p.add_argument("--implems", nargs="+", type=int, default=[0, 10, 12, 13, 14, 15])
+    p.add_argument("--qbs", nargs="+", type=int, default=[],
+                   help="fast-scan query block sizes (`qbs`, 0 = FAISS's choice) to time at the two largest k, "
+                        "each --rounds times, interleaved")
+    p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args(argv)
 
     q = np.ascontiguousarray(np.load(a.queries, mmap_mode="r")[:a.n], dtype=np.float32)
@@ -63,6 +69,23 @@ def main(argv=None):
                 cells = [f"refused: {str(e).strip().splitlines()[-1][:60]}"] * len(big)
             print(f"| {path} | {implem} | " + " | ".join(cells) + " |")
         index.implem = 0
+
+    if fast_scan and a.qbs:
+        print(f"\nFast-scan query block size (`qbs`; 0 = FAISS's choice), seconds at k = {big}, "
+              f"{a.rounds} interleaved rounds (min / median):\n")
+        print("| index | qbs | " + " | ".join(f"k={k}" for k in big) + " |")
+        print("|---|---:|" + "---:|" * len(big))
+    for path, _, index in fast_scan if a.qbs else ():
+        seen = {(qbs, k): [] for qbs in a.qbs for k in big}
+        for _ in range(a.rounds):
+            for qbs in a.qbs:
+                index.qbs = qbs
+                for k in big:
+                    seen[qbs, k].append(timed(index.search, q, k))
+        for qbs in a.qbs:
+            cells = [f"{min(seen[qbs, k]):.2f} / {float(np.median(seen[qbs, k])):.2f}" for k in big]
+            print(f"| {path} | {qbs} | " + " | ".join(cells) + " |")
+        index.qbs = 0
 
 
 if __name__ == "__main__":
