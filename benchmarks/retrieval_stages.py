@@ -44,8 +44,7 @@ def stages(r, q, dists, ids, variant):
     """The Retriever's steps after FAISS search, timed: {stage: seconds}, (dists, ids)."""
     block_pairs, in_flight, nearest_first = VARIANTS[variant]
     retrieval.SORT_BLOCK_PAIRS, retrieval.RECOMPUTE_BLOCKS_IN_FLIGHT = block_pairs, in_flight
-    r._pool = r._pools.setdefault(variant, None)
-    t = {}
+    r._pool = r._pools.setdefault(variant, None)  # each variant keeps its own thread pool
     t0 = time.perf_counter()
     valid, safe = r._valid_ids(ids)
     d = r._fused_distances(q, safe)
@@ -57,8 +56,7 @@ def stages(r, q, dists, ids, variant):
     vals = r.datastore.gather_vals(safe)
     t3 = time.perf_counter()
     r._pools[variant] = r._pool
-    t.update(recompute=t1 - t0, keep=t2 - t1, values=t3 - t2)
-    return t, torch.as_tensor(d), ids, vals
+    return dict(recompute=t1 - t0, keep=t2 - t1, values=t3 - t2), torch.as_tensor(d), ids, vals
 
 
 def main(argv=None):

@@ -212,8 +212,10 @@ class Retriever:
         d = self.datastore.dim
         out = np.empty((n, k), dtype=np.float32)
         rows_per_block = max(1, SORT_BLOCK_PAIRS // max(k, 1))
+        threads = faiss.omp_get_max_threads()  # OpenMP settings are per thread: carry the caller's
 
         def block(s):
+            faiss.omp_set_num_threads(threads)
             b_ids = ids[s:s + rows_per_block]
             m = b_ids.size
             # One sort key per pair: the id above the position's bits (< 2^63 for any datastore

@@ -176,6 +176,32 @@ def test_exact_distances_in_sorted_blocks_match_float64(ds, keys, queries, sim, 
     assert np.array_equal(whole, blocked)
 
 
+def test_recompute_threads_follow_the_callers_faiss_setting(ds, queries, monkeypatch):
+    """The fused recompute runs its blocks on worker threads; OpenMP settings are per thread,
+    so a user's faiss.omp_set_num_threads must be carried to them, not the process default."""
+    import threading
+
+    import knnlm.retrieval as retrieval
+
+    seen, real = set(), faiss.pairwise_indexed_L2sqr
+
+    def spy(*args):
+        seen.add((threading.current_thread() is threading.main_thread(), faiss.omp_get_max_threads()))
+        return real(*args)
+
+    monkeypatch.setattr(faiss, "pairwise_indexed_L2sqr", spy)
+    monkeypatch.setattr(retrieval, "SORT_BLOCK_PAIRS", 37 * 3)
+    before = faiss.omp_get_max_threads()
+    mine = before + 1  # differs from what a fresh thread starts with, on any machine
+    faiss.omp_set_num_threads(mine)
+    try:
+        ids = np.random.default_rng(4).integers(0, N, size=(len(queries), 37))
+        Retriever(faiss.IndexFlatL2(D), ds, k=37).exact_distances(queries, ids)
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert seen == {(False, mine)}  # every block on a worker thread, each with the caller's setting
+
+
 def test_k_factor_refusals(ds):
     index = faiss.IndexFlatL2(D)
     with pytest.raises(ConfigError, match="--knn-k-factor"):
