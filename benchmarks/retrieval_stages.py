@@ -40,11 +40,10 @@ VARIANTS = {  # name -> (SORT_BLOCK_PAIRS, RECOMPUTE_BLOCKS_IN_FLIGHT, nearest_f
 }
 
 
-def stages(r, q, dists, ids, variant):
-    """The Retriever's steps after FAISS search, timed: {stage: seconds}, (dists, ids)."""
+def stages(r, q, ids, variant):
+    """Retriever r's steps after FAISS search, timed: ({stage: seconds}, dists, ids)."""
     block_pairs, in_flight, nearest_first = VARIANTS[variant]
     retrieval.SORT_BLOCK_PAIRS, retrieval.RECOMPUTE_BLOCKS_IN_FLIGHT = block_pairs, in_flight
-    r._pool = r._pools.setdefault(variant, None)  # each variant keeps its own thread pool
     t0 = time.perf_counter()
     valid, safe = r._valid_ids(ids)
     d = r._fused_distances(q, safe)
@@ -53,10 +52,9 @@ def stages(r, q, dists, ids, variant):
         d, ids = r._keep_nearest(d, ids, valid, nearest_first)
         valid, safe = r._valid_ids(ids)
     t2 = time.perf_counter()
-    vals = r.datastore.gather_vals(safe)
+    r.datastore.gather_vals(safe)
     t3 = time.perf_counter()
-    r._pools[variant] = r._pool
-    return dict(recompute=t1 - t0, keep=t2 - t1, values=t3 - t2), torch.as_tensor(d), ids, vals
+    return dict(recompute=t1 - t0, keep=t2 - t1, values=t3 - t2), torch.as_tensor(d), ids
 
 
 def main(argv=None):
@@ -76,18 +74,20 @@ def main(argv=None):
     ds = Datastore.open(a.dstore, in_memory=True)  # as --move-dstore-to-mem
     Q = np.load(a.queries, mmap_mode="r")
     n = len(Q) if a.n <= 0 else min(a.n, len(Q))
-    r = retrieval.Retriever(load_index(a.index, datastore=ds), ds, k=a.k, nprobe=a.nprobe, k_factor=a.k_factor)
-    r._pools = {}
+    index = load_index(a.index, datastore=ds)
+    # One Retriever per variant over the same index: each keeps its own recompute thread pool.
+    rs = {v: retrieval.Retriever(index, ds, k=a.k, nprobe=a.nprobe, k_factor=a.k_factor) for v in VARIANTS}
+    r = rs["after"]
     total = {v: defaultdict(float) for v in VARIANTS}
     search = 0.0
     for b, s in enumerate(range(0, n, a.batch)):
         q = np.ascontiguousarray(Q[s:s + a.batch], dtype=np.float32)
         t0 = time.perf_counter()
-        dists, ids = r.index.search(q, r.k_search)
+        _, ids = r.index.search(q, r.k_search)
         search += time.perf_counter() - t0
         out = {}
         for v in (list(VARIANTS) if b % 2 == 0 else list(VARIANTS)[::-1]):
-            t, d, i, vals = stages(r, q, dists, ids.copy(), v)
+            t, d, i = stages(rs[v], q, ids.copy(), v)
             out[v] = (d, i)
             for k, x in t.items():
                 total[v][k] += x
