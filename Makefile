@@ -17,17 +17,18 @@ $(STAMP): pyproject.toml Makefile
 	# fairseq 0.12.2 does not build or import on Python 3.11; ve-fairseq is a wheel of its
 	# main branch. --no-deps: its torchaudio requirement would replace torch.
 	$(PY) -m pip install -q --no-deps ve-fairseq==0.12.3
-	$(PY) -m pip install -q -e '.[$(FAISS),dev]'
+	# The hf extra (transformers, tokenizers) installs beside torch 2.13 without replacing it.
+	$(PY) -m pip install -q -e '.[$(FAISS),dev,hf]'
 	touch $@
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m knnlm.demo $(ARGS)
+	$(PY) -m knnlm.experiments.demo $(ARGS)
 
 analyses: $(STAMP)
-	$(PY) -m knnlm.analyses $(ARGS)
+	$(PY) -m knnlm.experiments.analyses $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(ARGS)

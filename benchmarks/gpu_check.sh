@@ -33,7 +33,7 @@ step() {  # step TITLE command...: run, keep the lines that matter, time it
 step "plain eval, valid, fp32" "${E[@]}" --gen-subset valid
 step "plain eval, valid, fp16" "${E[@]}" --gen-subset valid --fp16
 step "dump the train split on the GPU (fp16 model, fp16 keys)" "${E[@]}" --gen-subset train --fp16 --save-knnlm-dstore --dstore-mmap $W/train --dstore-fp16
-step "index (CPU FAISS, $(nproc) cores)" python3 -m knnlm.index_builder dstore_mmap=$W/train faiss_index=$W/knn.index ncentroids=$NC code_size=$CS num_keys_to_train=200000
+step "index (CPU FAISS, $(nproc) cores)" python3 -m knnlm.index.builder dstore_mmap=$W/train faiss_index=$W/knn.index ncentroids=$NC code_size=$CS num_keys_to_train=200000
 step "kNN-LM eval, valid: fp16 model, --knn-gpu, recompute l2" "${E[@]}" --gen-subset valid --fp16 "${K[@]}" --knn-gpu
 step "kNN-LM eval, valid: fp32 model, CPU search, recompute l2" "${E[@]}" --gen-subset valid "${K[@]}"
 step "kNN-LM eval, valid: fp16 model, FAISS distances" "${E[@]}" --gen-subset valid --fp16 "${K[@]}" --knn-sim-func do_not_recomp_l2

@@ -56,9 +56,9 @@ def main(argv=None):
 
     import faiss
 
-    from knnlm.datastore import Datastore
-    from knnlm.export import load_export
-    from knnlm.retrieval import Retriever
+    from knnlm.store.datastore import Datastore
+    from knnlm.offline.export import load_export
+    from knnlm.retrieval import FaissRetriever
     from knnlm.scoring import interpolate, knn_log_prob, neighbor_scores
 
     demo, work = Path(a.demo_dir), Path(a.work)
@@ -107,7 +107,7 @@ def main(argv=None):
         index = faiss.read_index(str(index_path))  # each Retriever below sets its own nprobe on it
         for nprobe in a.nprobe:
             for kf in a.k_factors:
-                r = Retriever(index, train, k=a.k, nprobe=nprobe, sim_func="l2", k_factor=kf)
+                r = FaissRetriever(index, train, k=a.k, nprobe=nprobe, sim_func="l2", k_factor=kf)
                 r(queries[:256])  # warm up
                 t_ret = 0.0
                 lp = torch.empty(n)

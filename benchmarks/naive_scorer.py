@@ -96,8 +96,8 @@ def compare(data, path, dstore, index, *, split="valid", k=1024, probe=32, lmbda
     from fairseq import checkpoint_utils, tasks, utils
 
     from fairseq_plugins.hooks import KeyCapture
-    from knnlm.retrieval import Retriever
-    from knnlm.shards import open_datastore
+    from knnlm.retrieval import FaissRetriever
+    from knnlm.store.sharded import open_datastore
 
     models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data})
     model = models[0].eval()
@@ -113,7 +113,7 @@ def compare(data, path, dstore, index, *, split="valid", k=1024, probe=32, lmbda
         num_shards=1, shard_id=0, num_workers=0, data_buffer_size=0, context_window=context_window,
     )
     datastore = open_datastore(dstore)
-    retriever = Retriever(index, datastore, k=k, nprobe=probe, sim_func="l2")
+    retriever = FaissRetriever(index, datastore, k=k, nprobe=probe, sim_func="l2")
     capture = KeyCapture(model, keytype)
     pad = task.target_dictionary.pad()
     memory = can_reset_peak()

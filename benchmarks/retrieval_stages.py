@@ -30,8 +30,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import knnlm.retrieval as retrieval  # noqa: E402
-from knnlm.datastore import Datastore  # noqa: E402
+import knnlm.retrieval.faiss_search as retrieval  # noqa: E402
+from knnlm.store.datastore import Datastore  # noqa: E402
 from knnlm.index import load_index  # noqa: E402
 
 VARIANTS = {  # name -> (SORT_BLOCK_PAIRS, RECOMPUTE_BLOCKS_IN_FLIGHT, nearest_first)
@@ -76,7 +76,7 @@ def main(argv=None):
     n = len(Q) if a.n <= 0 else min(a.n, len(Q))
     index = load_index(a.index, datastore=ds)
     # One Retriever per variant over the same index: each keeps its own recompute thread pool.
-    rs = {v: retrieval.Retriever(index, ds, k=a.k, nprobe=a.nprobe, k_factor=a.k_factor) for v in VARIANTS}
+    rs = {v: retrieval.FaissRetriever(index, ds, k=a.k, nprobe=a.nprobe, k_factor=a.k_factor) for v in VARIANTS}
     r = rs["after"]
     total = {v: defaultdict(float) for v in VARIANTS}
     search = 0.0

@@ -204,7 +204,7 @@ def _stamped(path, params):
 
 def own_setup(root):
     """Build (or reuse) a small Austen setup under root, step by step, each step stamped."""
-    from knnlm.corpora.austen import build_austen_corpus
+    from knnlm.experiments.corpora.austen import build_austen_corpus
 
     root = Path(root)
     text, data = root / "text", root / "bin"
@@ -283,7 +283,8 @@ def derived_datastore(base_prefix, base_index, root, fraction, log_dir, noise=0.
     """
     import faiss
 
-    from knnlm.datastore import Datastore, DatastoreWriter, write_json_atomic
+    from knnlm.artefacts import write_json_atomic
+    from knnlm.store.datastore import Datastore, DatastoreWriter
     from knnlm.index import meta_path
 
     base = Datastore.open(str(base_prefix))
@@ -342,7 +343,7 @@ def bare_build(prefix, index_path, factory, n_train, seed, chunk, threads):
     """Bare FAISS: the builder's training sample, factory, chunks and threads; no checkpoints or metadata."""
     import faiss
 
-    from knnlm.datastore import Datastore
+    from knnlm.store.datastore import Datastore
 
     faiss.omp_set_num_threads(threads)
     ds = Datastore.open(prefix)
@@ -457,7 +458,7 @@ def main(argv=None):
     if setup is None:
         setup = own_setup(work / "austen")
     full_data = setup.data
-    from knnlm.datastore import Datastore
+    from knnlm.store.datastore import Datastore
 
     base_ds = Datastore.open(setup.dstore)
     log(f"[inputs] {setup.source}: datastore {setup.dstore} ({base_ds.size:,} x {base_ds.dim}, "

@@ -18,12 +18,13 @@ import warnings
 import numpy as np
 import torch
 
-from knnlm import provenance
 from knnlm.errors import KNNLMError
-from knnlm.index import load_index
-from knnlm.shards import open_datastore
+from knnlm.index import load_index, read_index_meta
+from knnlm.store import open_datastore
+from knnlm.store.datastore import resolve_data_path
 
-from .hooks import KeyCapture, key_dim
+from .hooks import KeyCapture
+from .identity import model_identity
 
 PROG = "knnlm-check"
 
@@ -86,7 +87,7 @@ def check_keys(report, model, task, datastore, data, n_batches):
     if missing:
         report.line(False, "keys recomputed", f"metadata lacks {', '.join(missing)}: cannot replay the dump")
         return
-    data = data or meta["data"]
+    data = data or resolve_data_path(meta["data"], datastore.prefix)
     if not os.path.isdir(data):
         report.line(False, "keys recomputed", f"data directory {data} not found; pass --data")
         return
@@ -121,20 +122,32 @@ def check_keys(report, model, task, datastore, data, n_batches):
             if len(rows) == 0:
                 continue
             stored = np.asarray(datastore.gather_keys(rows), dtype=np.float32)
-            scale = max(float(np.abs(got).max()), 1e-6)
-            worst = max(worst, float(np.abs(stored - got).max()) / scale)
+            diff = float(np.abs(stored - got).max()) / max(float(np.abs(got).max()), 1e-6)
+            # NaN-safe: max(0.0, nan) is 0.0, so a NaN key would pass; any NaN/inf is a failure.
+            worst = diff if not np.isfinite(diff) else max(worst, diff)
+            if not np.isfinite(worst):
+                worst = float("inf")
             bad_vals += int((datastore.gather_vals(rows) != tgt).sum())
             n_rows += len(rows)
     capture.remove()
     tol = 2e-3 if meta.get("keys_dtype") == "float16" else 1e-4
-    report.line(worst <= tol, "keys recomputed", f"{n_rows:,} rows from {len(picks)} batches, max relative difference {worst:.2e} (tolerance {tol:g})")
+    if n_rows == 0:  # a check that examined nothing proves nothing
+        report.line(False, "keys recomputed", f"no row was compared ({len(picks)} batches picked; --batches "
+                                              f"{n_batches}): nothing was checked; pass --batches 1 or more")
+        return
+    report.line(bool(worst <= tol), "keys recomputed", f"{n_rows:,} rows from {len(picks)} batches, max relative difference {worst:.2e} (tolerance {tol:g})")
     report.line(bad_vals == 0, "values = targets", f"{bad_vals} of {n_rows:,} sampled values differ from the replayed targets")
 
 
 def run_checks(args, out=sys.stdout):
     report = Report(out)
+    if getattr(args, "batches", 1) < 1:
+        report.line(False, "arguments", f"--batches {args.batches} would recompute no key: nothing would be checked")
+        return report
+    kwargs = {k: v for k, v in (("dstore_size", getattr(args, "dstore_size", None)), ("dim", getattr(args, "dimension", None)),
+                                ("fp16", True if getattr(args, "dstore_fp16", False) else None)) if v is not None}
     try:
-        datastore = open_datastore(args.dstore_filename)
+        datastore = open_datastore(args.dstore_filename, **kwargs)
     except KNNLMError as e:
         report.line(False, "datastore", str(e))
         return report
@@ -145,10 +158,21 @@ def run_checks(args, out=sys.stdout):
         report.line(True, "values in dictionary", f"all {datastore.size:,} values < {m.get('dict_size')}")
     except KNNLMError as e:
         report.line(False, "values in dictionary", str(e))
+    try:
+        zero = datastore.check_keys_finite()
+        report.line(zero == 0, "keys finite", f"all {datastore.size:,} keys finite and non-zero" if zero == 0 else
+                    f"{zero:,} keys are all zero: rows a writer never filled (an interrupted or concurrent dump); dump it again")
+    except KNNLMError as e:
+        report.line(False, "keys finite", str(e))
     if args.indexfile:
         try:
-            index = load_index(args.indexfile, datastore=datastore)
-            report.line(True, "index", f"{args.indexfile}: complete, {index.ntotal:,} vectors, dim {index.d}, built from this datastore")
+            index = load_index(args.indexfile, datastore=datastore,
+                               allow_without_fingerprint=getattr(args, "knn_allow_index_without_fingerprint", False))
+            meta = read_index_meta(args.indexfile)
+            verified = ", content checksum verified" if "checksum" in meta else ", no checksum recorded (built before checksums)"
+            built = "built from this datastore" if meta.get("datastore_fingerprint") or datastore.meta.get("legacy") \
+                else "its metadata does not say which datastore it was built from"
+            report.line(True, "index", f"{args.indexfile}: complete, {index.ntotal:,} vectors, dim {index.d}, {built}{verified}")
         except KNNLMError as e:
             report.line(False, "index", str(e))
     if args.path:
@@ -157,12 +181,7 @@ def run_checks(args, out=sys.stdout):
         except Exception as e:  # noqa: BLE001 - report any load failure as a check line
             report.line(False, "model", f"cannot load {args.path}: {e}")
             return report
-        dictionary = task.target_dictionary
-        ident = {
-            "dim": key_dim(model), "dict_size": len(dictionary),
-            "dict_fingerprint": provenance.dictionary_fingerprint(dictionary.symbols),
-            "model_fingerprint": provenance.model_fingerprint(model.named_parameters()),
-        }
+        ident = model_identity(model, task.target_dictionary).as_dict()
         report.line(ident["dim"] == datastore.dim, "dimension", f"model keys {ident['dim']}, datastore {datastore.dim}")
         report.line(ident["dict_fingerprint"] == m.get("dict_fingerprint"), "dictionary",
                     f"model {ident['dict_size']} symbols ({ident['dict_fingerprint']}), datastore {m.get('dict_size')} ({m.get('dict_fingerprint')})")
@@ -182,7 +201,12 @@ def main(argv=None):
     p.add_argument("--dstore-filename", "--dstore_filename", "--dstore-mmap", required=True, help="datastore prefix or shard manifest")
     p.add_argument("--indexfile", "--faiss-index", "--faiss_index", help="FAISS index")
     p.add_argument("--data", help="data directory the datastore was dumped from (default: from its metadata)")
-    p.add_argument("--batches", type=int, default=3, help="batches whose keys are recomputed")
+    p.add_argument("--batches", type=int, default=3, help="batches whose keys are recomputed (at least 1)")
+    p.add_argument("--dstore-size", "--dstore_size", type=int, help="entries of a datastore in the original code's raw format")
+    p.add_argument("--dimension", type=int, help="key dimension of a datastore in the original code's raw format")
+    p.add_argument("--dstore-fp16", "--dstore_fp16", action="store_true", help="the raw datastore was dumped in float16")
+    p.add_argument("--knn-allow-index-without-fingerprint", action="store_true",
+                   help="accept an index whose metadata does not record the datastore it was built from")
     args = p.parse_args(argv)
     report = run_checks(args)
     print(f"{report.failed} check(s) failed" if report.failed else "all checks passed")

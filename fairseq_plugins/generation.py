@@ -2,23 +2,23 @@
 
 fairseq's SequenceGenerator asks `model.get_normalized_probs` for next-token log-probs
 after each decoder step. `KNNLMForGeneration` wraps a trained LM (sharing its decoder, so
-no weights are copied) and answers with log(lambda p_kNN + (1 - lambda) p_LM), where the
-query is the key captured at the last position of that step.
+no weights are copied) and answers with `knnlm.KNNLM.next_token_log_probs`, the query being
+the key captured at the last position of that step.
 """
 
 import torch
 from fairseq.models import FairseqLanguageModel
 
-from knnlm.scoring import knn_full_log_probs, neighbor_scores
-
 from .hooks import KeyCapture
 
 
 class KNNLMForGeneration(FairseqLanguageModel):
-    def __init__(self, model, retriever, *, lmbda, temperature, sim_func="l2", keytype="last_ffn_input"):
+    """model: a fairseq LM; knn: a `knnlm.KNNLM` over a datastore dumped from it."""
+
+    def __init__(self, model, knn, *, keytype="last_ffn_input"):
         super().__init__(model.decoder)
         self.lm = model
-        self.retriever, self.lmbda, self.temperature, self.sim_func = retriever, lmbda, temperature, sim_func
+        self.knn = knn
         self.capture = KeyCapture(model, keytype)
 
     def max_positions(self):
@@ -32,10 +32,7 @@ class KNNLMForGeneration(FairseqLanguageModel):
         keys = self.capture.pop()  # (B, T, C) of this step; T = 1 with incremental decoding
         steps = lm.size(1)
         queries = keys[:, -steps:].reshape(-1, keys.size(-1))
-        dists, vals, valid = self.retriever(queries, nearest_first=False)  # order-free scores
-        scores = neighbor_scores(dists, self.sim_func, self.temperature)
-        out = knn_full_log_probs(lm.reshape(-1, lm.size(-1)), scores, vals, self.lmbda, valid)
-        out = out.view_as(lm)
+        out = self.knn.next_token_log_probs(queries, lm.reshape(-1, lm.size(-1))).view_as(lm)
         return out if log_probs else out.exp()
 
     @torch.no_grad()

@@ -12,80 +12,102 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Optional
 
+from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.sequence_scorer import SequenceScorer
 from fairseq.tasks import register_task
+from fairseq.data import LMContextWindowDataset
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
-from knnlm import provenance, shards
-from knnlm.datastore import DatastoreWriter
+from knnlm.dump import DumpSession
 from knnlm.errors import ConfigError, KNNLMError
-from knnlm.retrieval import Retriever
+from knnlm.model import KNNLM, summary_line
+from knnlm.retrieval import ExactRetriever, FaissRetriever
+from knnlm.retrieval.exact import parse_devices
 from knnlm.scoring import SIM_FUNCS, check_lambda, check_temperature
+from knnlm.store import open_datastore as open_store
 
-from .hooks import KEYTYPES, key_dim
+from .config import OPTION_GROUPS, KNNLMConfig
+from .hooks import KEYTYPES
+from .identity import model_identity
 from .sequence_scorer import KNNSequenceScorer
 
 logger = logging.getLogger("fairseq_plugins.knnlm")
 
 
-@dataclass
-class KNNLMConfig(LanguageModelingConfig):
-    # --- dumping a datastore (flag names of the original kNN-LM code) ---
-    save_knnlm_dstore: bool = field(default=False, metadata={"help": "dump keys and values of every scored token"})
-    dstore_mmap: Optional[str] = field(default=None, metadata={"help": "datastore prefix to write: PREFIX_keys.npy, PREFIX_vals.npy, PREFIX_meta.json"})
-    dstore_fp16: bool = field(default=False, metadata={"help": "store keys as float16"})
-    dstore_size: Optional[int] = field(default=None, metadata={"help": "expected number of entries (optional; checked, not required)"})
-    knn_keytype: str = field(default="last_ffn_input", metadata={"help": "which state is the key: " + ", ".join(KEYTYPES)})
-    overwrite: bool = field(default=False, metadata={"help": "replace a complete datastore or export at the same path"})
-    # --- scoring with a datastore ---
-    knnlm: bool = field(default=False, metadata={"help": "interpolate the LM with p_kNN from the datastore"})
-    dstore_filename: Optional[str] = field(default=None, metadata={"help": "datastore prefix to read (or a shard manifest .json)"})
-    indexfile: Optional[str] = field(default=None, metadata={"help": "FAISS index built by knnlm-build-index"})
-    k: int = field(default=1024, metadata={"help": "neighbors to retrieve"})
-    probe: int = field(default=32, metadata={"help": "IVF lists to visit (nprobe)"})
-    knn_k_factor: float = field(default=1.0, metadata={
-        "help": "ask FAISS for k x this many candidates and keep the k nearest by exact distance "
-                "(needs --knn-sim-func l2 or dot); for fast but coarse indexes such as IVF...,PQ128x4fs"})
-    lmbda: float = field(default=0.25, metadata={"help": "weight of p_kNN in the interpolation, in [0, 1]"})
-    knn_temp: float = field(default=1.0, metadata={"help": "softmax temperature over neighbor distances"})
-    knn_sim_func: str = field(default="l2", metadata={"help": "l2 (exact recomputed squared L2), do_not_recomp_l2 (FAISS distances) or dot"})
-    no_load_keys: bool = field(default=False, metadata={"help": "do not open the keys: only FAISS distances (needs --knn-sim-func do_not_recomp_l2)"})
-    move_dstore_to_mem: bool = field(default=False, metadata={"help": "load datastore keys and values into RAM"})
-    knn_gpu: bool = field(default=False, metadata={"help": "search the index on the GPU"})
-    knn_allow_model_mismatch: bool = field(default=False, metadata={"help": "score even though the datastore was dumped by different model weights"})
-    knnlm_dump_probs: Optional[str] = field(default=None, metadata={"help": "directory for per-token log p_LM, log p_kNN and neighbor distances (input of knnlm-tune)"})
-    knnlm_dump_neighbors: int = field(default=-1, metadata={"help": "neighbors per token kept in the export (-1: all k)"})
-    knnlm_dump_ids: bool = field(default=False, metadata={"help": "also export neighbor ids"})
-    # --- continuous cache (Grave et al., 2017), additive with the kNN-LM ---
-    continuous_cache: bool = field(default=False, metadata={"help": "interpolate a cache of earlier positions in the same sample"})
-    cache_lmbda: float = field(default=0.1, metadata={"help": "weight of the cache distribution"})
-    cache_theta: float = field(default=0.05, metadata={"help": "cache inverse temperature on dot products of keys"})
-    cache_size: Optional[int] = field(default=None, metadata={"help": "positions remembered (default: the whole sample)"})
+def _command_line(name):
+    """A flag of the eval_lm command line the task is not given (--path, --context-window)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(name)
+    return p.parse_known_args(sys.argv[1:])[0].__dict__[name.lstrip("-").replace("-", "_")]
 
 
 def _checkpoint_path():
     """The --path eval_lm was given (recorded in metadata only; weights are fingerprinted)."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--path")
-    return p.parse_known_args(sys.argv[1:])[0].path
+    return _command_line("--path")
 
 
 def _excepthook(kind, value, tb, _default=sys.excepthook):
     if isinstance(value, KNNLMError):
         sys.stderr.write(f"{value.__class__.__name__}: {value}\n")
+        # Exit now, with fairseq's status for a failed run: tearing the interpreter down with
+        # FAISS/OpenMP and recompute threads still alive could abort ("terminate called
+        # without an active exception", exit 134) after the message.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed stream must not hide the exit status
+                pass
+        logging.shutdown()
+        os._exit(1)
     else:
         _default(kind, value, tb)
 
 
+class _InfScoresFilter(logging.Filter):
+    """fairseq's eval_lm logs 'skipping tokens with inf scores:' with an argument but no %s, so
+    every such record is a logging TypeError traceback (dozens at lambda = 1). Fix the first
+    one's format and drop the rest: our kNN-LM line reports the infinite tokens."""
+
+    MSG = "skipping tokens with inf scores:"
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def filter(self, record):
+        if record.msg != self.MSG:
+            return True
+        self.seen += 1
+        if self.seen > 1:
+            return False
+        record.msg = self.MSG + " %s (eval_lm leaves such tokens out of its perplexity; the kNN-LM line counts them; further such lines are not shown)"
+        return True
+
+
+_INF_FILTER = _InfScoresFilter()
+
+
 @register_task("knnlm", dataclass=KNNLMConfig)
 class KNNLanguageModelingTask(LanguageModelingTask):
+    @classmethod
+    def add_args(cls, parser):
+        """fairseq's language-modeling flags, then ours in one group per job (see --help)."""
+        gen_parser_from_dataclass(parser, LanguageModelingConfig())
+        for title, group in OPTION_GROUPS:
+            gen_parser_from_dataclass(parser.add_argument_group(title), group())
+
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         super().__init__(args, dictionary, output_dictionary, targets=targets)
         sys.excepthook = _excepthook  # our errors are messages for the user, not tracebacks
+        # ChoiceEnum members: plain strings from here on
+        for name in ("knn_keytype", "knn_sim_func", "knn_search", "knn_exact_dtype"):
+            if hasattr(args, name):
+                setattr(args, name, str(getattr(args, name)))
+        check_block_size(args)
         validate(args)
+        if _INF_FILTER not in logging.getLogger("fairseq_cli.eval_lm").filters:
+            logging.getLogger("fairseq_cli.eval_lm").addFilter(_INF_FILTER)
         self._scorer = None
         self._split = None
         self._context_window = 0
@@ -100,6 +122,13 @@ class KNNLanguageModelingTask(LanguageModelingTask):
 
     def eval_lm_dataloader(self, dataset, **kwargs):
         self._context_window = kwargs.get("context_window", 0)
+        if self._context_window > 0 and kwargs.get("num_shards", 1) > 1:
+            # fairseq pads a shard with empty batches, which its LMContextWindowDataset cannot
+            # collate (KeyError: 'net_input'); ours returns them empty, and eval_lm skips them.
+            dataset = _ShardSafeContextWindowDataset(
+                dataset=dataset, tokens_per_sample=self.args.tokens_per_sample,
+                context_window=self._context_window, pad_idx=self.source_dictionary.pad())
+            kwargs["context_window"] = 0
         itr = super().eval_lm_dataloader(dataset, **kwargs)
         return _FinishOnExhaust(itr, self.finish) if self._custom_scoring else itr
 
@@ -117,24 +146,29 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         a = self.args
         common = dict(keytype=a.knn_keytype, remove_bos=a.add_bos_token, **kwargs)
         if a.save_knnlm_dstore:
-            self._scorer = KNNSequenceScorer(tgt_dict, softmax_batch, dump=True, on_first_batch=self._open_writer, **common)
+            self._scorer = KNNSequenceScorer(tgt_dict, softmax_batch, dump=self._dump_session(),
+                                             on_first_batch=self._identity, **common)
         else:
-            datastore, retriever = self._open_retriever() if a.knnlm else (None, None)
+            knn = self._knnlm() if a.knnlm else None
             cache = ({"lmbda": a.cache_lmbda, "theta": a.cache_theta, "size": a.cache_size}
                      if a.continuous_cache else None)
             self._scorer = KNNSequenceScorer(
-                tgt_dict, softmax_batch, retriever=retriever, lmbda=a.lmbda, temperature=a.knn_temp,
-                sim_func=a.knn_sim_func, cache=cache,
-                on_first_batch=(lambda model: self._check_model(model, datastore)) if a.knnlm else None,
+                tgt_dict, softmax_batch, knn=knn, cache=cache,
+                on_first_batch=(lambda model: self._check_model(model, knn.retriever.datastore)) if a.knnlm else None,
                 **common,
             )
         return self._scorer
 
-    def _open_retriever(self):
+    def _knnlm(self):
+        """The method object: a retriever over the datastore (FAISS, or exact search), lambda and the temperature."""
         a = self.args
-        datastore = open_datastore(a)
-        return datastore, Retriever(a.indexfile, datastore, k=a.k, nprobe=a.probe,
-                                    sim_func=a.knn_sim_func, gpu=a.knn_gpu, k_factor=a.knn_k_factor)
+        if getattr(a, "knn_search", "faiss") == "exact":
+            retriever = ExactRetriever(open_datastore(a), k=a.k, sim_func=a.knn_sim_func, dtype=a.knn_exact_dtype,
+                                       devices=parse_devices(a.knn_exact_devices))
+        else:
+            retriever = FaissRetriever(a.indexfile, open_datastore(a), k=a.k, nprobe=a.probe,
+                                       sim_func=a.knn_sim_func, gpu=a.knn_gpu, k_factor=a.knn_k_factor)
+        return KNNLM(retriever, lmbda=a.lmbda, temperature=a.knn_temp)
 
     def build_generator(self, models, args, **kwargs):
         """fairseq-generate / fairseq-interactive: sample or search from the kNN-LM distribution."""
@@ -143,47 +177,39 @@ class KNNLanguageModelingTask(LanguageModelingTask):
 
             if len(models) != 1:
                 raise ConfigError("kNN-LM generation takes one model (pass one checkpoint to --path)")
-            datastore, retriever = self._open_retriever()
-            datastore.check_compatible(keytype=self.args.knn_keytype,
-                                       allow_model_mismatch=self.args.knn_allow_model_mismatch,
-                                       **self._model_identity(models[0]))
-            models = [KNNLMForGeneration(models[0], retriever, lmbda=self.args.lmbda,
-                                         temperature=self.args.knn_temp, sim_func=self.args.knn_sim_func,
-                                         keytype=self.args.knn_keytype)]
+            knn = self._knnlm()
+            knn.retriever.datastore.check_compatible(keytype=self.args.knn_keytype,
+                                                     allow_model_mismatch=self.args.knn_allow_model_mismatch,
+                                                     **self._identity(models[0]).as_dict())
+            models = [KNNLMForGeneration(models[0], knn, keytype=self.args.knn_keytype)]
         return super().build_generator(models, args, **kwargs)
 
-    def _model_identity(self, model):
-        dictionary = self.target_dictionary
-        return {
-            "dim": key_dim(model),
-            "dict_size": len(dictionary),
-            "dict_fingerprint": provenance.dictionary_fingerprint(dictionary.symbols),
-            "model_fingerprint": provenance.model_fingerprint(model.named_parameters()),
-        }
+    def _identity(self, model):
+        return model_identity(model, self.target_dictionary)
 
-    def _open_writer(self, model):
+    def _dump_session(self):
+        """The datastore this run writes; its files are created at the first batch (DumpSession.start)."""
         a = self.args
-        ident = self._model_identity(model)
-        self._scorer.dstore_writer = DatastoreWriter(
-            a.dstore_mmap, ident["dim"], keytype=a.knn_keytype, fp16=a.dstore_fp16,
-            dict_size=ident["dict_size"], dict_fingerprint=ident["dict_fingerprint"],
-            model_fingerprint=ident["model_fingerprint"], expected_size=a.dstore_size,
+        return DumpSession(
+            a.dstore_mmap, keytype=a.knn_keytype, fp16=a.dstore_fp16, expected_size=a.dstore_size,
             overwrite=a.overwrite,
             extra={
-                "checkpoint": _checkpoint_path(), "data": a.data, "split": self._split,
+                "checkpoint": _checkpoint_path(), "data": _absolute_data(a.data), "split": self._split,
                 "context_window": self._context_window,
                 "tokens_per_sample": a.tokens_per_sample + self._context_window,
                 "sample_break_mode": str(a.sample_break_mode), "add_bos_token": a.add_bos_token,
             },
         )
-        logger.info(f"dumping {a.knn_keytype} keys (dim {ident['dim']}) to {a.dstore_mmap}_{{keys,vals}}.npy")
 
     def _check_model(self, model, datastore):
+        """At the first batch: refuse a datastore of another model; open the export if asked."""
         a = self.args
-        ident = self._model_identity(model)
-        datastore.check_compatible(keytype=a.knn_keytype, allow_model_mismatch=a.knn_allow_model_mismatch, **ident)
+        identity = self._identity(model)
+        datastore.check_compatible(keytype=a.knn_keytype, allow_model_mismatch=a.knn_allow_model_mismatch,
+                                   **identity.as_dict())
+        datastore.check_split(self._split, a.data, allow_same_split=getattr(a, "knn_allow_same_split", False))
         if a.knnlm_dump_probs:
-            from knnlm.export import ExportWriter
+            from knnlm.offline.export import ExportWriter
 
             kept = a.k if a.knnlm_dump_neighbors < 0 else min(a.knnlm_dump_neighbors, a.k)
             self._scorer.export = ExportWriter(
@@ -191,8 +217,9 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                 lmbda=a.lmbda, with_ids=a.knnlm_dump_ids, overwrite=a.overwrite,
                 meta={"split": self._split, "datastore": datastore.prefix,
                       "datastore_fingerprint": datastore.fingerprint, "index": a.indexfile,
-                      "context_window": self._context_window, **ident},
+                      "context_window": self._context_window, **identity.as_dict()},
             )
+        return identity
 
     def finish(self):
         """Runs once every batch has been scored: only now is a dump or export complete."""
@@ -201,32 +228,25 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         s = self._scorer
         if s is None:
             return
-        if s.dstore_writer is not None:
-            meta = s.dstore_writer.finalize()
-            logger.info(
-                f"datastore complete: {meta['size']:,} entries of dimension {meta['dim']} "
-                f"({meta['keys_dtype']} keys, {meta['vals_dtype']} values), {meta['bytes'] / 2**20:.1f} MiB "
-                f"in {s.dstore_writer.files['keys']}, {s.dstore_writer.files['vals']}, {s.dstore_writer.files['meta']}"
-            )
+        if s.dump is not None and not s.dump.started:
+            shards = _command_line("--num-shards")
+            where = f"shard {_command_line('--shard-id') or 0} of {shards}" if shards and int(shards) > 1 else "the run"
+            raise KNNLMError(
+                f"nothing was dumped to {self.args.dstore_mmap}: {where} of split {self._split} "
+                f"received no batch (the split has fewer batches than shards). Use fewer "
+                f"--num-shards or a smaller --max-tokens")
+        if s.dump is not None:
+            s.dump.finish()
         if s.export is not None:
             s.export.finalize()
             logger.info(f"per-token export written to {self.args.knnlm_dump_probs}")
         summary = s.summary()
-        if summary and (s.retriever is not None or s.cache is not None):
-            note = ""
-            if summary["inf_tokens"]:
-                note = (f"; {summary['inf_tokens']:,} tokens have probability 0 (no neighbor carries the "
-                        f"target and lambda = 1), so the perplexity is infinite; eval_lm's line below skips them")
+        if summary and (s.knn is not None or s.cache is not None):
             a = self.args
-            setting = (f"k={a.k}, lambda={a.lmbda}, T={a.knn_temp}, {a.knn_sim_func}" if a.knnlm
-                       else "no datastore")
+            setting = s.knn.describe() if s.knn is not None else "no datastore"
             if a.continuous_cache:
                 setting += f"; continuous cache lambda={a.cache_lmbda}, theta={a.cache_theta}"
-            # One fixed wording, so scripts can parse it: "base LM perplexity X, kNN-LM perplexity Y".
-            logger.info(
-                f"kNN-LM: {summary['tokens']:,} tokens, base LM perplexity {summary['base_ppl']:.4f}, "
-                f"kNN-LM perplexity {summary['ppl']:.4f} ({setting}){note}"
-            )
+            logger.info(summary_line(summary, setting, inf_note="; eval_lm's line below skips them"))
         s.close()
 
 
@@ -262,12 +282,24 @@ def validate(a):
     """Refuse impossible option combinations before any model or data is loaded."""
     if a.knnlm and a.save_knnlm_dstore:
         raise ConfigError("--knnlm scores with a datastore and --save-knnlm-dstore writes one: pick one per run")
-    if a.knn_keytype not in KEYTYPES:
+    if str(a.knn_keytype) not in KEYTYPES:
         raise ConfigError(f"--knn-keytype must be one of {', '.join(KEYTYPES)}, got {a.knn_keytype!r}")
     if a.save_knnlm_dstore and not a.dstore_mmap:
         raise ConfigError("--save-knnlm-dstore needs --dstore-mmap PREFIX (where to write the datastore)")
     if a.knnlm:
-        if not a.dstore_filename or not a.indexfile:
+        exact = str(getattr(a, "knn_search", "faiss")) == "exact"
+        if exact:
+            if not a.dstore_filename:
+                raise ConfigError("--knnlm --knn-search exact needs --dstore-filename PREFIX (no index file)")
+            if str(a.knn_sim_func) == "do_not_recomp_l2":
+                raise ConfigError("--knn-search exact computes exact distances and has no index distances to keep: "
+                                  "--knn-sim-func do_not_recomp_l2 needs --knn-search faiss; use l2 (or dot)")
+            if a.no_load_keys:
+                raise ConfigError("--knn-search exact searches the keys themselves: drop --no-load-keys")
+            if a.knn_k_factor != 1:
+                raise ConfigError("--knn-k-factor re-ranks FAISS's candidates; --knn-search exact has no index to "
+                                  "re-rank: drop it")
+        elif not a.dstore_filename or not a.indexfile:
             raise ConfigError("--knnlm needs both --dstore-filename PREFIX and --indexfile INDEX")
         check_lambda(a.lmbda)
         check_temperature(a.knn_temp)
@@ -275,7 +307,7 @@ def validate(a):
             raise ConfigError(f"--k must be at least 1, got {a.k}")
         if a.probe < 1:
             raise ConfigError(f"--probe must be at least 1, got {a.probe}")
-        if a.knn_sim_func not in SIM_FUNCS:
+        if str(a.knn_sim_func) not in SIM_FUNCS:
             raise ConfigError(f"--knn-sim-func must be one of {', '.join(SIM_FUNCS)}, got {a.knn_sim_func!r}")
         if a.no_load_keys and a.knn_sim_func != "do_not_recomp_l2":
             raise ConfigError("--no-load-keys leaves no keys to recompute distances from: add --knn-sim-func do_not_recomp_l2")
@@ -291,9 +323,46 @@ def validate(a):
             raise ConfigError(f"--cache-size must be at least 1, got {a.cache_size}")
 
 
+def check_block_size(a):
+    """fairseq-eval-lm subtracts --context-window from --tokens-per-sample before the task sees it;
+    the original kNN-LM README's `--tokens-per-sample 1536 --context-window 1536` leaves no token
+    to score (its eval_lm used the checkpoint's 3072) and fairseq dies on a division by zero."""
+    if a.tokens_per_sample > 0:
+        return
+    try:
+        window = int(_command_line("--context-window") or 0)
+    except ValueError:
+        window = 0
+    given = a.tokens_per_sample + window
+    raise ConfigError(
+        f"--tokens-per-sample {given} leaves no token to score with --context-window {window}: "
+        f"fairseq-eval-lm scores blocks of tokens-per-sample minus context-window new tokens. The "
+        f"original kNN-LM code's eval_lm used the checkpoint's tokens-per-sample instead; for its "
+        f"blocks of {given} new tokens with {window} of context pass "
+        f"--tokens-per-sample {given + window} --context-window {window}"
+    )
+
+
+def _absolute_data(data):
+    """The data directory as recorded in a datastore's metadata: absolute, so that knnlm-check and
+    the same-split check find it from any working directory (fairseq's `a:b` lists stay as given)."""
+    return os.path.abspath(data) if data and os.pathsep not in data else data
+
+
+class _ShardSafeContextWindowDataset(LMContextWindowDataset):
+    def collater(self, samples):
+        return {} if len(samples) == 0 else super().collater(samples)
+
+
 def open_datastore(a):
     """A datastore prefix, or a manifest of shards dumped with --num-shards/--shard-id."""
     kwargs = {"in_memory": a.move_dstore_to_mem}
     if a.dstore_size is not None:
         kwargs["dstore_size"] = a.dstore_size
-    return shards.open_datastore(a.dstore_filename, **kwargs)
+    if getattr(a, "dimension", None) is not None:  # an original-format raw datastore's
+        kwargs["dim"] = a.dimension
+    if a.dstore_fp16:
+        kwargs["fp16"] = True
+    if a.no_load_keys:
+        kwargs["load_keys"] = False
+    return open_store(a.dstore_filename, **kwargs)

@@ -1,8 +1,12 @@
 """kNN-LM: nearest-neighbor language models (Khandelwal et al., ICLR 2020) for fairseq and beyond.
 
-The core here needs no fairseq: a datastore on disk, a FAISS index over it, retrieval, and
-the scoring math on plain tensors. The fairseq task and `KNNSequenceScorer` live in
-`fairseq_plugins` (the `--user-dir`).
+The core here needs no fairseq and no transformers: a datastore on disk (`knnlm.store`), FAISS
+indexes over it (`knnlm.index`), retrieval strategies behind one contract (`knnlm.retrieval`),
+the math on plain tensors (`knnlm.scoring`), the method as one object (`knnlm.KNNLM`), a dump
+session (`knnlm.DumpSession`) and offline re-scoring (`knnlm.offline`). Front-ends capture
+keys from a model and reach the core through those objects: `fairseq_plugins` (the fairseq
+`--user-dir`); `knnlm.experiments` holds the demo and the analyses. docs/architecture.md
+draws the layers.
 
 Names are imported on first use, so `import knnlm` (and every command-line tool and shard
 worker) does not pay for importing torch and faiss until it needs them.
@@ -18,8 +22,10 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Datastore": "datastore", "DatastoreWriter": "datastore",
-    "Retriever": "retrieval", "load_index": "index",
+    "KNNLM": "model", "Tally": "model", "DumpSession": "dump", "ModelIdentity": "provenance",
+    "Datastore": "store", "DatastoreWriter": "store", "ShardedDatastore": "store", "open_datastore": "store",
+    "Neighbors": "retrieval", "Retriever": "retrieval", "FaissRetriever": "retrieval", "ExactRetriever": "retrieval",
+    "load_index": "index",
     "knn_log_prob": "scoring", "interpolate": "scoring", "neighbor_scores": "scoring",
     "knn_full_log_probs": "scoring", "continuous_cache_log_prob": "scoring",
     "KNNLMError": "errors", "ConfigError": "errors", "CorruptError": "errors",

@@ -1,7 +1,26 @@
 """Fingerprints and versions that tie a datastore and an index to what made them."""
 
+import dataclasses
 import hashlib
 import importlib.metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelIdentity:
+    """What a datastore records of the model that dumped it, and what scoring checks against.
+
+    dim: the key dimension; dict_size and dict_fingerprint: the vocabulary (fairseq's
+    dictionary, or a Hugging Face tokenizer); model_fingerprint: the weights (None if unknown).
+    Each front-end computes it its own way; the core only compares.
+    """
+
+    dim: int
+    dict_size: int
+    dict_fingerprint: str
+    model_fingerprint: object = None
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
 
 
 def versions():

@@ -344,7 +344,8 @@ def build_index(dstore_prefix, index_path, factory="Flat"):
     import faiss
     import numpy as np
 
-    from knnlm.datastore import Datastore, write_json_atomic
+    from knnlm.artefacts import write_json_atomic
+    from knnlm.store.datastore import Datastore
 
     ds = Datastore.open(dstore_prefix)
     keys = np.ascontiguousarray(np.asarray(ds.keys, dtype=np.float32))

@@ -1,4 +1,4 @@
-"""knnlm.analyses end to end on six fake "books" (the stand-in of tests/test_demo.py).
+"""knnlm.experiments.analyses end to end on six fake "books" (the stand-in of tests/test_demo.py).
 
 A 1-layer 32-wide LM trained for 20 updates, k=8, two key types, datastore fractions 0.5 and 1,
 half of the valid book scored: this proves that every analysis runs through the real tools, that
@@ -15,9 +15,9 @@ import sys
 
 import pytest
 
-from knnlm import analyses
-from knnlm.analyses import head_lines, load_configs, n_tokens, sample_chunks
-from knnlm.demo import DemoError
+from knnlm.experiments import analyses
+from knnlm.experiments.analyses import head_lines, load_configs, n_tokens, sample_chunks
+from knnlm.experiments.demo import DemoError
 
 from .test_demo import TINY, write_books
 
@@ -31,7 +31,7 @@ TINY_ANALYSES = [
 
 
 def run_analyses(*args):
-    return subprocess.run([sys.executable, "-m", "knnlm.analyses", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "knnlm.experiments.analyses", *map(str, args)],
                           capture_output=True, text=True, timeout=900)
 
 

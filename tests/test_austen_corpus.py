@@ -1,12 +1,12 @@
-"""Tests for knnlm.corpora.austen: tokenizer, split/vocabulary rules, stamp reuse."""
+"""Tests for knnlm.experiments.corpora.austen: tokenizer, split/vocabulary rules, stamp reuse."""
 
 import json
 import subprocess
 
 import pytest
 
-from knnlm.corpora import austen
-from knnlm.corpora.austen import (
+from knnlm.experiments.corpora import austen
+from knnlm.experiments.corpora.austen import (
     BOOK_TITLES,
     AustenSourceError,
     book_body,

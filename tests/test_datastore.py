@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from knnlm.datastore import Datastore, DatastoreWriter
+from knnlm.store.datastore import Datastore, DatastoreWriter
 from knnlm.errors import CorruptError, DiskSpaceError, IncompleteError, KNNLMError, MismatchError
-from knnlm import npy
+from knnlm.store import npy
 
 
 def write(prefix, n=100, dim=8, fp16=False, dict_size=50, **kw):

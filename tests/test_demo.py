@@ -1,4 +1,4 @@
-"""The demo driver (knnlm.demo) end to end on six fake "books", and its step/skip logic.
+"""The demo driver (knnlm.experiments.demo) end to end on six fake "books", and its step/skip logic.
 
 The end-to-end run uses a 1-layer 32-wide LM trained for 20 updates and k=8: it proves
 that every step runs through the real tools and that a second run skips them all, not
@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from knnlm import demo
-from knnlm.demo import DemoError, Step, load_config
+from knnlm.experiments import demo
+from knnlm.experiments.demo import DemoError, Step, load_config
 
 BOOKS = ("sense_and_sensibility", "pride_and_prejudice", "mansfield_park", "emma",
          "northanger_abbey", "persuasion")
@@ -30,7 +30,7 @@ TINY = [
 
 
 def write_books(folder, seed=0):
-    """Six plain-text books named as knnlm.corpora.austen expects, ~800 words each."""
+    """Six plain-text books named as knnlm.experiments.corpora.austen expects, ~800 words each."""
     rng = random.Random(seed)
     folder.mkdir()
     for name in BOOKS:
@@ -45,7 +45,7 @@ def write_books(folder, seed=0):
 
 
 def run_demo(*args):
-    return subprocess.run([sys.executable, "-m", "knnlm.demo", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "knnlm.experiments.demo", *map(str, args)],
                           capture_output=True, text=True, timeout=600)
 
 

@@ -1,4 +1,4 @@
-"""Per-token export (knnlm.export) and the lambda/temperature search (knnlm.tune).
+"""Per-token export (knnlm.offline.export) and the lambda/temperature search (knnlm.offline.tune).
 
 References here are plain numpy written for the test (float64, np.logaddexp), not knnlm.scoring.
 """
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm import export as ex
-from knnlm import tune
+from knnlm.offline import export as ex
+from knnlm.offline import tune
 from knnlm.errors import ConfigError, CorruptError, IncompleteError, KNNLMError
 from knnlm.scoring import knn_log_prob, neighbor_scores
 
@@ -254,7 +254,7 @@ def test_truncated_rescoring_warns(tmp_path, caplog):
     path = str(tmp_path / "exp")
     d, valid, vals, targets, _ = write_export(path, n=50, k=16, k_kept=8)
     e = ex.load_export(path)
-    with caplog.at_level(logging.WARNING, logger="knnlm.export"):
+    with caplog.at_level(logging.WARNING, logger="knnlm.offline.export"):
         got = ex.lp_knn_at(e, 3.0)
     assert "approximation" in caplog.text
     # It is the softmax over the 8 nearest: exact for them.

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm import Datastore, Retriever
-from knnlm.datastore import write_json_atomic
+from knnlm import KNNLM, Datastore, FaissRetriever
+from knnlm.artefacts import write_json_atomic
 
 from .conftest import PLUGIN, eval_lm, run
 
@@ -37,7 +37,7 @@ def test_generation_distribution_sums_to_one(dumped):
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([dumped["ckpt"]])
     lm = models[0].eval()
     ds = Datastore.open(dumped["prefix"])
-    knn = KNNLMForGeneration(lm, Retriever(dumped["index"], ds, k=8, nprobe=1), lmbda=0.5, temperature=1.0)
+    knn = KNNLMForGeneration(lm, KNNLM(FaissRetriever(dumped["index"], ds, k=8, nprobe=1), lmbda=0.5, temperature=1.0))
     tokens = torch.tensor([[task.dictionary.eos()] + [task.dictionary.index(w) for w in "the cat sat on".split()]])
     lp = knn.next_token_log_probs(tokens)
     assert lp.shape == (1, len(task.dictionary))
@@ -113,7 +113,7 @@ def test_tuned_lambda_and_temperature_reproduce_in_eval_lm(dumped, tmp_path):
 def test_export_with_k_factor_is_nearest_first(dumped, tmp_path):
     """With --knn-k-factor the k kept are re-ranked by exact distance; an export stores them
     nearest first (its k sweeps take each row's first k), though scoring alone needs no order."""
-    from knnlm.export import load_export
+    from knnlm.offline.export import load_export
 
     export = tmp_path / "export"
     eval_lm(dumped["data"], dumped["ckpt"], "--gen-subset", "valid", "--tokens-per-sample", "64", "--knnlm",

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm import index_builder as ib
-from knnlm.datastore import Datastore, DatastoreWriter
+from knnlm.index import builder as ib
+from knnlm.index import steps
+from knnlm.store.datastore import Datastore, DatastoreWriter
 from knnlm.errors import ConfigError, KNNLMError, MismatchError
 from knnlm.index import load_index, read_index_meta
-from knnlm.retrieval import Retriever
+from knnlm.retrieval import FaissRetriever
 from knnlm.scoring import knn_log_prob, neighbor_scores
-from knnlm.shards import ShardedDatastore, open_datastore, open_manifest, write_manifest
+from knnlm.store.sharded import ShardedDatastore, open_datastore, open_manifest, write_manifest
 
 N, D = 3000, 16
 
@@ -67,7 +68,7 @@ def test_full_probe_flat_ivf_is_exact(tmp_path, ds, keys, queries):
     assert s["meta"]["ncentroids"] == 16 and s["meta"]["complete"]
     index = load_index(str(tmp_path / "flat.index"), ds)
     k = 10
-    r = Retriever(index, ds, k=k, nprobe=16, sim_func="l2")  # nprobe == nlist: every list searched
+    r = FaissRetriever(index, ds, k=k, nprobe=16, sim_func="l2")  # nprobe == nlist: every list searched
     _, ids = r.search(queries)
     dists, vals, valid = r(queries)
     ref_d, ref_i = brute_force(keys, queries, k)
@@ -101,7 +102,7 @@ def test_k_factor_reranks_candidates_by_exact_distance(tmp_path, ds, keys, queri
                             ncentroids=8, code_size=8, metric="ip" if sim == "dot" else "l2"))
     index = load_index(str(tmp_path / "fs.index"), ds)
     k = 10
-    r = Retriever(index, ds, k=k, nprobe=8, sim_func=sim, k_factor=N / k)  # all N keys are candidates
+    r = FaissRetriever(index, ds, k=k, nprobe=8, sim_func=sim, k_factor=N / k)  # all N keys are candidates
     assert r.k_search == N
     dists, vals, valid, ids = r(queries, return_ids=True)
     exact = (queries.astype(np.float64) @ keys.T.astype(np.float64) if sim == "dot"
@@ -112,7 +113,7 @@ def test_k_factor_reranks_candidates_by_exact_distance(tmp_path, ds, keys, queri
     np.testing.assert_allclose(got_exact, dists.numpy(), rtol=1e-5, atol=1e-3)  # ids match distances
     assert valid.all() and (vals.numpy() == np.asarray(ds.vals)[ids.numpy()]).all()
     # Without it the 4-bit codes alone miss some of the exact top k.
-    _, coarse_ids = Retriever(index, ds, k=k, nprobe=8, sim_func=sim).search(queries)
+    _, coarse_ids = FaissRetriever(index, ds, k=k, nprobe=8, sim_func=sim).search(queries)
     ref = np.argsort(-exact if sim == "dot" else exact, 1)[:, :k]
     assert np.mean([len(set(a) & set(b)) / k for a, b in zip(coarse_ids, ref)]) < 1.0
 
@@ -123,7 +124,7 @@ def test_k_factor_in_any_order_keeps_the_same_neighbors(tmp_path, ds, keys, quer
     own distance and value, in some order; the knn log-probs do not change."""
     ib.build_index(settings(ds.prefix, tmp_path / "fs.index", factory="IVF{ncentroids},PQ{code_size}x4fs",
                             ncentroids=8, code_size=8, metric="ip" if sim == "dot" else "l2"))
-    r = Retriever(load_index(str(tmp_path / "fs.index"), ds), ds, k=50, nprobe=4, sim_func=sim, k_factor=3)
+    r = FaissRetriever(load_index(str(tmp_path / "fs.index"), ds), ds, k=50, nprobe=4, sim_func=sim, k_factor=3)
     d1, v1, ok1, i1 = r(queries, return_ids=True)
     d2, v2, ok2, i2 = r(queries, return_ids=True, nearest_first=False)
     assert not torch.equal(i1, i2)  # the test means something only if the order differs
@@ -144,7 +145,7 @@ def test_k_factor_with_missing_candidates(tmp_path, ds, keys, queries):
     ib.build_index(settings(ds.prefix, tmp_path / "ivf.index", factory="IVF{ncentroids},Flat", ncentroids=16))
     index = load_index(str(tmp_path / "ivf.index"), ds)
     k = 250  # lists hold ~190 keys each: most cannot fill k, none fills k x 2
-    r = Retriever(index, ds, k=k, nprobe=1, sim_func="l2", k_factor=2)
+    r = FaissRetriever(index, ds, k=k, nprobe=1, sim_func="l2", k_factor=2)
     dists, vals, valid, ids = r(queries, return_ids=True)
     _, q_list = index.quantizer.search(queries, 1)
     _, key_list = index.quantizer.search(keys, 1)
@@ -163,10 +164,10 @@ def test_k_factor_with_missing_candidates(tmp_path, ds, keys, queries):
 def test_exact_distances_in_sorted_blocks_match_float64(ds, keys, queries, sim, monkeypatch):
     """The fused recompute sorts (id, position) pairs block by block: blocks of an odd number of
     pairs and repeated ids must still put every distance back in its own slot."""
-    import knnlm.retrieval as retrieval
+    import knnlm.retrieval.faiss_search as retrieval
 
     ids = np.random.default_rng(3).integers(0, 40, size=(len(queries), 37))  # many repeats
-    r = Retriever(faiss.IndexFlatL2(D), ds, k=37, sim_func=sim)
+    r = FaissRetriever(faiss.IndexFlatL2(D), ds, k=37, sim_func=sim)
     whole = r.exact_distances(queries, ids).numpy()
     monkeypatch.setattr(retrieval, "SORT_BLOCK_PAIRS", 37 * 3)  # 3 queries = 111 pairs per block
     blocked = r.exact_distances(queries, ids).numpy()
@@ -181,7 +182,7 @@ def test_recompute_threads_follow_the_callers_faiss_setting(ds, queries, monkeyp
     so a user's faiss.omp_set_num_threads must be carried to them, not the process default."""
     import threading
 
-    import knnlm.retrieval as retrieval
+    import knnlm.retrieval.faiss_search as retrieval
 
     seen, real = set(), faiss.pairwise_indexed_L2sqr
 
@@ -196,7 +197,7 @@ def test_recompute_threads_follow_the_callers_faiss_setting(ds, queries, monkeyp
     faiss.omp_set_num_threads(mine)
     try:
         ids = np.random.default_rng(4).integers(0, N, size=(len(queries), 37))
-        Retriever(faiss.IndexFlatL2(D), ds, k=37).exact_distances(queries, ids)
+        FaissRetriever(faiss.IndexFlatL2(D), ds, k=37).exact_distances(queries, ids)
     finally:
         faiss.omp_set_num_threads(before)
     assert seen == {(False, mine)}  # every block on a worker thread, each with the caller's setting
@@ -205,16 +206,16 @@ def test_recompute_threads_follow_the_callers_faiss_setting(ds, queries, monkeyp
 def test_k_factor_refusals(ds):
     index = faiss.IndexFlatL2(D)
     with pytest.raises(ConfigError, match="--knn-k-factor"):
-        Retriever(index, ds, k=4, k_factor=0.5)
+        FaissRetriever(index, ds, k=4, k_factor=0.5)
     with pytest.raises(ConfigError, match="do_not_recomp_l2"):
-        Retriever(index, ds, k=4, k_factor=2, sim_func="do_not_recomp_l2")
+        FaissRetriever(index, ds, k=4, k_factor=2, sim_func="do_not_recomp_l2")
 
 
 def test_killed_build_resumes_from_last_chunk(tmp_path, ds, monkeypatch, caplog):
     index = tmp_path / "r.index"
     cfg = settings(ds.prefix, index, ncentroids=32, code_size=8, num_keys_to_add_at_a_time=1000,
                    checkpoint_interval_s=0)
-    real_add = ib._add_chunk
+    real_add = steps._add_chunk
     starts = []
 
     def crash_on_second(idx, x, ids):
@@ -223,7 +224,7 @@ def test_killed_build_resumes_from_last_chunk(tmp_path, ds, monkeypatch, caplog)
         starts.append(int(ids[0]))
         real_add(idx, x, ids)
 
-    monkeypatch.setattr(ib, "_add_chunk", crash_on_second)
+    monkeypatch.setattr(steps, "_add_chunk", crash_on_second)
     with pytest.raises(RuntimeError, match="simulated kill"):
         ib.build_index(cfg)
     assert not index.exists()
@@ -238,7 +239,7 @@ def test_killed_build_resumes_from_last_chunk(tmp_path, ds, monkeypatch, caplog)
         starts.append(int(ids[0]))
         real_add(idx, x, ids)
 
-    monkeypatch.setattr(ib, "_add_chunk", record)
+    monkeypatch.setattr(steps, "_add_chunk", record)
     with caplog.at_level(logging.INFO, logger="knnlm"):
         s = ib.build_index(cfg)
     assert starts == [1000, 2000]  # chunk 0 was not added again
@@ -246,7 +247,7 @@ def test_killed_build_resumes_from_last_chunk(tmp_path, ds, monkeypatch, caplog)
     assert s["resumed_from_row"] == 1000 and s["rows_added"] == 2000
     assert not any(os.path.exists(f"{index}{x}") for x in (".partial", ".trained", ".progress.json"))
 
-    monkeypatch.setattr(ib, "_add_chunk", real_add)
+    monkeypatch.setattr(steps, "_add_chunk", real_add)
     ib.build_index({**cfg, "faiss_index": str(tmp_path / "whole.index")})
     resumed = faiss.serialize_index(load_index(str(index), ds))
     whole = faiss.serialize_index(load_index(str(tmp_path / "whole.index"), ds))
@@ -255,7 +256,7 @@ def test_killed_build_resumes_from_last_chunk(tmp_path, ds, monkeypatch, caplog)
 
 def test_changed_parameters_restart_cleanly(tmp_path, ds, monkeypatch, caplog):
     index = tmp_path / "c.index"
-    monkeypatch.setattr(ib, "_add_chunk", lambda *a: (_ for _ in ()).throw(RuntimeError("kill")))
+    monkeypatch.setattr(steps, "_add_chunk", lambda *a: (_ for _ in ()).throw(RuntimeError("kill")))
     with pytest.raises(RuntimeError):
         ib.build_index(settings(ds.prefix, index, ncentroids=32, code_size=8))
     monkeypatch.undo()
@@ -305,8 +306,8 @@ def test_two_shards_merged_on_disk_match_single_index(tmp_path, keys, queries, m
     da, ia = a.search(queries, 20)
     db, ib_ = b.search(queries, 20)
     assert np.array_equal(ia, ib_) and np.array_equal(da, db)
-    ra = Retriever(a, whole, k=20, nprobe=8)(queries)
-    rb = Retriever(b, sharded, k=20, nprobe=8)(queries)
+    ra = FaissRetriever(a, whole, k=20, nprobe=8)(queries)
+    rb = FaissRetriever(b, sharded, k=20, nprobe=8)(queries)
     for x, y in zip(ra, rb):
         assert (x == y).all()
     # The sharded datastore maps global ids back to (shard, row).
@@ -392,7 +393,7 @@ def test_small_datastore_shrinks_centroids_and_pq_bits(tmp_path, ds, caplog):
 
 
 def test_move_dstore_to_mem_really_loads(tmp_path):
-    from knnlm.datastore import Datastore, DatastoreWriter
+    from knnlm.store.datastore import Datastore, DatastoreWriter
 
     w = DatastoreWriter(str(tmp_path / "d"), 4, keytype="last_ffn_input", dict_size=10, dict_fingerprint="x")
     w.add(np.ones((5, 4), np.float32), np.arange(5))

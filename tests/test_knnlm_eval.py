@@ -139,7 +139,9 @@ def _refusals(stores, n_train):
         "k-factor 0.5": (knn(stores, "train", None, "--knn-k-factor", "0.5"), ("ConfigError", "--knn-k-factor")),
         "k-factor without recompute": (knn(stores, "train", None, "--knn-k-factor", "2", "--knn-sim-func",
                                            "do_not_recomp_l2"), ("ConfigError", "--knn-k-factor", "do_not_recomp_l2")),
-        "sim-func": (knn(stores, "train", None, "--knn-sim-func", "cosine"), ("ConfigError", "--knn-sim-func", "cosine")),
+        # A ChoiceEnum flag: argparse itself refuses the value, before anything is loaded.
+        "sim-func": (knn(stores, "train", None, "--knn-sim-func", "cosine"),
+                     ("fairseq-eval-lm: error", "--knn-sim-func", "invalid choice: 'cosine'")),
         "missing index": (knn(stores, "train", t + ".nope"), ("CorruptError", t + ".nope", "missing")),
         "missing datastore": (("--knnlm", "--dstore-filename", t + "_nope", "--indexfile", t + ".flat"),
                               ("CorruptError", t + "_nope")),
@@ -369,6 +371,8 @@ def test_ensemble_is_refused_by_the_scorer(tiny):
     lines, _ = load_split(tiny["data"])
     tokens = torch.cat(lines)[:16].unsqueeze(0)
     sample = {"net_input": {"src_tokens": tokens, "src_lengths": torch.tensor([16])}, "target": tokens}
-    scorer = KNNSequenceScorer(task.target_dictionary, dump=True)
+    from knnlm import DumpSession
+
+    scorer = KNNSequenceScorer(task.target_dictionary, dump=DumpSession("never-written", keytype="last_ffn_input"))
     with pytest.raises(ConfigError, match="ensemble"):
         scorer.generate([model, model], sample)

@@ -10,10 +10,11 @@ import math
 import numpy as np
 import pytest
 
-from knnlm import subset, sweeps
-from knnlm.datastore import Datastore, DatastoreWriter
+from knnlm.offline import sweeps
+from knnlm.store import subset
+from knnlm.store.datastore import Datastore, DatastoreWriter
 from knnlm.errors import ConfigError, CorruptError, KNNLMError
-from knnlm.export import ExportWriter, load_export
+from knnlm.offline.export import ExportWriter, load_export
 
 # ------------------------------------------------------------------------------- subsets
 

@@ -3,7 +3,7 @@
 # of that corpus's training text; lambda tuned on that corpus's dev (valid) set. Section 5 /
 # Figure 5: the best lambda out of domain is larger than in domain (paper: 0.65 vs 0.25).
 # The paper used BOOKS (not distributable) and a WIKI-3B LM; the default corpus here is Jane
-# Austen (knnlm.corpora.austen, built from Debian's r-cran-janeaustenr if DOMAIN_DIR has no
+# Austen (knnlm.experiments.corpora.austen, built from Debian's r-cran-janeaustenr if DOMAIN_DIR has no
 # train.txt). Writes $RESULTS/table4.md, table4_lambda.png (perplexity vs lambda on the
 # corpus's dev set: Figure 5's out-of-domain curve) and table4_*.json.
 #
@@ -30,7 +30,7 @@ splits=(train valid test)
 if [[ ! -f $DOMAIN_DIR/train.txt ]]; then
     [[ $DOMAIN_NAME == austen ]] ||
         die "no $DOMAIN_DIR/train.txt: put the $DOMAIN_NAME corpus there as train.txt, valid.txt, test.txt"
-    run "$PYTHON" -m knnlm.corpora.austen "$DOMAIN_DIR"
+    run "$PYTHON" -m knnlm.experiments.corpora.austen "$DOMAIN_DIR"
 fi
 for s in "${splits[@]}"; do [[ -f $DOMAIN_DIR/$s.txt ]] || die "missing $DOMAIN_DIR/$s.txt"; done
 if [[ $FORCE != 1 ]] && newer_than_all "$DOMAIN_DATA_BIN/test.idx" "$DATA_BIN/dict.txt" "$DOMAIN_DIR"/{train,valid,test}.txt; then

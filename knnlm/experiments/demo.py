@@ -1,6 +1,6 @@
 """The kNN-LM demo: Jane Austen's novels, a small LM trained on the CPU, and its kNN-LM.
 
-    python -m knnlm.demo [--austen-dir DIR] [--config YAML] [key=value ...]   (`make demo`)
+    python -m knnlm.experiments.demo [--austen-dir DIR] [--config YAML] [key=value ...]   (`make demo`)
 
 Steps (each is timed, logged, and skipped when its outputs already exist):
 
@@ -26,6 +26,7 @@ Every tool's full output is in WORKDIR/logs/.
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -41,18 +42,20 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "configs" / "demo" / "austen.yaml"
-PLUGIN_DIR = REPO / "fairseq_plugins"
+from ..config import config_path, load_yaml
+from ..errors import ConfigError
+
+DEFAULT_CONFIG = config_path("demo/austen")
+# The --user-dir: the installed (or checked-out) fairseq_plugins package, found without importing it.
+PLUGIN_DIR = Path(importlib.util.find_spec("fairseq_plugins").submodule_search_locations[0])
 # Console scripts and the modules they run (used when the script is not next to python).
 TOOLS = {
     "fairseq-preprocess": "fairseq_cli.preprocess",
     "fairseq-train": "fairseq_cli.train",
     "fairseq-eval-lm": "fairseq_cli.eval_lm",
-    "knnlm-build-index": "knnlm.index_builder",
-    "knnlm-tune": "knnlm.tune",
+    "knnlm-build-index": "knnlm.index.builder",
+    "knnlm-tune": "knnlm.offline.tune",
 }
 # Our plugin's summary line (fairseq_plugins/task.py).
 SUMMARY_RE = re.compile(r"kNN-LM: ([\d,]+) tokens, base LM perplexity ([\d.]+|inf), "
@@ -81,17 +84,9 @@ class DemoError(RuntimeError):
 def load_config(overrides=(), path=DEFAULT_CONFIG) -> DictConfig:
     """The YAML at `path` with `key=value` overrides; unknown keys are an error."""
     try:
-        cfg = OmegaConf.load(path)
-        OmegaConf.set_struct(cfg, True)
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise DemoError(f"settings must look like key=value, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        OmegaConf.resolve(cfg)
-    except OmegaConfBaseException as e:
-        raise DemoError(f"bad setting: {str(e).splitlines()[0]}") from None
-    except OSError as e:
-        raise DemoError(f"cannot read config {path}: {e}") from None
+        cfg = load_yaml(path, overrides)
+    except ConfigError as e:
+        raise DemoError(str(e)) from None
     if cfg.model.embed_dim % cfg.index.code_size:
         raise DemoError(f"index.code_size={cfg.index.code_size} must divide model.embed_dim={cfg.model.embed_dim}")
     if not 0 <= cfg.context_window < cfg.model.tokens_per_sample:
@@ -318,7 +313,7 @@ class Demo:
 
     # ---- 1. corpus ----
     def make_corpus(self):
-        from knnlm.corpora.austen import build_austen_corpus
+        from .corpora.austen import build_austen_corpus
 
         c = self.cfg
         source = Path(c.austen_dir).expanduser().resolve() if c.austen_dir else None

@@ -17,20 +17,22 @@ are present whenever the writer was given neighbor distances.
 """
 
 import dataclasses
+import glob
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Optional
 
 import numpy as np
 import torch
 
-from . import provenance
-from .datastore import read_json, write_json_atomic
-from .errors import ConfigError, CorruptError, IncompleteError, KNNLMError
-from .npy import GrowingNpy
-from .scoring import SIM_FUNCS, check_lambda, check_temperature, knn_log_prob, neighbor_scores
+from .. import provenance
+from ..artefacts import WriteLock, check_schema, is_complete, read_json, read_json_or_none, refuse_to_replace, write_json_atomic
+from ..errors import ConfigError, CorruptError, IncompleteError, KNNLMError
+from ..scoring import SIM_FUNCS, check_lambda, check_temperature, knn_log_prob, neighbor_scores
+from ..store.npy import GrowingNpy
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,12 @@ FILES = {
 }
 _RESERVED = {"format", "format_version", "complete", "count", "sim_func", "k", "k_kept",
              "temperature", "lmbda", "files", "started", "finished", "versions"}
+# What an export's meta.json must hold: field -> (types, required).
+META_SCHEMA = {
+    "format": (str, True), "format_version": (int, True), "complete": (bool, True), "count": (int, True),
+    "k_kept": (int, True), "files": (list, True), "sim_func": (str, False), "temperature": (float, False),
+    "lmbda": (float, False), "k": ((int, type(None)), False),
+}
 # Elements of (rows, K) per re-scoring chunk: 4 MB of fp32 per temporary, about cache-sized.
 CHUNK_ELEMENTS = 1 << 20
 # log-probabilities above this are impossible (not float rounding of a probability of 1).
@@ -90,20 +98,15 @@ class ExportWriter:
             raise ConfigError(f"export metadata keys {sorted(clash)} are reserved for the export itself")
         self.path = path
         self.with_ids = bool(with_ids)
-        meta_path = os.path.join(path, META)
         if os.path.exists(path) and not os.path.isdir(path):
             raise ConfigError(f"export path {path} exists and is not a directory")
-        if os.path.exists(meta_path) and not overwrite:
-            try:
-                old = read_json(meta_path, f"export {path}")
-            except CorruptError:
-                old = {}
-            if old.get("complete"):
-                raise KNNLMError(
-                    f"a complete export already exists at {path} ({old.get('count', '?')} tokens); "
-                    f"pass --overwrite to replace it or choose another --knnlm-dump-probs path"
-                )
-        os.makedirs(path, exist_ok=True)
+        # One writer per export directory: a second one at once is refused by name.
+        self.lock = WriteLock(os.path.normpath(path), f"export {path}").acquire()
+        try:
+            self._prepare(overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
         self.meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -119,15 +122,53 @@ class ExportWriter:
             "versions": provenance.versions(),
             **(meta or {}),
         }
-        # "Incomplete" first, then drop the old arrays: a reader never mixes old and new files.
-        write_json_atomic(meta_path, self.meta)
-        for name in FILES:
-            try:
-                os.remove(os.path.join(path, f"{name}.npy"))
-            except FileNotFoundError:
-                pass
+        try:
+            if not self.replacing:
+                # "Incomplete" first, then drop the old arrays: a reader never mixes old and new files.
+                write_json_atomic(os.path.join(path, META), self.meta)
+                for name in FILES:
+                    try:
+                        os.remove(os.path.join(path, f"{name}.npy"))
+                    except FileNotFoundError:
+                        pass
+        except BaseException:
+            self.lock.release()
+            raise
         self._files = None  # name -> GrowingNpy, created by the first add()
         self._done = False
+
+    def _prepare(self, overwrite):
+        """Refuse to touch data that is not our own unfinished export (unless overwrite); decide
+        where the arrays are written: in place, or beside a whole old export that they replace
+        only once complete."""
+        path = self.path
+        meta_path = os.path.join(path, META)
+        refuse_to_replace(meta_path, overwrite, lambda old: (
+            f"a complete export already exists at {path} ({old.get('count', '?')} tokens); "
+            f"pass --overwrite to replace it or choose another --knnlm-dump-probs path"))
+        for p in glob.glob(f"{glob.escape(os.path.normpath(path))}.tmp[0-9]*"):  # a killed replacement's
+            shutil.rmtree(p, ignore_errors=True)
+        old = read_json_or_none(meta_path)
+        entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
+        ours = {f"{n}.npy" for n in FILES} | {META}
+        foreign = [e for e in entries if e not in ours]
+        unfinished = isinstance(old, dict) and old.get("format") == FORMAT and old.get("complete") is False
+        if not overwrite:
+            if foreign:
+                raise KNNLMError(
+                    f"export directory {path} holds files that are not this export's "
+                    f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): --knnlm-dump-probs "
+                    f"needs a directory of its own; choose another path, or pass --overwrite (only the "
+                    f"export's own files are replaced, never the others)")
+            present = [e for e in entries if e in ours]
+            if present and not unfinished:
+                raise KNNLMError(
+                    f"export directory {path} already holds {', '.join(present[:3])} without the "
+                    f"metadata of an unfinished export (another export's files?); pass --overwrite to "
+                    f"replace them or choose another --knnlm-dump-probs path")
+        self.replacing = is_complete(old) and _loads(path)
+        self.write_dir = f"{os.path.normpath(path)}.tmp{os.getpid()}" if self.replacing else path
+        os.makedirs(self.write_dir, exist_ok=True)
 
     @property
     def count(self):
@@ -140,11 +181,12 @@ class ExportWriter:
             self.meta["k_kept"] = min(self.meta["k_kept"], int(k))
         row = (self.meta["k_kept"],)
         self._files = {
-            name: GrowingNpy(os.path.join(self.path, f"{name}.npy"), FILES[name][0],
+            name: GrowingNpy(os.path.join(self.write_dir, f"{name}.npy"), FILES[name][0],
                              row if FILES[name][1] else ())
             for name in names
         }
-        write_json_atomic(os.path.join(self.path, META), self.meta)
+        if not self.replacing:
+            write_json_atomic(os.path.join(self.path, META), self.meta)
 
     def add(self, lp_lm, lp_knn, targets, dists=None, match=None, ids=None, vals=None, valid=None):
         """Append n tokens: lp_lm, lp_knn, targets (n,); dists, match, ids, vals, valid (n, k).
@@ -232,15 +274,33 @@ class ExportWriter:
         self._done = True
         self.meta.update(extra_meta or {})
         self.meta.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        write_json_atomic(os.path.join(self.path, META), self.meta)
+        meta_path = os.path.join(self.path, META)
+        if self.replacing:
+            # The old export stayed whole until now: mark it incomplete, move the new arrays in
+            # (dropping old arrays the new export lacks), then the new metadata.
+            old = read_json_or_none(meta_path) or {}
+            write_json_atomic(meta_path, {**old, "complete": False, "being_replaced": self.meta["finished"]})
+            for name in FILES:
+                src, dst = os.path.join(self.write_dir, f"{name}.npy"), os.path.join(self.path, f"{name}.npy")
+                if name in self._files:
+                    os.replace(src, dst)
+                elif os.path.exists(dst):
+                    os.remove(dst)
+            shutil.rmtree(self.write_dir, ignore_errors=True)
+        write_json_atomic(meta_path, self.meta)
+        self.lock.release()
         return self.meta
 
     def abandon(self):
-        """Close the files and leave the export marked incomplete (e.g. the run failed)."""
+        """Close the files and leave the export marked incomplete (e.g. the run failed); an old
+        export being replaced is left as it was."""
         if not self._done and self._files is not None:
             for f in self._files.values():
                 f.abandon()
+        if not self._done and self.replacing:
+            shutil.rmtree(self.write_dir, ignore_errors=True)
         self._done = True
+        self.lock.release()
 
 
 @dataclasses.dataclass
@@ -280,22 +340,35 @@ class Export:
         return self.has_neighbors and self.k_kept < self.k
 
 
+def _loads(path):
+    """Whether the export at PATH opens whole (a corrupt one holds nothing worth keeping)."""
+    try:
+        load_export(path)
+        return True
+    except KNNLMError:
+        return False
+
+
 def load_export(path):
     """Open the export directory PATH, checking that it is complete and its files are whole."""
     if not os.path.isdir(path):
         raise KNNLMError(f"no export directory at {path} (written by --knnlm-dump-probs)")
     meta = read_json(os.path.join(path, META), f"export {path}")
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = meta if isinstance(meta, dict) else {}
         raise CorruptError(f"{path}/{META} is not the metadata of a kNN-LM export (format {meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CorruptError(f"export {path} has format version {meta.get('format_version')}; "
                            f"this code reads version {FORMAT_VERSION}")
+    check_schema(meta, META_SCHEMA, f"export {path}", os.path.join(path, META))
     if not meta.get("complete"):
         raise IncompleteError(
             f"export {path} is incomplete: the evaluation that wrote it did not finish "
             f"({meta.get('count', 0)} tokens recorded). Run the evaluation again."
         )
     names = meta.get("files", [])
+    if not all(isinstance(n, str) for n in names):
+        raise CorruptError(f"export {path}: its metadata lists files {names!r}, expected names; it is damaged")
     if not {"lp_lm", "lp_knn", "targets"} <= set(names) or ("dists" in names) != ("match" in names):
         raise CorruptError(f"export {path}: its metadata lists an impossible set of files {names}")
     arrays = {}
@@ -307,8 +380,10 @@ def load_export(path):
             raise CorruptError(f"export {path}: {file} is missing")
         try:
             a = np.load(file, mmap_mode="r")
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, EOFError, SyntaxError, TypeError, KeyError, UnicodeDecodeError) as e:
             raise CorruptError(f"export {path}: cannot read {file} ({e}); it is truncated or damaged") from None
+        if not a.flags.c_contiguous:
+            raise CorruptError(f"export {path}: {file} is not the C-order array an export writes; it was damaged")
         dtype, per_neighbor = FILES[name]
         shape = (meta["count"], meta["k_kept"]) if per_neighbor else (meta["count"],)
         if a.shape != shape or a.dtype != dtype:

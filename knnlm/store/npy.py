@@ -1,7 +1,9 @@
 """A `.npy` file that grows row by row through a memory map.
 
 The row count of a datastore is rarely known up front, so the file is created with a
-fixed-size header, grown in large steps while rows are written through `numpy.memmap`,
+fixed-size header, grown geometrically (from 1 MiB, doubling, at most 64 MiB a step, never
+past the free space: only rows that really do not fit are refused) while rows are written
+through `numpy.memmap`,
 and on `close()` truncated to the rows written and given its final header. Until then
 the header says zero rows, so a killed writer never leaves a file that reads as whole.
 """
@@ -10,10 +12,11 @@ import os
 
 import numpy as np
 
-from .errors import DiskSpaceError
+from ..errors import DiskSpaceError
 
 HEADER_BYTES = 128  # fixed so the final header can be written in place
-_GROW_BYTES = 64 << 20
+_GROW_BYTES = 64 << 20  # the largest step by which a file grows
+_FIRST_GROW_BYTES = 1 << 20  # the first step; each next one doubles the capacity, up to _GROW_BYTES
 
 
 def _header(dtype, shape):
@@ -58,17 +61,22 @@ class GrowingNpy:
     def _reserve(self, rows):
         if rows <= self._capacity:
             return
-        step = max(_GROW_BYTES // max(self.row_bytes, 1), 1)
-        rows = max(rows, self._capacity + step)
+        rb = max(self.row_bytes, 1)
+        # Geometric growth: few fallocate calls for a big file, little waste for a small one.
+        step = min(max(self._capacity * rb, _FIRST_GROW_BYTES), _GROW_BYTES) // rb
+        want = max(rows, self._capacity + max(step, 1))
+        spare = free_bytes(self.path) - (want - self._capacity) * self.row_bytes
+        if want > rows and spare < 0:
+            want = rows  # the spare room does not fit: ask for exactly what the rows need
         try:
-            os.posix_fallocate(self._file.fileno(), 0, HEADER_BYTES + rows * self.row_bytes)
+            os.posix_fallocate(self._file.fileno(), 0, HEADER_BYTES + want * self.row_bytes)
         except OSError as e:
             raise DiskSpaceError(
                 f"{self.path}: cannot grow to {rows:,} rows ({e.strerror}); "
                 f"{free_bytes(self.path) / 2**30:.2f} GiB free. The file is left marked "
                 f"incomplete; free space and run the dump again."
             ) from e
-        self._capacity = rows
+        self._capacity = want
 
     def append(self, array):
         array = np.asarray(array, dtype=self.dtype)

@@ -10,106 +10,22 @@ Default temperature grid: T_run * 2**(j/2) for j = -6..6, i.e. 13 values from T_
 """
 
 import argparse
-import logging
 import math
 import sys
 
 import numpy as np
 import torch
 
-from .datastore import write_json_atomic
-from .errors import ConfigError, CorruptError, KNNLMError
+from ..errors import ConfigError, CorruptError
 from .export import load_export, lp_knn_grid, same_temperature
-from .scoring import check_lambda, check_temperature, interpolate
+from .rescoring import (DEFAULT_LAMBDAS, check_consistent, json_safe, parse_lambdas,  # noqa: F401
+                        parse_temperatures, perplexity, run_command, write_outputs)
 
-DEFAULT_LAMBDAS = "0:1:0.01"
 DEFAULT_TABLE_LAMBDAS = "0,0.1,0.25,0.5,0.75,0.9,1"
-# Stored and re-scored lp_knn at the run's temperature must agree this closely (fp32 rounding
-# of a logsumexp over up to a few thousand neighbors stays far below it), plus the rounding of
-# fp32 scores where they are large (see _check_consistent).
-CONSISTENCY_ATOL = 1e-4
 
 
 def default_temperatures(t_run):
     return [t_run * 2.0 ** (j / 2) for j in range(-6, 7)]
-
-
-def parse_lambdas(text, name="--lambdas"):
-    """'START:STOP:STEP' (STOP included) or a comma list -> sorted unique values in [0, 1]."""
-    try:
-        if ":" in text:
-            start, stop, step = (float(x) for x in text.split(":"))
-            if not step > 0 or stop < start:
-                raise ValueError
-            n = (stop - start) / step
-            if abs(n - round(n)) > 1e-6:
-                raise ConfigError(f"{name} {text}: STEP does not divide STOP - START")
-            # Rounded so that 0.1 * 3 prints and compares as 0.3.
-            values = [round(start + i * step, 12) for i in range(int(round(n)) + 1)]
-        else:
-            values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{name} must be START:STOP:STEP or a comma list of numbers, got {text!r}") from None
-    if not values:
-        raise ConfigError(f"{name} is empty")
-    for v in values:
-        check_lambda(v, name)
-    return sorted(set(values))
-
-
-def parse_temperatures(text, name="--temperatures"):
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{name} must be a comma list of numbers, got {text!r}") from None
-    if not values:
-        raise ConfigError(f"{name} is empty")
-    for v in values:
-        check_temperature(v, name)
-    return sorted(set(values))
-
-
-def perplexity(lp_lm, lp_knn, lmbda):
-    """(ppl, number of tokens of probability 0) for one lambda; both vectors are torch fp32."""
-    lp = interpolate(lp_lm, lp_knn, lmbda)
-    n_zero = int(torch.isneginf(lp).sum())
-    if n_zero:
-        return math.inf, n_zero
-    return math.exp(-float(lp.double().mean())), 0
-
-
-def _check_consistent(export, recomputed):
-    """Re-scored lp_knn at the run's temperature must reproduce the stored one."""
-    stored = np.asarray(export.lp_knn)
-    inf_s, inf_r = np.isneginf(stored), np.isneginf(recomputed)
-    if (inf_s != inf_r).any():
-        i = int(np.argmax(inf_s != inf_r))
-        raise CorruptError(
-            f"export {export.path} is inconsistent: at token {i} the stored lp_knn is {stored[i]} "
-            f"but its distances and matches give {recomputed[i]} (does any neighbor carry the "
-            f"target?). Its files do not belong together; export again."
-        )
-    finite = np.flatnonzero(~inf_s)
-    diff = np.abs(stored[finite].astype(np.float64) - recomputed[finite])
-    big = diff > CONSISTENCY_ATOL
-    if big.any():
-        # fp32 scores s/T carry rounding of about eps |s/T| each (large distances, T = 1: ~1e-4
-        # already); lp_knn may inherit up to twice the largest. Allow that much beyond the atol.
-        rows = finite[big]
-        scale = np.nanmax(np.abs(np.asarray(export.dists[rows], dtype=np.float64)), axis=1)
-        allowed = CONSISTENCY_ATOL + 4 * np.finfo(np.float32).eps * scale / export.meta["temperature"]
-        excess = diff[big] / allowed
-        if excess.max() > 1:
-            j = int(np.argmax(excess))
-            i = int(rows[j])
-            raise CorruptError(
-                f"export {export.path} is inconsistent: re-scoring its distances at the run's "
-                f"temperature T = {export.meta['temperature']:g} gives lp_knn {recomputed[i]:.6f} at "
-                f"token {i}, the stored value is {stored[i]:.6f} (|diff| {diff[big][j]:.2e} > "
-                f"{allowed[j]:.2e}); wrong sim_func/temperature in meta.json, or distances other "
-                f"than those scored. Export again."
-            )
-    return float(diff.max()) if diff.size else 0.0
 
 
 def tune(export, lambdas, temperatures=None):
@@ -151,7 +67,7 @@ def tune(export, lambdas, temperatures=None):
         if not at_run:
             grid = grid[:-1]
         if not export.truncated:
-            result["consistency_max_abs_diff"] = _check_consistent(export, recomputed.numpy())
+            result["consistency_max_abs_diff"] = check_consistent(export, recomputed.numpy())
         else:
             result["run_ppl_rescored"] = perplexity(lp_lm, recomputed, l_run)[0]
     ppl = np.empty((len(temperatures), len(lambdas)))
@@ -238,9 +154,8 @@ def _colors(n):
 
 def to_json(result):
     """The result without internals, infinite perplexities as null (JSON has no inf)."""
-    clean = lambda x: None if isinstance(x, float) and math.isinf(x) else x  # noqa: E731
-    out = {k: clean(v) for k, v in result.items() if not k.startswith("_") and k != "ppl"}
-    out["ppl"] = [[clean(float(x)) for x in row] for row in result["ppl"]]
+    out = json_safe({k: v for k, v in result.items() if not k.startswith("_") and k != "ppl"})
+    out["ppl"] = json_safe([[float(x) for x in row] for row in result["ppl"]])
     out["ppl_layout"] = "ppl[i][j]: temperatures[i], lambdas[j]; null = infinite"
     return out
 
@@ -299,28 +214,17 @@ def build_parser():
     return p
 
 
+def _run(args):
+    lambdas = parse_lambdas(args.lambdas)
+    table_lambdas = parse_lambdas(args.table_lambdas, "--table-lambdas")
+    temperatures = parse_temperatures(args.temperatures) if args.temperatures else None
+    result = tune(load_export(args.export_dir), lambdas, temperatures)
+    print(report(result, table_lambdas))
+    write_outputs(args.json, lambda: to_json(result), args.plot, lambda p: plot(result, p))
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="knnlm-tune: warning: %(message)s", level=logging.WARNING)
-    try:
-        lambdas = parse_lambdas(args.lambdas)
-        table_lambdas = parse_lambdas(args.table_lambdas, "--table-lambdas")
-        temperatures = parse_temperatures(args.temperatures) if args.temperatures else None
-        result = tune(load_export(args.export_dir), lambdas, temperatures)
-        print(report(result, table_lambdas))
-        for path, write in ((args.json, lambda p: write_json_atomic(p, to_json(result))),
-                            (args.plot, lambda p: plot(result, p))):
-            if path:
-                try:
-                    write(path)
-                except OSError as e:
-                    raise KNNLMError(f"cannot write {path}: {e.strerror or e}") from None
-                print(f"wrote {path}")
-    except KNNLMError as e:
-        print(f"knnlm-tune: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("knnlm-tune", build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Nearest-neighbor retrieval: FAISS search, then optional exact distances from the datastore.
+"""The FAISS retrieval strategy: index search, then optional exact distances from the datastore.
 
 No fairseq here: queries come in as arrays or tensors, neighbors go out as tensors on the
 queries' device.
@@ -11,13 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .errors import ConfigError, CorruptError
-from .index import load_index
-from .scoring import SIM_FUNCS
+from ..errors import ConfigError, CorruptError
+from ..index import load_index
+from ..index.load import check_metric
+from ..index.faiss_utils import FAISS_GPU_MAX_K, maybe_to_gpu, set_nprobe
+from .base import Neighbors, Retriever, check_common, check_k_factor
 
 logger = logging.getLogger(__name__)
 
-FAISS_GPU_MAX_K = 2048
 # Bytes of gathered keys per recompute chunk: large enough to amortise, small enough for RAM.
 RECOMPUTE_CHUNK_BYTES = 64 << 20
 # (query, neighbor) pairs sorted together by the fused recompute: 2M pairs take ~50 MB of
@@ -28,7 +29,7 @@ SORT_BLOCK_PAIRS = 1 << 21
 RECOMPUTE_BLOCKS_IN_FLIGHT = 2
 
 
-class Retriever:
+class FaissRetriever(Retriever):
     """Search `index` for the k nearest datastore entries of each query.
 
     sim_func: "l2" recomputes exact squared L2 from the full-precision keys (the paper's
@@ -41,22 +42,17 @@ class Retriever:
     8-bit PQ at k (benchmarks/README.md); it needs exact distances (l2 or dot).
     """
 
-    def __init__(self, index, datastore, *, k=1024, nprobe=32, sim_func="l2", gpu=False, k_factor=1.0):
-        if sim_func not in SIM_FUNCS:
-            raise ConfigError(f"--knn-sim-func must be one of {', '.join(SIM_FUNCS)}, got {sim_func!r}")
-        if k < 1:
-            raise ConfigError(f"--k must be at least 1, got {k}")
-        if k > datastore.size:
-            raise ConfigError(f"--k {k} exceeds the {datastore.size:,} entries of datastore {datastore.prefix}")
+    def __init__(self, index, datastore, *, k=1024, nprobe=32, sim_func="l2", gpu=False, k_factor=1.0,
+                 allow_index_without_fingerprint=False):
+        check_common(datastore, k, sim_func)
         if nprobe < 1:
             raise ConfigError(f"--probe must be at least 1, got {nprobe}")
-        if not k_factor >= 1 or not math.isfinite(k_factor):
-            raise ConfigError(f"--knn-k-factor must be a finite number >= 1, got {k_factor}")
-        if k_factor > 1 and sim_func == "do_not_recomp_l2":
-            raise ConfigError("--knn-k-factor above 1 re-ranks candidates by exact distance: it needs "
-                              "--knn-sim-func l2 or dot, not do_not_recomp_l2")
+        check_k_factor(k_factor, sim_func)
         if isinstance(index, str):
-            index = load_index(index, datastore=datastore)
+            index = load_index(index, datastore=datastore, sim_func=sim_func,
+                               allow_without_fingerprint=allow_index_without_fingerprint)
+        else:
+            check_metric(index, sim_func)  # an inner-product index serves dot only, an L2 one l2
         if index.d != datastore.dim:
             raise ConfigError(
                 f"index has dimension {index.d} but datastore {datastore.prefix} has {datastore.dim}"
@@ -67,35 +63,21 @@ class Retriever:
         self.recompute = sim_func != "do_not_recomp_l2"
         self.index = index
         self._pool = None  # threads of the fused recompute, started on first use
-        self._set_nprobe(index, nprobe)
+        set_nprobe(index, nprobe)
         if gpu:
             self.index = self._to_gpu(index)
 
-    @staticmethod
-    def _set_nprobe(index, nprobe):
-        import faiss
-
-        try:
-            faiss.extract_index_ivf(index).nprobe = nprobe
-        except RuntimeError:
-            pass  # a flat index: nothing to probe
-
     def _to_gpu(self, index):
-        import faiss
-
         if self.k_search > FAISS_GPU_MAX_K:
             raise ConfigError(
                 f"--k {self.k} (x --knn-k-factor: {self.k_search} candidates) is above FAISS's GPU limit "
-                f"of {FAISS_GPU_MAX_K} neighbors; lower --k or search on the CPU (drop --knn-gpu)"
+                f"of {FAISS_GPU_MAX_K} neighbors (per GPU shard too); lower --k, search on the CPU (drop --knn-gpu), "
+                f"or search exactly on the GPU (--knn-search exact, no such limit)"
             )
-        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
-            logger.warning("--knn-gpu: this faiss has no GPU support or sees no GPU; searching on the CPU")
-            return index
-        self._gpu_res = faiss.StandardGpuResources()
-        options = faiss.GpuClonerOptions()
-        options.useFloat16 = True  # IVFPQ: fp16 lookup tables; PQ64 tables do not fit shared memory in fp32
-        gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, torch.cuda.current_device(), index, options)
-        self._set_nprobe(gpu_index, self.nprobe)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        gpu_index, on_gpu = maybe_to_gpu(index, True, "--knn-gpu: searching", device=device, all_gpus=True)
+        if on_gpu:
+            set_nprobe(gpu_index, self.nprobe)
         return gpu_index
 
     def _host_queries(self, queries):
@@ -108,6 +90,10 @@ class Retriever:
             q = np.asarray(queries, np.float32)
         if q.ndim != 2 or q.shape[1] != self.datastore.dim:
             raise ConfigError(f"queries of shape {q.shape} do not match the datastore's dimension {self.datastore.dim}")
+        if not np.isfinite(q).all():  # one vectorised pass; FAISS would return garbage neighbors
+            bad = int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])
+            raise CorruptError(f"query {bad} of this batch is not finite (NaN/inf in the model's "
+                               f"states): the kNN-LM cannot score it; check the model and its precision")
         return np.ascontiguousarray(q)
 
     def search(self, queries):
@@ -115,16 +101,16 @@ class Retriever:
         candidates with k_factor > 1)."""
         return self.index.search(self._host_queries(queries), self.k_search)
 
-    def __call__(self, queries, return_ids=False, nearest_first=True):
-        """(N, D) queries -> (distances, values, valid) as tensors on the queries' device.
+    def retrieve(self, queries, state=None, *, nearest_first=True):
+        """(N, D) queries -> Neighbors on the queries' device.
 
         distances: exact squared L2 or inner products if recomputing, else FAISS's;
-        values: the datastore's next tokens; valid: False where FAISS found fewer than k.
-        With return_ids, the datastore rows (N, k) come fourth (-1 where missing).
+        values: the datastore's next tokens; valid: False where FAISS found fewer than k;
+        ids: the datastore rows (-1 where missing).
         nearest_first (k_factor > 1 only): the k kept come sorted by exact distance, as an
         export needs (its k sweeps take each row's first k); False leaves them in any order,
         which no score depends on, and keeps them about 3x faster. With k_factor 1 the order is
-        FAISS's.
+        FAISS's. `state` is unused: plain FAISS search keeps none.
         """
         device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
         q = self._host_queries(queries)  # searched and (on the fast path) recomputed on the host
@@ -138,17 +124,30 @@ class Retriever:
             if self.k_search > self.k:
                 dists, ids = self._keep_nearest(dists, ids, valid, nearest_first)
                 valid, safe_ids = self._valid_ids(ids)
+        self._check_distances(dists, valid)
         vals = np.asarray(self.datastore.gather_vals(safe_ids))
         dict_size = self.datastore.meta.get("dict_size")
         if dict_size is not None and len(vals) and (vals.max() >= dict_size or vals.min() < 0):
             raise CorruptError(f"datastore {self.datastore.prefix} holds values outside its dictionary of {dict_size}")
         dists = torch.from_numpy(dists) if isinstance(dists, np.ndarray) else dists
-        out = (
-            dists.to(device),
-            torch.from_numpy(vals.astype(np.int64, copy=False)).to(device),
-            torch.from_numpy(valid).to(device),
+        return Neighbors(
+            distances=dists.to(device),
+            values=torch.from_numpy(vals.astype(np.int64, copy=False)).to(device),
+            valid=torch.from_numpy(valid).to(device),
+            ids=torch.from_numpy(ids).to(device),
         )
-        return out + (torch.from_numpy(ids).to(device),) if return_ids else out
+
+    def _check_distances(self, dists, valid):
+        """Stop, by name, on a NaN/inf distance to a found neighbor (a NaN key in the datastore or
+        a damaged index): one isfinite over the batch."""
+        finite = torch.isfinite(dists) if torch.is_tensor(dists) else torch.from_numpy(np.isfinite(dists))
+        if not valid.all():
+            finite = finite | torch.from_numpy(~valid).to(finite.device)
+        if not bool(finite.all()):
+            raise CorruptError(
+                f"a neighbor distance is not finite (NaN/inf) for datastore {self.datastore.prefix}: "
+                f"its keys or the index hold NaN/inf values; run knnlm-check, dump the datastore and "
+                f"build the index again")
 
     @staticmethod
     def _valid_ids(ids):

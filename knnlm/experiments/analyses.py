@@ -1,6 +1,6 @@
 """The kNN-LM paper's analyses on the demo's data (Jane Austen).
 
-    python -m knnlm.analyses [--config YAML] [--austen-dir DIR] [key=value ...] [demo.key=value ...]
+    python -m knnlm.experiments.analyses [--config YAML] [--austen-dir DIR] [key=value ...] [demo.key=value ...]
 
 Runs the demo's steps first (skipped when done: knnlm.demo), then, reusing its LM, datastore,
 index and valid-set export:
@@ -37,14 +37,15 @@ import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+
+from ..config import config_path, load_yaml
+from ..errors import ConfigError
 
 from . import demo as demo_mod
 from .demo import (PLUGIN_DIR, SHOW_EVAL, Demo, DemoError, Step, _digest, fmt_seconds, load_config,
                    parse_summary, run_tool, tool)
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "configs" / "demo" / "analyses.yaml"
+DEFAULT_CONFIG = config_path("demo/analyses")
 ANALYSES = ("k", "lambda", "size", "keytype", "simfunc", "domain")
 TITLES = {
     "shared": "shared (valid slice, full-datastore export on it)",
@@ -76,20 +77,12 @@ log = logging.getLogger("knnlm.analyses")
 
 def load_configs(overrides=(), path=DEFAULT_CONFIG):
     """(analyses config, demo config) from `key=value` overrides; `demo.KEY=v` goes to the demo's."""
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise DemoError(f"settings must look like key=value, got {bad}")
     demo_over = [o[len("demo."):] for o in overrides if o.startswith("demo.")]
     own = [o for o in overrides if not o.startswith("demo.")]
     try:
-        cfg = OmegaConf.load(path)
-        OmegaConf.set_struct(cfg, True)
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(own))
-        OmegaConf.resolve(cfg)
-    except OmegaConfBaseException as e:
-        raise DemoError(f"bad setting: {str(e).splitlines()[0]}") from None
-    except OSError as e:
-        raise DemoError(f"cannot read config {path}: {e}") from None
+        cfg = load_yaml(path, own)
+    except ConfigError as e:
+        raise DemoError(str(e)) from None
     unknown = [a for a in cfg.run if a not in ANALYSES]
     if unknown:
         raise DemoError(f"run: unknown analyses {unknown}; known: {list(ANALYSES)}")
@@ -329,7 +322,7 @@ class Analyses:
 
     def step_tune(self, analysis, name, export, deps, plot=None):
         """knnlm-tune over the demo's lambda and temperature grids."""
-        from .tune import main as tune_main
+        from ..offline.tune import main as tune_main
 
         json_path = self.out / "tune" / f"{name}.json"
         argv = [export, "--lambdas", self.lambdas, "--temperatures", self.temperatures, "--json", json_path,
@@ -383,7 +376,7 @@ class Analyses:
             return self.full_export()
         deps, data = self.eval_set()
         prefix = self.out / "size" / f"dstore_f{fkey(f)}"
-        from .subset import main as subset_main
+        from ..store.subset import main as subset_main
 
         argv = [self.demo.dstore, float(f), prefix, "--seed", self.cfg.size.seed, "--overwrite"]
         sub = f"size_subset_{fkey(f)}"
@@ -403,7 +396,7 @@ class Analyses:
 
     # ---- 1. k ----
     def plan_k(self):
-        from .sweeps import main as sweeps_main
+        from ..offline.sweeps import main as sweeps_main
 
         ks = [k for k in self.cfg.k_sweep.ks if k <= self.dcfg.k] or [self.dcfg.k]
         js, png = self.out / "k_sweep.json", self.out / "fig4_k.png"
@@ -424,7 +417,7 @@ class Analyses:
 
     # ---- 3. datastore size ----
     def plan_size(self):
-        from .sweeps import main as sweeps_main
+        from ..offline.sweeps import main as sweeps_main
 
         deps, exports = [], []
         for f in sorted({float(f) for f in self.cfg.size.fractions}):
@@ -1049,7 +1042,7 @@ class Report:
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="python -m knnlm.analyses",
+        prog="python -m knnlm.experiments.analyses",
         description="The kNN-LM paper's analyses (Figures 2, 4, 5; Tables 4, 5; quantized vs exact "
                     "distances) on the demo's Jane Austen LM, datastore and index.",
         epilog="Settings: any field of configs/demo/analyses.yaml as key=value (run=[k,lambda], "

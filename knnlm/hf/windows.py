@@ -1,0 +1,92 @@
+"""The sliding windows of Hugging Face's "Perplexity of fixed-length models" guide.
+
+Windows of at most L tokens start every S tokens (S <= L). A window scores the tokens after
+the last one an earlier window scored, each given the window's tokens before it. The text's
+first token is never scored (nothing precedes it), nor, when S = L, each window's first
+token. The windows stop at the first one that reaches the end of the text.
+
+    for w in windows(n_tokens, L, S): w.begin, w.end, w.first   # score targets first..end-1
+
+Dump, eval and check all walk these windows, so a datastore row, an eval token and a check
+replay mean the same (window, position).
+"""
+
+import dataclasses
+
+import torch
+
+from knnlm.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    begin: int   # first token of the window (absolute position in the text)
+    end: int     # one past its last token
+    first: int   # first target it scores; it scores first..end-1, each from tokens begin..t-1
+
+    @property
+    def scored(self):
+        return self.end - self.first
+
+
+def check_window(max_length, stride, model_positions=None):
+    if max_length < 2:
+        raise ConfigError(f"--max-length must be at least 2 (a context token and a target), got {max_length}")
+    if model_positions is not None and max_length > model_positions:
+        raise ConfigError(f"--max-length {max_length} exceeds the model's {model_positions} positions; "
+                          f"pass --max-length {model_positions} or less")
+    if not 1 <= stride <= max_length:
+        raise ConfigError(f"--stride must lie in [1, --max-length {max_length}] (a larger stride would skip "
+                          f"tokens), got {stride}")
+
+
+def windows(n_tokens, max_length, stride):
+    """The guide's windows over a text of n_tokens, those that score at least one token."""
+    check_window(max_length, stride)
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + max_length, n_tokens)
+        first = max(prev_end, begin + 1)
+        if end > first:
+            out.append(Window(begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def scored_count(n_tokens, max_length, stride):
+    return sum(w.scored for w in windows(n_tokens, max_length, stride))
+
+
+def batches(wins, batch_size):
+    """Consecutive windows of equal length, at most batch_size per batch."""
+    group = []
+    for w in wins:
+        if group and (len(group) == batch_size or w.end - w.begin != group[0].end - group[0].begin):
+            yield group
+            group = []
+        group.append(w)
+    if group:
+        yield group
+
+
+@torch.no_grad()
+def run_windows(model, ids, wins, capture=None, *, batch_size=1, device="cpu", with_logits=False):
+    """Run `model` over `wins` of the 1-D token tensor `ids`; yield, per window, a dict:
+    window, targets (n,), lp_lm (n,) log p_LM(target) in fp32, keys (n, D) if `capture`, and
+    lm_log_probs (n, V) if `with_logits`."""
+    for group in batches(wins, batch_size):
+        inputs = torch.stack([ids[w.begin:w.end] for w in group]).to(device)
+        logits = model(input_ids=inputs).logits
+        keys = capture.pop() if capture is not None else None
+        for i, w in enumerate(group):
+            pos = torch.arange(w.first - w.begin - 1, w.end - w.begin - 1, device=inputs.device)  # predicts pos+1
+            targets = inputs[i, pos + 1]
+            lp = logits[i, pos].float().log_softmax(-1)
+            out = {"window": w, "targets": targets, "lp_lm": lp.gather(-1, targets[:, None])[:, 0]}
+            if keys is not None:
+                out["keys"] = keys[i, pos]
+            if with_logits:
+                out["lm_log_probs"] = lp
+            yield out

@@ -1,0 +1,192 @@
+"""Building one index over a sharded datastore (or any datastore, with ondisk_merge=true).
+
+Train once on a sample drawn across all shards, add each shard in its own process into a
+copy of the trained index (INDEX.shardK), then merge the inverted lists on disk into
+INDEX.ivfdata with faiss.contrib.ondisk.merge_ondisk. The final index file holds only the
+quantizers; searches memory-map INDEX.ivfdata. The plan, training and metadata steps are
+the single build's (knnlm.index.builder), which calls `build_sharded`; this module never
+imports the builder at its top, so the two form no import cycle.
+"""
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..artefacts import read_json, read_json_or_none, write_json_atomic
+from ..errors import ConfigError, CorruptError, KNNLMError, MismatchError
+from ..store.datastore import Datastore
+from ..store.sharded import ShardedDatastore
+from . import faiss_utils, steps
+
+logger = logging.getLogger(__name__)
+
+
+def _parts(datastore):
+    """(prefix, fingerprint, first global id, size, open kwargs) of each piece added in its own process."""
+    if isinstance(datastore, ShardedDatastore):
+        return [(s.prefix, s.fingerprint, int(off), s.size, {})
+                for s, off in zip(datastore.shards, datastore.offsets)]
+    kw = {}
+    if datastore.meta.get("legacy"):  # a raw datastore reopens only with its size and dimension
+        kw = {"dstore_size": datastore.size, "dim": datastore.dim, "fp16": datastore.keys.dtype == np.float16}
+    return [(datastore.prefix, datastore.fingerprint, 0, datastore.size, kw)]
+
+
+def shard_index_path(index_path, k):
+    return f"{index_path}.shard{k}"
+
+
+def add_shard(job):
+    """Run in a child process: add one shard's keys into a copy of the trained index.
+
+    Writes job['out'] (via a temporary name) and job['out'].json; returns a summary dict.
+    """
+    import faiss
+
+    faiss_utils.set_threads(job["threads"])
+    ds = Datastore.open(job["prefix"], **job["open_kwargs"])
+    if ds.fingerprint != job["fingerprint"]:
+        raise MismatchError(
+            f"shard {job['prefix']} changed while the index was being built (fingerprint "
+            f"{ds.fingerprint}, expected {job['fingerprint']}); build again"
+        )
+    index = faiss.read_index(job["trained"])
+    index, on_gpu = faiss_utils.maybe_to_gpu(index, job["gpu"], "adding")
+    t0 = time.perf_counter()
+    steps.add_rows(index, ds.keys, 0, ds.size, id_offset=job["offset"], chunk=job["chunk"],
+                desc=f"shard {job['k']}", position=job.get("position"), where=f"datastore {ds.prefix}")
+    seconds = time.perf_counter() - t0
+    faiss_utils.save_index(index, job["out"])
+    done = {"identity": job["identity"], "fingerprint": ds.fingerprint, "offset": job["offset"],
+            "ntotal": ds.size, "add_seconds": seconds, "gpu": on_gpu}
+    write_json_atomic(f"{job['out']}.json", done)
+    return done
+
+
+def _shard_done(job):
+    """The summary of a shard added by an earlier (interrupted) run of the same build, or None."""
+    path = f"{job['out']}.json"
+    if not (os.path.exists(job["out"]) and os.path.exists(path)):
+        return None
+    done = read_json_or_none(path)
+    if done is None:
+        return None
+    same = (done.get("identity") == job["identity"] and done.get("fingerprint") == job["fingerprint"]
+            and done.get("offset") == job["offset"])
+    return done if same else None
+
+
+def add_shard_main(job_path):
+    """Entry point of the child process: run the job in JSON file `job_path`; exit status 2 on a user error."""
+    steps.setup_logging()
+    try:
+        add_shard(read_json(job_path, f"shard job {job_path}"))
+    except KNNLMError as e:
+        print(f"knnlm-build-index: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_jobs(jobs, workers):
+    """Add the shards, each in a fresh Python process, `workers` at a time.
+
+    A separate interpreter (not fork or multiprocessing's spawn) so a shard's memory is
+    returned when it ends, and the caller's __main__ is never re-imported.
+    """
+    env = dict(os.environ)
+    # The child must import this very package, installed or not.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
+    code = "import sys; from knnlm.index.sharded_build import add_shard_main; sys.exit(add_shard_main(sys.argv[1]))"
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < workers:
+            job = pending.pop(0)
+            job_path = f"{job['out']}.job.json"
+            write_json_atomic(job_path, job)
+            running.append((job, subprocess.Popen([sys.executable, "-c", code, job_path], env=env)))
+        job, proc = running.pop(0)
+        if proc.wait() != 0:
+            for _, other in running:
+                other.terminate()
+                other.wait()
+            raise KNNLMError(
+                f"adding shard {job['k']} ({job['prefix']}) failed (exit status {proc.returncode}; "
+                f"its messages are above). Shards already added are kept: run the same command "
+                f"again to resume"
+            )
+        os.remove(f"{job['out']}.job.json")
+
+
+def build_sharded(plan, state, t_start=None):
+    """Train (or reuse INDEX.trained), add each shard in its own process, merge on disk.
+
+    `plan` and `state` come from index_builder (see build_index); returns the summary dict.
+    """
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    if plan.starting_point:
+        raise ConfigError("starting_point is not supported with shards or ondisk_merge; leave it at 0")
+    train_seconds = steps.train_or_reuse(plan, state)
+    try:
+        faiss.extract_index_ivf(faiss.read_index(plan.trained_path))
+    except RuntimeError:
+        raise ConfigError(f"factory {plan.factory!r} is not an IVF index: merging shards on disk needs one") from None
+
+    threads = max(1, plan.threads // max(1, plan.shard_workers))
+    jobs = []
+    for k, (prefix, fingerprint, offset, size, open_kwargs) in enumerate(_parts(plan.datastore)):
+        jobs.append({
+            "k": k, "prefix": prefix, "fingerprint": fingerprint, "offset": offset, "size": size,
+            "open_kwargs": open_kwargs, "trained": plan.trained_path,
+            "out": shard_index_path(plan.index_path, k), "chunk": plan.chunk, "threads": threads,
+            "gpu": plan.gpu, "identity": plan.identity(),
+            "position": k if plan.shard_workers > 1 else None,
+        })
+    done = {job["k"]: _shard_done(job) for job in jobs}
+    todo = [job for job in jobs if done[job["k"]] is None]
+    for k in sorted(k for k, d in done.items() if d is not None):
+        logger.info("shard %d (%s) was already added by an earlier run: reusing %s", k, jobs[k]["prefix"], jobs[k]["out"])
+    t0 = time.perf_counter()
+    if todo:
+        logger.info("adding %d shard(s) in separate processes (%d at a time, %d FAISS threads each)",
+                    len(todo), min(plan.shard_workers, len(todo)), threads)
+        _run_jobs(todo, plan.shard_workers)
+        done.update({job["k"]: _shard_done(job) for job in todo})
+        if any(d is None for d in done.values()):
+            raise CorruptError(f"a shard process ended without writing its index; remove {plan.index_path}.shard* and build again")
+    add_wall = time.perf_counter() - t0
+    rows_added_now = sum(job["size"] for job in todo)
+
+    # Merge: the trained (empty) index receives all inverted lists, stored in INDEX.ivfdata.
+    steps.retire_old_index(plan.index_path)
+    ivfdata = f"{plan.index_path}.ivfdata"
+    if os.path.exists(ivfdata):
+        os.remove(ivfdata)  # a reader still mapping the old file keeps its copy
+    t0 = time.perf_counter()
+    index = faiss.read_index(plan.trained_path)
+    logger.info("merging %d shard index(es) on disk into %s", len(jobs), ivfdata)
+    merge_ondisk(index, [job["out"] for job in jobs], ivfdata)
+    if index.ntotal != plan.datastore.size:
+        raise CorruptError(
+            f"merged index holds {index.ntotal:,} vectors but the datastore has {plan.datastore.size:,}; "
+            f"remove {plan.index_path}.shard* and build again"
+        )
+    merge_seconds = time.perf_counter() - t0
+    extra = {
+        "ondisk": True,
+        "ivfdata": os.path.basename(ivfdata),
+        "shards": [job["prefix"] for job in jobs],
+        "shard_offsets": [job["offset"] for job in jobs],
+        "merge_seconds": merge_seconds,
+        "gpu": any(d.get("gpu") for d in done.values()),
+    }
+    leftovers = [job["out"] for job in jobs] + [f"{job['out']}.json" for job in jobs]
+    extra["shards_reused"] = [job["k"] for job in jobs if job not in todo]  # added by an interrupted run
+    return steps.finalize(plan, index, train_seconds=train_seconds, add_seconds=add_wall + merge_seconds,
+                       rows_added=rows_added_now, extra_meta=extra, leftovers=leftovers, t_start=t_start)

@@ -1,0 +1,163 @@
+"""The kNN-LM method as one object: retrieve -> neighbor scores -> p_kNN -> interpolate.
+
+    knn = KNNLM(retriever, lmbda=0.25, temperature=1.0)
+    scored = knn.score(queries, targets, lp_lm)        # scoring: log p of each target
+    lprobs = knn.next_token_log_probs(queries, lm_lp)  # generation: the whole distribution
+    knn.summary()                                      # tokens, base and kNN-LM perplexity
+
+Front-ends (fairseq, Hugging Face) capture the queries and the LM's log-probabilities and
+hand them here; none of them re-implements the recipe. The similarity function is the
+retriever's (stored once, there).
+"""
+
+import dataclasses
+import math
+
+import torch
+
+from .retrieval.base import Neighbors
+from .scoring import check_lambda, check_temperature, interpolate, knn_full_log_probs, knn_log_prob, neighbor_scores
+
+
+@dataclasses.dataclass
+class Scored:
+    """What `KNNLM.score` returns for N tokens (tensors of shape (N,), fp32)."""
+
+    final: torch.Tensor      # log p_kNN-LM(target)
+    lp_lm: torch.Tensor      # log p_LM(target), as given
+    lp_knn: torch.Tensor     # log p_kNN(target); -inf where no neighbor carries it (or not searched)
+    neighbors: Neighbors     # what the retriever returned (an export writes its distances and ids)
+
+
+class Tally:
+    """Running sums over scored tokens: the base LM's and the final perplexity.
+
+    Our own count, so an infinite perplexity (a token of probability 0, possible at lambda = 1)
+    is reported as such instead of skipped, as fairseq's eval_lm does.
+    """
+
+    def __init__(self):
+        self.tokens = 0
+        self.sum_lm = 0.0
+        self.sum_final = 0.0
+        self.inf_tokens = 0
+        self.searched = 0
+
+    def add(self, lp_lm, final, searched=None):
+        inf = torch.isinf(final)
+        self.inf_tokens += int(inf.sum())
+        self.tokens += int(final.numel())
+        self.sum_lm += float(lp_lm.float().sum())
+        self.sum_final += float(final[~inf].float().sum())
+        self.searched += int(final.numel() if searched is None else searched)
+
+    def summary(self):
+        """{tokens, base_ppl, ppl, inf_tokens, searched}, or None before any token was added."""
+        if self.tokens == 0:
+            return None
+        base = math.exp(-self.sum_lm / self.tokens)
+        final = math.inf if self.inf_tokens else math.exp(-self.sum_final / self.tokens)
+        return {"tokens": self.tokens, "base_ppl": base, "ppl": final, "inf_tokens": self.inf_tokens,
+                "searched": self.searched}
+
+
+class KNNLM:
+    """A retriever (any strategy), lambda and the temperature: the kNN-LM of Khandelwal et al.
+
+    lmbda: weight of p_kNN, in [0, 1]; temperature: divides the neighbor scores (> 0).
+    """
+
+    def __init__(self, retriever, *, lmbda=0.25, temperature=1.0):
+        check_lambda(lmbda)
+        check_temperature(temperature)
+        self.retriever, self.lmbda, self.temperature = retriever, float(lmbda), float(temperature)
+        self.tally = Tally()
+
+    @property
+    def sim_func(self):
+        return self.retriever.sim_func
+
+    @property
+    def k(self):
+        return self.retriever.k
+
+    def new_state(self, n_streams=1):
+        return self.retriever.new_state(n_streams)
+
+    def neighbor_scores(self, neighbors):
+        """Logits of the neighbor softmax: -d / T (L2) or q.k / T (dot), plus log w for weighted entries."""
+        scores = neighbor_scores(neighbors.distances, self.sim_func, self.temperature)
+        if neighbors.weights is not None:
+            scores = scores + neighbors.weights.float().log()
+        return scores
+
+    def knn_log_prob(self, neighbors, targets):
+        """log p_kNN(target) for each query, (N,); -inf for tokens not searched."""
+        lp = knn_log_prob(self.neighbor_scores(neighbors), neighbors.values, targets, neighbors.valid)
+        if neighbors.retrieved is not None:
+            lp = lp.masked_fill(~neighbors.retrieved.to(lp.device), float("-inf"))
+        return lp
+
+    def mix(self, lp_lm, lp_knn, retrieved=None):
+        """log(lambda p_kNN + (1 - lambda) p_LM); p_LM alone where a token was not searched."""
+        final = interpolate(lp_lm, lp_knn.to(lp_lm.device), self.lmbda)
+        if retrieved is not None:
+            final = torch.where(retrieved.to(final.device), final, lp_lm.float())
+        return final
+
+    def score(self, queries, targets, lp_lm, *, state=None, nearest_first=False, count=None):
+        """Score N targets: (N, D) queries, (N,) targets, (N,) log p_LM(target) -> Scored.
+
+        nearest_first: ask for the neighbors sorted (an export needs it). count: which tokens
+        the tally counts: None for all, a (N,) bool mask (a front-end that scores positions its
+        perplexity leaves out, fairseq's --add-bos-token, passes one), False for none (the
+        caller mixes in more, a cache say, and counts the result itself with `count`).
+        """
+        neighbors = self.retriever.retrieve(queries, state, nearest_first=nearest_first)
+        targets = targets.to(neighbors.values.device)
+        lp_knn = self.knn_log_prob(neighbors, targets)
+        final = self.mix(lp_lm.float(), lp_knn, neighbors.retrieved)
+        self.retriever.feedback(state, neighbors, targets)
+        if count is not False:
+            self.count(lp_lm, final, count, neighbors.retrieved)
+        return Scored(final=final, lp_lm=lp_lm.float(), lp_knn=lp_knn, neighbors=neighbors)
+
+    def count(self, lp_lm, final, mask=None, retrieved=None):
+        """Add tokens to the tally (those in `mask`, if given)."""
+        if mask is not None:
+            mask = mask.to(final.device)
+            lp_lm, final = lp_lm[mask], final[mask]
+            retrieved = None if retrieved is None else retrieved.to(final.device)[mask]
+        self.tally.add(lp_lm, final, None if retrieved is None else int(retrieved.sum()))
+
+    def next_token_log_probs(self, queries, lm_log_probs, *, state=None):
+        """(N, D) queries, (N, V) log p_LM -> (N, V) log of the interpolated next-token distribution."""
+        neighbors = self.retriever.retrieve(queries, state, nearest_first=False)  # order-free
+        scores = self.neighbor_scores(neighbors).to(lm_log_probs.device)
+        out = knn_full_log_probs(lm_log_probs, scores, neighbors.values.to(lm_log_probs.device), self.lmbda,
+                                 neighbors.valid.to(lm_log_probs.device))
+        if neighbors.retrieved is not None:
+            keep = neighbors.retrieved.to(out.device)
+            out = torch.where(keep.unsqueeze(-1), out, lm_log_probs.float())
+        return out
+
+    def summary(self):
+        return self.tally.summary()
+
+    def describe(self):
+        """The settings as the summary line prints them: 'k=..., lambda=..., T=..., l2', plus the
+        strategy's name where it has one (', exact' for ExactRetriever; FAISS has none)."""
+        name = getattr(self.retriever, "search_name", None)
+        return f"k={self.k}, lambda={self.lmbda}, T={self.temperature}, {self.sim_func}" + (f", {name}" if name else "")
+
+
+def summary_line(summary, setting, inf_note=""):
+    """The one fixed wording every front-end prints, so scripts can parse it:
+    'kNN-LM: N tokens, base LM perplexity X, kNN-LM perplexity Y (setting)'."""
+    note = ""
+    if summary["inf_tokens"]:
+        note = (f"; {summary['inf_tokens']:,} tokens have probability 0 (no neighbor carries the "
+                f"target and lambda = 1), so the perplexity is infinite{inf_note}")
+    return (f"kNN-LM: {summary['tokens']:,} tokens, base LM perplexity {summary['base_ppl']:.4f}, "
+            f"kNN-LM perplexity {summary['ppl']:.4f} ({setting}){note}")
+

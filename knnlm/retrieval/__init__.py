@@ -1,0 +1,12 @@
+"""Retrieval: the contract every strategy implements, and the strategies.
+
+    base.py          Neighbors (the result type) and Retriever (the contract)
+    faiss_search.py  FaissRetriever: FAISS search, k-factor re-ranking, exact recompute, GPU clone
+    exact.py         ExactRetriever: exact search by chunked matrix products on the queries' device
+"""
+
+from .base import Neighbors, Retriever
+from .exact import ExactRetriever
+from .faiss_search import FaissRetriever
+
+__all__ = ["ExactRetriever", "FaissRetriever", "Neighbors", "Retriever"]

@@ -1,0 +1,14 @@
+"""Datastores on disk: one entry point opens any of them.
+
+    datastore.py  Datastore (read, memory-mapped) and DatastoreWriter (P_keys.npy, P_vals.npy, P_meta.json)
+    sharded.py    ShardedDatastore: shards listed in a manifest, read as one
+    subset.py     a random fraction of a datastore, as a new datastore
+    npy.py        GrowingNpy: a .npy file that grows row by row
+
+`open_datastore(path)` takes a prefix, a shard manifest, or a prefix that has only a manifest.
+"""
+
+from .datastore import Datastore, DatastoreWriter, paths
+from .sharded import ShardedDatastore, open_datastore
+
+__all__ = ["Datastore", "DatastoreWriter", "ShardedDatastore", "open_datastore", "paths"]
