@@ -3,6 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# FAISS=cpu (default) | gpu-cu12 | gpu-cu13 | auto (from the CUDA torch reports; gpu = gpu-cu12)
 FAISS ?= cpu
 
 .PHONY: install test demo analyses bench clean
@@ -18,7 +19,16 @@ $(STAMP): pyproject.toml Makefile
 	# main branch. --no-deps: its torchaudio requirement would replace torch.
 	$(PY) -m pip install -q --no-deps ve-fairseq==0.12.3
 	# The hf extra (transformers, tokenizers) installs beside torch 2.13 without replacing it.
-	$(PY) -m pip install -q -e '.[$(FAISS),dev,hf]'
+	# FAISS=auto: torch.version.cuda 12.x -> faiss-gpu-cu12, 13.x -> faiss-gpu-cuvs, none -> faiss-cpu.
+	@extra=$(FAISS); \
+	if [ "$$extra" = auto ]; then \
+	    extra=$$($(PY) -c 'import torch; v = torch.version.cuda or ""; print({"12": "gpu-cu12", "13": "gpu-cu13"}.get(v.split(".")[0], "cpu"))'); \
+	    echo "FAISS=auto: torch $$($(PY) -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)') -> $$extra"; \
+	fi; \
+	case "$$extra" in cpu|gpu|gpu-cu12|gpu-cu13) ;; \
+	    *) echo "FAISS must be cpu, gpu-cu12, gpu-cu13 or auto, got '$$extra'" >&2; exit 2;; esac; \
+	echo "$(PY) -m pip install -q -e '.[$$extra,dev,hf]'"; \
+	$(PY) -m pip install -q -e ".[$$extra,dev,hf]"
 	touch $@
 
 test: $(STAMP)

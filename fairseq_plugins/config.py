@@ -31,6 +31,10 @@ class DumpConfig(FairseqDataclass):
     dstore_fp16: bool = field(default=False, metadata={"help": "store keys as float16"})
     dstore_size: Optional[int] = field(default=None, metadata={"help": "expected number of entries (optional; checked, not required)"})
     knn_keytype: KEYTYPE_CHOICES = field(default="last_ffn_input", metadata={"help": "which state is the key"})
+    legacy_datastore: bool = field(default=False, metadata={
+        "help": "leave out the tokens of every block with no prior context (with --sample-break-mode none: "
+                "exactly the first block), as the original code's dump did: its WikiText-103 datastore of "
+                "103,225,485 entries instead of 103,227,021 (needs --context-window > 0)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a complete datastore or export at the same path"})
 
 
@@ -68,6 +72,17 @@ class ScoringConfig(FairseqDataclass):
 
 
 @dataclass
+class EfficientConfig(FairseqDataclass):
+    """Fewer searches (RetoMaton, Alon et al. 2022)."""
+
+    retomaton: bool = field(default=False, metadata={
+        "help": "follow pointers from the neighbors that carried the previous token to their next entries, and "
+                "search only when fewer than --retomaton-min-pointers survive (needs --knn-sim-func l2 or dot)"})
+    retomaton_min_pointers: int = field(default=1, metadata={"help": "search when fewer pointer candidates than this survive"})
+    retomaton_max_pointers: Optional[int] = field(default=None, metadata={"help": "pointer candidates kept per token (default: --k)"})
+
+
+@dataclass
 class ExportConfig(FairseqDataclass):
     """A per-token export of a kNN-LM evaluation (the input of knnlm-tune and the sweeps)."""
 
@@ -84,17 +99,31 @@ class CacheConfig(FairseqDataclass):
     cache_lmbda: float = field(default=0.1, metadata={"help": "weight of the cache distribution"})
     cache_theta: float = field(default=0.05, metadata={"help": "cache inverse temperature on dot products of keys"})
     cache_size: Optional[int] = field(default=None, metadata={"help": "positions remembered (default: the whole sample)"})
+    cache_keytype: Optional[str] = field(default=None, metadata={
+        "help": "the state the cache remembers and compares (a --knn-keytype name; default: --knn-keytype). "
+                "Grave et al. used the output state: decoder_output_ln where the model has a final LayerNorm, "
+                "else decoder_output (python -m fairseq_plugins.keytypes CKPT --output-state)"})
+    cache_include_context: bool = field(default=False, metadata={
+        "help": "also remember the --context-window positions before the scored block, with the tokens that "
+                "followed them (default: only earlier scored positions of the same block)"})
+    cache_grid_json: Optional[str] = field(default=None, metadata={
+        "help": "tune the cache: write the perplexity at every (lambda, theta) of --cache-grid-lambdas x "
+                "--cache-grid-thetas, over the LM and over the kNN-LM (with --knnlm), to this JSON file"})
+    cache_grid_lambdas: str = field(default="0:0.5:0.02", metadata={"help": "--cache-grid-json: cache weights, START:STOP:STEP or a comma list"})
+    cache_grid_thetas: str = field(default="0.0001,0.0003,0.001,0.003,0.01,0.03,0.1,0.3,1", metadata={
+        "help": "--cache-grid-json: inverse temperatures, a comma list"})
 
 
 # The groups of --help, in order: (title, dataclass).
 OPTION_GROUPS = (
     ("kNN-LM: dumping a datastore", DumpConfig),
     ("kNN-LM: scoring with a datastore", ScoringConfig),
+    ("kNN-LM: fewer searches", EfficientConfig),
     ("kNN-LM: per-token export", ExportConfig),
     ("continuous cache", CacheConfig),
 )
 
 
 @dataclass
-class KNNLMConfig(CacheConfig, ExportConfig, ScoringConfig, DumpConfig, LanguageModelingConfig):
+class KNNLMConfig(CacheConfig, ExportConfig, EfficientConfig, ScoringConfig, DumpConfig, LanguageModelingConfig):
     """Every option of the `knnlm` task, flat (fairseq's tasks take one dataclass)."""

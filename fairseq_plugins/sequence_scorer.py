@@ -12,7 +12,8 @@ from fairseq.sequence_scorer import SequenceScorer
 
 from knnlm.errors import ConfigError
 from knnlm.model import Tally
-from knnlm.scoring import continuous_cache_log_prob, interpolate
+from knnlm.retrieval import RetoMatonRetriever, Streams
+from knnlm.scoring import continuous_cache_log_probs, interpolate
 
 from .hooks import KeyCapture
 
@@ -25,19 +26,24 @@ class KNNSequenceScorer(SequenceScorer):
     knn: a `knnlm.KNNLM` (kNN-LM scoring) or None; dump: a `knnlm.DumpSession` (started with
     the model's identity at the first batch) or None; export: a `knnlm.offline.export.ExportWriter`
     that receives per-token log-probabilities and neighbors; cache: None or a dict with
-    `lmbda`, `theta` and `size` for the continuous cache. `on_first_batch(model)` runs once,
+    `lmbda`, `theta` and `size` for the continuous cache (optionally `keytype`: the state it
+    remembers, default the scorer's; `context`: also remember the context window's positions;
+    `grid`: a `fairseq_plugins.cache_grid.CacheGrid` to tune lambda and theta). drop_first_block
+    (dump): leave out the rows of blocks with no prior context, as the original code did. `on_first_batch(model)` runs once,
     before anything is scored: it returns the model's `knnlm.ModelIdentity` (compatibility
     checks, and what a dump records).
     """
 
     def __init__(self, tgt_dict, softmax_batch=None, *, keytype="last_ffn_input", knn=None, dump=None,
-                 export=None, cache=None, remove_bos=False, on_first_batch=None, **kwargs):
+                 export=None, cache=None, remove_bos=False, on_first_batch=None, drop_first_block=False, **kwargs):
         super().__init__(tgt_dict, softmax_batch, **kwargs)
         self.keytype = keytype
         self.knn, self.dump, self.export, self.cache = knn, dump, export, cache
         self.remove_bos = remove_bos
         self.on_first_batch = on_first_batch
+        self.drop_first_block = drop_first_block
         self._capture = None
+        self._cache_capture = None
         self._model = None
         # Our own tally (the kNN-LM's when there is one), so an infinite perplexity is reported
         # instead of skipped (eval_lm drops inf).
@@ -57,7 +63,13 @@ class KNNSequenceScorer(SequenceScorer):
         if self._model is not model:
             if self._capture is not None:
                 self._capture.remove()
+            if self._cache_capture is not None:
+                self._cache_capture.remove()
+                self._cache_capture = None
             self._capture = KeyCapture(model, self.keytype)
+            cache_kt = (self.cache or {}).get("keytype") or self.keytype
+            if cache_kt != self.keytype:
+                self._cache_capture = KeyCapture(model, cache_kt)
             self._model = model
             identity = self.on_first_batch(model) if self.on_first_batch is not None else None
             if self.dump is not None and not self.dump.started:
@@ -70,6 +82,7 @@ class KNNSequenceScorer(SequenceScorer):
         self._attach(models)
         hypos = super().generate(models, sample, **kwargs)
         keys = self._capture.pop()  # (B, T, C)
+        cache_keys = self._cache_capture.pop() if self._cache_capture is not None else keys
         target = sample["target"]
         bsz = target.size(0)
         start = sample["start_indices"] if "start_indices" in sample else [0] * bsz
@@ -84,11 +97,18 @@ class KNNSequenceScorer(SequenceScorer):
 
         final = lp_lm
         if self.dump is not None:
-            self.dump.add(queries[counted], targets[counted])
+            kept = counted
+            if self.drop_first_block:  # the original dump's: a block with no prior context is left out
+                kept = counted & torch.cat([torch.full((n,), s > 0, dtype=torch.bool)
+                                            for _, s, n in spans]).to(counted.device)
+            self.dump.add(queries[kept], targets[kept])
         else:
             if self.knn is not None:
                 # Only an export reads the neighbors' order (nearest first); scores do not.
-                scored = self.knn.score(queries, targets, lp_lm, nearest_first=self.export is not None,
+                # A strategy that follows the text (RetoMaton) is told where each row's stream is.
+                state = (Streams([n for _, _, n in spans], targets)
+                         if isinstance(self.knn.retriever, RetoMatonRetriever) else None)
+                scored = self.knn.score(queries, targets, lp_lm, state=state, nearest_first=self.export is not None,
                                         count=counted if self.cache is None else False)
                 final = scored.final
                 if self.export is not None:
@@ -96,11 +116,21 @@ class KNNSequenceScorer(SequenceScorer):
                     self.export.add(lp_lm[counted], scored.lp_knn[counted], targets[counted], dists=n.distances,
                                     ids=n.ids, vals=n.values, valid=n.valid)
             if self.cache is not None:
-                lp_cache = continuous_cache_log_prob(
-                    keys, target, self._scored_mask(spans, target), self.cache["theta"],
-                    self.cache.get("size"), memory=target.ne(self.pad),
-                )[rows, cols]
-                final = interpolate(final, lp_cache.to(final.device), self.cache["lmbda"])
+                memory, memory_targets = target.ne(self.pad), None
+                if self.cache.get("context"):
+                    memory, memory_targets = self._context_memory(sample, target, spans)
+                grid = self.cache.get("grid")
+                thetas = [self.cache["theta"]] + (list(grid.thetas) if grid is not None else [])
+                lps = [lp[rows, cols] for lp in continuous_cache_log_probs(
+                    cache_keys, target, self._scored_mask(spans, target), thetas,
+                    self.cache.get("size"), memory=memory, memory_targets=memory_targets)]
+                if grid is not None:
+                    c = counted.to(lps[0].device)
+                    bases = {"lm": lp_lm[c]}
+                    if self.knn is not None:
+                        bases["knn"] = final[c.to(final.device)]
+                    grid.add([lp[c] for lp in lps[1:]], bases)
+                final = interpolate(final, lps[0].to(final.device), self.cache["lmbda"])
         if self.knn is None or self.cache is not None or self.dump is not None:
             self.tally.add(lp_lm[counted], final[counted.to(final.device)])
         offset = 0
@@ -121,6 +151,19 @@ class KNNSequenceScorer(SequenceScorer):
                 offset += n
         return keep
 
+    def _context_memory(self, sample, target, spans):
+        """Every real position of each row remembered, context window included, and the token
+        that followed each: for a context position j that is the input token at j + 1 (fairseq
+        pads the context's targets)."""
+        tokens = sample["net_input"]["src_tokens"].to(target.device)
+        memory_targets = target.clone()
+        memory = torch.zeros_like(target, dtype=torch.bool)
+        for i, s, n in spans:
+            memory[i, :s + n] = True
+            if s > 0:
+                memory_targets[i, :s] = tokens[i, 1:s + 1]
+        return memory, memory_targets
+
     @staticmethod
     def _scored_mask(spans, target):
         mask = torch.zeros_like(target, dtype=torch.bool)
@@ -137,3 +180,6 @@ class KNNSequenceScorer(SequenceScorer):
             self._capture.remove()
             self._capture = None
             self._model = None
+        if self._cache_capture is not None:
+            self._cache_capture.remove()
+            self._cache_capture = None

@@ -22,7 +22,7 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 from knnlm.dump import DumpSession
 from knnlm.errors import ConfigError, KNNLMError
 from knnlm.model import KNNLM, summary_line
-from knnlm.retrieval import ExactRetriever, FaissRetriever
+from knnlm.retrieval import ExactRetriever, FaissRetriever, RetoMatonRetriever
 from knnlm.retrieval.exact import parse_devices
 from knnlm.scoring import SIM_FUNCS, check_lambda, check_temperature
 from knnlm.store import open_datastore as open_store
@@ -122,6 +122,9 @@ class KNNLanguageModelingTask(LanguageModelingTask):
 
     def eval_lm_dataloader(self, dataset, **kwargs):
         self._context_window = kwargs.get("context_window", 0)
+        if getattr(self.args, "legacy_datastore", False) and self._context_window <= 0:
+            raise ConfigError("--legacy-datastore leaves out the blocks with no prior context, which without "
+                              "--context-window is every block: pass --context-window (the original dump: 1536)")
         if self._context_window > 0 and kwargs.get("num_shards", 1) > 1:
             # fairseq pads a shard with empty batches, which its LMContextWindowDataset cannot
             # collate (KeyError: 'net_input'); ours returns them empty, and eval_lm skips them.
@@ -147,11 +150,19 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         common = dict(keytype=a.knn_keytype, remove_bos=a.add_bos_token, **kwargs)
         if a.save_knnlm_dstore:
             self._scorer = KNNSequenceScorer(tgt_dict, softmax_batch, dump=self._dump_session(),
-                                             on_first_batch=self._identity, **common)
+                                             on_first_batch=self._identity,
+                                             drop_first_block=getattr(a, "legacy_datastore", False), **common)
         else:
             knn = self._knnlm() if a.knnlm else None
-            cache = ({"lmbda": a.cache_lmbda, "theta": a.cache_theta, "size": a.cache_size}
-                     if a.continuous_cache else None)
+            cache = None
+            if a.continuous_cache:
+                from .cache_grid import CacheGrid
+
+                cache = {"lmbda": a.cache_lmbda, "theta": a.cache_theta, "size": a.cache_size,
+                         "keytype": getattr(a, "cache_keytype", None) or a.knn_keytype,
+                         "context": getattr(a, "cache_include_context", False),
+                         "grid": (CacheGrid(a.cache_grid_lambdas, a.cache_grid_thetas, with_knn=a.knnlm)
+                                  if getattr(a, "cache_grid_json", None) else None)}
             self._scorer = KNNSequenceScorer(
                 tgt_dict, softmax_batch, knn=knn, cache=cache,
                 on_first_batch=(lambda model: self._check_model(model, knn.retriever.datastore)) if a.knnlm else None,
@@ -168,6 +179,9 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         else:
             retriever = FaissRetriever(a.indexfile, open_datastore(a), k=a.k, nprobe=a.probe,
                                        sim_func=a.knn_sim_func, gpu=a.knn_gpu, k_factor=a.knn_k_factor)
+        if a.retomaton:
+            retriever = RetoMatonRetriever(retriever, min_pointers=a.retomaton_min_pointers,
+                                           max_pointers=a.retomaton_max_pointers)
         return KNNLM(retriever, lmbda=a.lmbda, temperature=a.knn_temp)
 
     def build_generator(self, models, args, **kwargs):
@@ -198,6 +212,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                 "context_window": self._context_window,
                 "tokens_per_sample": a.tokens_per_sample + self._context_window,
                 "sample_break_mode": str(a.sample_break_mode), "add_bos_token": a.add_bos_token,
+                "legacy_datastore": bool(getattr(a, "legacy_datastore", False)),
             },
         )
 
@@ -246,7 +261,16 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             setting = s.knn.describe() if s.knn is not None else "no datastore"
             if a.continuous_cache:
                 setting += f"; continuous cache lambda={a.cache_lmbda}, theta={a.cache_theta}"
+                if getattr(a, "cache_keytype", None) or getattr(a, "cache_include_context", False):
+                    setting += (f", {s.cache['keytype']} states, memory {a.cache_size or 'the whole sample'}"
+                                f"{' including the context window' if s.cache['context'] else ''}")
             logger.info(summary_line(summary, setting, inf_note="; eval_lm's line below skips them"))
+        if s.cache is not None and s.cache.get("grid") is not None:
+            for line in s.cache["grid"].write(a.cache_grid_json, meta={
+                    "split": self._split, "keytype": s.cache["keytype"], "cache_size": a.cache_size,
+                    "include_context": s.cache["context"], "context_window": self._context_window,
+                    "knn_lmbda": a.lmbda if a.knnlm else None}):
+                logger.info(line)
         s.close()
 
 
@@ -313,6 +337,14 @@ def validate(a):
             raise ConfigError("--no-load-keys leaves no keys to recompute distances from: add --knn-sim-func do_not_recomp_l2")
 
 
+    if a.retomaton:
+        if not a.knnlm:
+            raise ConfigError("--retomaton changes how --knnlm retrieves: add --knnlm")
+        if a.knnlm_dump_probs:
+            raise ConfigError("--retomaton scores pointer candidates, not the k nearest neighbors an export "
+                              "records for re-scoring: drop --knnlm-dump-probs (export a plain --knnlm run)")
+        if a.retomaton_min_pointers < 1:
+            raise ConfigError(f"--retomaton-min-pointers must be at least 1, got {a.retomaton_min_pointers}")
     if a.continuous_cache:
         if a.save_knnlm_dstore:
             raise ConfigError("--continuous-cache scores; --save-knnlm-dstore dumps: pick one per run")
@@ -321,6 +353,25 @@ def validate(a):
             raise ConfigError(f"--cache-theta must be finite, got {a.cache_theta}")
         if a.cache_size is not None and a.cache_size < 1:
             raise ConfigError(f"--cache-size must be at least 1, got {a.cache_size}")
+    _validate_cache_extras(a)
+    if getattr(a, "legacy_datastore", False) and not a.save_knnlm_dstore:
+        raise ConfigError("--legacy-datastore shapes a dump: it needs --save-knnlm-dstore")
+
+
+def _validate_cache_extras(a):
+    """--cache-keytype, --cache-include-context and the --cache-grid-* options (fairseq_plugins/cache_grid.py)."""
+    kt = getattr(a, "cache_keytype", None)
+    uses = [f for f in ("cache_keytype", "cache_grid_json") if getattr(a, f, None)]
+    if getattr(a, "cache_include_context", False):
+        uses.append("cache_include_context")
+    if uses and not a.continuous_cache:
+        raise ConfigError(f"--{uses[0].replace('_', '-')} is an option of the continuous cache: add --continuous-cache")
+    if kt is not None and kt not in KEYTYPES:
+        raise ConfigError(f"--cache-keytype must be one of {', '.join(KEYTYPES)}, got {kt!r}")
+    if getattr(a, "cache_grid_json", None):
+        from .cache_grid import parse_grid
+
+        parse_grid(a.cache_grid_lambdas, a.cache_grid_thetas)
 
 
 def check_block_size(a):

@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "KNNLM": "model", "Tally": "model", "DumpSession": "dump", "ModelIdentity": "provenance",
     "Datastore": "store", "DatastoreWriter": "store", "ShardedDatastore": "store", "open_datastore": "store",
-    "Neighbors": "retrieval", "Retriever": "retrieval", "FaissRetriever": "retrieval", "ExactRetriever": "retrieval",
+    "Neighbors": "retrieval", "RetoMatonRetriever": "retrieval", "Streams": "retrieval", "Retriever": "retrieval", "FaissRetriever": "retrieval", "ExactRetriever": "retrieval",
     "load_index": "index",
     "knn_log_prob": "scoring", "interpolate": "scoring", "neighbor_scores": "scoring",
     "knn_full_log_probs": "scoring", "continuous_cache_log_prob": "scoring",

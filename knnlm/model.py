@@ -72,6 +72,22 @@ class KNNLM:
         check_temperature(temperature)
         self.retriever, self.lmbda, self.temperature = retriever, float(lmbda), float(temperature)
         self.tally = Tally()
+        ds = retriever.datastore
+        # A datastore of reduced keys (PCA) takes queries through the same transform; a pruned
+        # one weighs each neighbor by the entries it stands for.
+        self.transform = ds.query_transform() if hasattr(ds, "query_transform") else None
+        self.weighted = bool(getattr(ds, "weighted", False))
+
+    def retrieve(self, queries, state=None, nearest_first=False):
+        """The retriever's neighbors of the (transformed) queries, with their weights if the datastore has any."""
+        if self.transform is not None:
+            queries = self.transform(queries)
+        neighbors = self.retriever.retrieve(queries, state, nearest_first=nearest_first)
+        if self.weighted and neighbors.weights is None:
+            ids = neighbors.ids.clamp(min=0).cpu().numpy()
+            w = torch.from_numpy(self.retriever.datastore.gather_weights(ids).astype("float32"))
+            neighbors.weights = w.to(neighbors.distances.device)
+        return neighbors
 
     @property
     def sim_func(self):
@@ -113,7 +129,7 @@ class KNNLM:
         perplexity leaves out, fairseq's --add-bos-token, passes one), False for none (the
         caller mixes in more, a cache say, and counts the result itself with `count`).
         """
-        neighbors = self.retriever.retrieve(queries, state, nearest_first=nearest_first)
+        neighbors = self.retrieve(queries, state, nearest_first=nearest_first)
         targets = targets.to(neighbors.values.device)
         lp_knn = self.knn_log_prob(neighbors, targets)
         final = self.mix(lp_lm.float(), lp_knn, neighbors.retrieved)
@@ -132,7 +148,7 @@ class KNNLM:
 
     def next_token_log_probs(self, queries, lm_log_probs, *, state=None):
         """(N, D) queries, (N, V) log p_LM -> (N, V) log of the interpolated next-token distribution."""
-        neighbors = self.retriever.retrieve(queries, state, nearest_first=False)  # order-free
+        neighbors = self.retrieve(queries, state, nearest_first=False)  # order-free
         scores = self.neighbor_scores(neighbors).to(lm_log_probs.device)
         out = knn_full_log_probs(lm_log_probs, scores, neighbors.values.to(lm_log_probs.device), self.lmbda,
                                  neighbors.valid.to(lm_log_probs.device))
@@ -146,9 +162,12 @@ class KNNLM:
 
     def describe(self):
         """The settings as the summary line prints them: 'k=..., lambda=..., T=..., l2', plus the
-        strategy's name where it has one (', exact' for ExactRetriever; FAISS has none)."""
+        strategy's name where it has one (', exact' for ExactRetriever; FAISS has none), then what
+        the strategy reports (RetoMaton: the searches it saved)."""
         name = getattr(self.retriever, "search_name", None)
-        return f"k={self.k}, lambda={self.lmbda}, T={self.temperature}, {self.sim_func}" + (f", {name}" if name else "")
+        text = f"k={self.k}, lambda={self.lmbda}, T={self.temperature}, {self.sim_func}" + (f", {name}" if name else "")
+        extra = self.retriever.describe()  # e.g. RetoMaton's searches saved
+        return text + (f"; {extra}" if extra else "")
 
 
 def summary_line(summary, setting, inf_note=""):

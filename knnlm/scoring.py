@@ -103,18 +103,26 @@ def knn_full_log_probs(lm_lprobs, scores, neighbor_vals, lmbda, valid=None):
     return p.log()
 
 
-def continuous_cache_log_prob(keys, targets, scored, theta, cache_size=None, memory=None):
+def continuous_cache_log_prob(keys, targets, scored, theta, cache_size=None, memory=None, memory_targets=None):
     """Grave et al. (2017) cache: log p_cache(target_t) from earlier positions of the same row.
 
     keys (B, T, D): the state at each position; targets (B, T): the token that followed it;
     scored (B, T) bool: positions to score; memory (B, T) bool: positions that may be
-    remembered (default: all, pass non-padding). Position t's cache holds positions j < t (the
-    last `cache_size` of them), weighted by exp(theta * <h_t, h_j>). Returns (B, T); -inf
-    where the target never followed an earlier position (and at t = 0).
+    remembered (default: all, pass non-padding); memory_targets (B, T): the token that followed
+    each remembered position (default: `targets`; differs where a position is remembered but not
+    scored, e.g. the context window). Position t's cache holds positions j < t (the last
+    `cache_size` of them), weighted by exp(theta * <h_t, h_j>). Returns (B, T); -inf where the
+    target never followed an earlier position (and at t = 0).
     """
+    return continuous_cache_log_probs(keys, targets, scored, (theta,), cache_size, memory, memory_targets)[0]
+
+
+def continuous_cache_log_probs(keys, targets, scored, thetas, cache_size=None, memory=None, memory_targets=None):
+    """`continuous_cache_log_prob` at each theta of `thetas`, the dot products computed once:
+    a list of (B, T) tensors, one per theta (a grid search over theta costs one bmm)."""
     keys = keys.float()
     B, T, _ = keys.shape
-    sims = theta * torch.bmm(keys, keys.transpose(1, 2))  # (B, T, T): query t, memory j
+    dots = torch.bmm(keys, keys.transpose(1, 2))  # (B, T, T): query t, memory j
     pos = torch.arange(T, device=keys.device)
     allowed = pos.unsqueeze(0) < pos.unsqueeze(1)  # j < t
     if cache_size is not None:
@@ -122,9 +130,13 @@ def continuous_cache_log_prob(keys, targets, scored, theta, cache_size=None, mem
     allowed = allowed.unsqueeze(0).expand(B, T, T)
     if memory is not None:
         allowed = allowed & memory.unsqueeze(1)
-    sims = sims.masked_fill(~allowed, float("-inf"))
-    log_norm = torch.logsumexp(sims, dim=-1)
-    match = targets.unsqueeze(1) == targets.unsqueeze(2)  # value at j equals target at t
-    log_match = torch.logsumexp(sims.masked_fill(~match, float("-inf")), dim=-1)
-    out = log_match - torch.where(torch.isfinite(log_norm), log_norm, torch.zeros_like(log_norm))
-    return out.masked_fill(~scored, float("-inf"))
+    mem = targets if memory_targets is None else memory_targets
+    match = allowed & (mem.unsqueeze(1) == targets.unsqueeze(2))  # value at j equals target at t
+    out = []
+    for theta in thetas:
+        sims = (theta * dots).masked_fill_(~allowed, float("-inf"))
+        log_norm = torch.logsumexp(sims, dim=-1)
+        log_match = torch.logsumexp(sims.masked_fill_(~match, float("-inf")), dim=-1)
+        lp = log_match - torch.where(torch.isfinite(log_norm), log_norm, torch.zeros_like(log_norm))
+        out.append(lp.masked_fill(~scored, float("-inf")))
+    return out

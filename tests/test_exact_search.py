@@ -7,6 +7,7 @@ compared with a FAISS IndexFlatL2 over the same keys. Also FAISS's multi-GPU clo
 (with a stand-in for GPU faiss) and the GPU benchmark's Python part at a tiny size.
 """
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,11 @@ def test_refusals_by_name(ds, tmp_path):
     with pytest.raises(ConfigError, match=r"does not fit on cpu: its 2,000 x 24 keys as fp16 .* need [0-9,]+ bytes .* "
                                           r"but 1,000,000 bytes .* allowed"):
         ExactRetriever(ds, k=8, dtype="fp16", devices=["cpu"], memory_budget=1_000_000)
+    need = ExactRetriever(ds, k=8, dtype="fp16", devices=["cpu"]).required_bytes(ds.size, torch.device("cpu"))
+    assert need == 2000 * (32 * 2 + 8) + exact_mod.SCORE_CHUNK_BYTES["cpu"] + exact_mod.RESCORE_CHUNK_BYTES["cpu"]
+    ExactRetriever(ds, k=8, dtype="fp16", devices=["cpu"], memory_budget=need)  # just fits
+    with pytest.raises(ConfigError, match="does not fit on cpu: its 2,000 x 24"):  # two shards, one device: they add up
+        ExactRetriever(ds, k=8, dtype="fp16", devices=["cpu", "cpu"], memory_budget=need - 1)
     with pytest.raises(ConfigError, match="exceeds the 2,000 entries"):
         ExactRetriever(ds, k=2001, devices=["cpu"])
     with pytest.raises(ConfigError, match="--k must be at least 1"):
@@ -229,6 +235,34 @@ def test_refusals_by_name(ds, tmp_path):
     flat.add(np.asarray(wide.keys))
     with pytest.raises(ConfigError, match="above FAISS's GPU limit of 2048 neighbors.*--knn-search exact"):
         FaissRetriever(flat, wide, k=2049, gpu=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({}, None),
+    ({"indexfile": "ignored.index"}, None),
+    ({"dstore_filename": None}, "--knnlm --knn-search exact needs --dstore-filename PREFIX (no index file)"),
+    ({"knn_sim_func": "do_not_recomp_l2"}, "do_not_recomp_l2 needs --knn-search faiss"),
+    ({"no_load_keys": True}, "searches the keys themselves: drop --no-load-keys"),
+    ({"knn_k_factor": 2.0}, "--knn-k-factor re-ranks FAISS's candidates"),
+    ({"knn_search": "faiss"}, "--knnlm needs both --dstore-filename PREFIX and --indexfile INDEX"),
+])
+def test_task_validation_with_exact_search(change, message):
+    """validate(): --knn-search exact needs no --indexfile; the options it has no use for are refused."""
+    import argparse
+    import dataclasses
+
+    from fairseq_plugins.config import KNNLMConfig
+    from fairseq_plugins.task import validate
+
+    defaults = KNNLMConfig()
+    a = argparse.Namespace(**{f.name: getattr(defaults, f.name) for f in dataclasses.fields(KNNLMConfig)})
+    assert a.knn_search == "faiss" and a.knn_exact_dtype == "auto" and a.knn_exact_devices is None
+    vars(a).update({"knnlm": True, "dstore_filename": "ds", "knn_search": "exact", **change})
+    if message is None:
+        validate(a)
+    else:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate(a)
 
 
 def test_parse_devices():
@@ -306,8 +340,8 @@ def test_eval_lm_exact_equals_faiss_flat(tiny, ev, tmp_path):
     # fp16 search over two shards finds the same distances; where several keys tie exactly at
     # the k-th distance (repeated contexts of the tiny corpus), another of them may be kept
     assert knn_summary(res["exact sharded fp16"].output) == pytest.approx(want, rel=1e-4)
-    assert f"(k=8, lambda=0.3, T=2.0, l2)" in res["faiss"].output  # the FAISS line, unchanged
-    assert f"(k=8, lambda=0.3, T=2.0, l2, exact)" in res["exact"].output
+    assert "(k=8, lambda=0.3, T=2.0, l2)" in res["faiss"].output  # the FAISS line, unchanged
+    assert "(k=8, lambda=0.3, T=2.0, l2, exact)" in res["exact"].output
     bad = res["exact do_not_recomp_l2"]
     assert bad.returncode != 0 and "ConfigError: --knn-search exact computes exact distances" in bad.output
     assert "Traceback" not in bad.output

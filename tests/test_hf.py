@@ -139,6 +139,19 @@ def guide_reference(model, tok, path, max_length, stride):
             math.exp(nll_sum / count), count)
 
 
+def guide_code_ppl(model, tok, path, max_length, stride):
+    """The guide's code as published: each window's mean loss weighted by its unmasked labels minus one."""
+    ids = tok(open(path).read(), return_tensors="pt").input_ids
+    nll_sum, n_tokens = 0.0, 0
+    with torch.no_grad():
+        for input_ids, labels in guide_windows(ids, max_length, stride):
+            loss = model(input_ids, labels=labels).loss
+            num_loss_tokens = int((labels != -100).sum()) - labels.size(0)
+            nll_sum += float(loss) * num_loss_tokens
+            n_tokens += num_loss_tokens
+    return math.exp(nll_sum / n_tokens)
+
+
 # ----------------------------------------------------------------------------- keys
 def by_hand(model, arch, input_ids):
     """Every key type recomputed from the final block's modules, applied by hand to states
@@ -251,6 +264,12 @@ def test_dump_rows_and_eval_at_lambda_0_follow_the_guide(setup, capsys, tmp_path
     assert result["base_ppl"] == pytest.approx(guide_ppl, rel=1e-5)
     assert result["base_ppl"] == pytest.approx(math.exp(-lp.mean()), rel=1e-5)
     assert out.strip().splitlines()[-1].startswith(f"kNN-LM: {count:,} tokens, base LM perplexity ")
+    # The guide's code weights windows after the first by one token too few when S < L (README).
+    guide_code = guide_code_ppl(setup.model, setup.tok, setup.root / "valid.txt", max_length, stride)
+    if stride < max_length:
+        assert abs(guide_code / guide_ppl - 1) > 1e-6
+    else:
+        assert guide_code == pytest.approx(guide_ppl, rel=1e-6)
 
     build_index(str(prefix), str(tmp_path / "flat.index"), "Flat")
     rc, out, err = run(capsys, "eval", "--model", setup.mdir, "--text", setup.root / "valid.txt", "--max-length",
@@ -446,3 +465,24 @@ def test_console_script_prints_the_error_and_exits_2(setup, tmp_path):
                         str(setup.root / "valid.txt"), "--knnlm"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == "knnlm-hf: error: --knnlm needs both --dstore-filename PREFIX and --indexfile INDEX"
+
+
+def test_knnlm_build_index_works_on_an_hf_datastore(setup, capsys, small_store, tmp_path):
+    from knnlm.index.builder import main as build_main
+
+    index = tmp_path / "ivfpq.index"
+    assert build_main([f"dstore_mmap={small_store[0]}", f"faiss_index={index}", "ncentroids=8", "code_size=8",
+                       "num_keys_to_train=1000"]) == 0
+    rc, out, err = run(capsys, "eval", "--model", setup.mdir, "--text", setup.root / "valid.txt", "--max-length", 16,
+                       "--knnlm", "--dstore-filename", small_store[0], "--indexfile", index, "--k", 8, "--probe", 4)
+    assert rc == 0, err
+    assert "(k=8, lambda=0.25, T=1.0, l2)" in out
+
+
+@pytest.mark.parametrize("mode", [[], ["--do-sample", "--top-k", "5"], ["--num-beams", "3"]])
+def test_generate_command_greedy_sampling_beam(setup, capsys, small_store, mode):
+    rc, out, err = run(capsys, "generate", "--model", setup.mdir, "--prompt", "the a of", "--max-new-tokens", 4,
+                       "--knnlm", "--dstore-filename", small_store[0], "--indexfile", small_store[1], "--k", 8, *mode)
+    assert rc == 0, err
+    words = out.strip().split()
+    assert words[:3] == ["the", "a", "of"] and 3 <= len(words) <= 7 and set(words) <= set(WORDS) | {"<eos>", "<unk>"}

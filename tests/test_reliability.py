@@ -594,3 +594,24 @@ def test_no_load_keys_through_eval_lm_without_a_keys_file(tiny, ev, dumps, tmp_p
     from .conftest import knn_summary
 
     assert knn_summary(without.output) == knn_summary(with_keys.output)
+
+
+def test_raw_datastore_message_flags_exist_on_fairseq_eval_lm(tiny, ev, dumps, tmp_path):
+    """The raw-format message says --dstore-size N --dimension D: fairseq-eval-lm takes both."""
+    from .conftest import knn_summary
+
+    src = Datastore.open(dumps["valid"]["prefix"])
+    raw = str(tmp_path / "raw")
+    np.asarray(src.keys, np.float32).tofile(raw + "_keys.npy")  # the original code's headerless files
+    np.asarray(src.vals, np.int64).tofile(raw + "_vals.npy")
+    index = dumps["valid"]["prefix"] + ".flat"
+    args = ("--knnlm", "--indexfile", index, "--k", "8")
+    npy_run, bare, sized = ev.run_many([
+        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *TPS, "--dstore-filename", src.prefix, *args)},
+        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *TPS, "--dstore-filename", raw, *args)},
+        {"argv": knn_argv(tiny["data"], tiny["ckpt"], *TPS, "--dstore-filename", raw, *args,
+                          "--dstore-size", str(src.size), "--dimension", str(src.dim))},
+    ])
+    assert bare.returncode == 1 and "--dstore-size N --dimension D" in bare.stderr, str(bare)
+    assert sized.returncode == 0, str(sized)
+    assert knn_summary(sized.output) == knn_summary(npy_run.output)

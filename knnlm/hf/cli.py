@@ -49,8 +49,12 @@ def load_model(args):
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the tokenizer {args.tokenizer or args.model}: {e}") from None
+    kwargs = {}
+    if getattr(args, "dtype", "float32") != "float32":  # transformers 5 calls it dtype, 4.x torch_dtype
+        major = int(transformers.__version__.split(".")[0])
+        kwargs["dtype" if major >= 5 else "torch_dtype"] = getattr(torch, args.dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the model {args.model}: {e}") from None
     return model.to(device(args)).eval(), tokenizer
@@ -60,6 +64,12 @@ def device(args):
     if args.device:
         return torch.device(args.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _ref(name):
+    """A model or tokenizer as the metadata records it: a directory made absolute (so knnlm-hf check
+    finds it from anywhere), a hub name as given."""
+    return os.path.abspath(name) if os.path.isdir(name) else name
 
 
 def read_tokens(path, tokenizer):
@@ -119,15 +129,16 @@ def cmd_dump(args):
     ids = read_tokens(args.text, tokenizer)
     wins, max_length, stride = text_windows(args, model, len(ids))
     identity = model_identity(model, tokenizer)
+    capture = break_into(model, args.knn_keytype)  # before any file is written: the key type may not apply
     session = DumpSession(
         args.dstore_mmap, keytype=args.knn_keytype, fp16=args.dstore_fp16, overwrite=args.overwrite,
         expected_size=sum(w.scored for w in wins),
-        extra={"frontend": PROG, "model": args.model, "tokenizer": args.tokenizer or args.model,
+        extra={"frontend": PROG, "model": _ref(args.model), "tokenizer": _ref(args.tokenizer or args.model),
                "model_type": model.config.model_type, "text": os.path.abspath(args.text),
                "text_tokens": len(ids), "max_length": max_length, "stride": stride},
-    ).start(identity)
-    capture = break_into(model, args.knn_keytype)
+    )
     try:
+        session.start(identity)
         for r in run_windows(model, ids, wins, capture, batch_size=args.batch_size, device=device(args)):
             session.add(r["keys"].float(), r["targets"])
         meta = session.finish()
@@ -333,6 +344,8 @@ def build_parser():
         s.add_argument("--model", required=required, help="model directory or hub name (AutoModelForCausalLM)")
         s.add_argument("--tokenizer", help="tokenizer directory or hub name (default: --model)")
         s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+        s.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                       help="weights' dtype (keys are stored as float32, or float16 with --dstore-fp16)")
 
     def text_args(s):
         s.add_argument("--text", required=True, help="text file, read whole and tokenized as one string")

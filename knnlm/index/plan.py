@@ -21,13 +21,17 @@ MIN_POINTS_PER_CENTROID = 39
 # Every config field and its type, for validating overrides and translating --options.
 FIELDS = {
     "dstore_mmap": str, "faiss_index": str, "factory": str, "ncentroids": int, "code_size": int,
-    "probe": int, "metric": str, "seed": int, "num_keys_to_train": int,
+    "probe": int, "metric": str, "seed": int, "sampler": str, "num_keys_to_train": int,
     "num_keys_to_add_at_a_time": int, "starting_point": int, "checkpoint_interval_s": float,
     "gpu": bool, "threads": int, "overwrite": bool, "dstore_size": int, "dimension": int,
     "dstore_fp16": bool, "shards": list, "shard_workers": int, "ondisk_merge": bool,
 }
 OPTIONAL = {"threads", "dstore_size", "dimension", "dstore_fp16", "shards"}
 METRICS = ("l2", "ip")
+# How the training keys are drawn (knnlm.index.steps.sample_training_keys): "default": numpy's
+# default_rng(seed), rows read in ascending order; "legacy": the original build_dstore.py's
+# np.random.seed(seed); np.random.choice(size, n, replace=False), in the order drawn.
+SAMPLERS = ("default", "legacy")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -87,6 +91,8 @@ def _validated(cfg):
     for name in ("seed", "starting_point", "checkpoint_interval_s"):
         if c[name] < 0:
             raise ConfigError(f"{name} must not be negative, got {c[name]}")
+    if c.get("sampler", "default") not in SAMPLERS:
+        raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {c['sampler']!r}")
     if c["metric"] not in METRICS:
         raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {c['metric']!r}")
     if isinstance(c["shards"], list) and not all(isinstance(p, str) for p in c["shards"]):
@@ -119,6 +125,7 @@ class Plan:
     overwrite: bool
     ondisk: bool
     shard_workers: int
+    sampler: str = "default"
 
     @property
     def trained_path(self):
@@ -139,6 +146,7 @@ class Plan:
             "starting_point": self.starting_point, "dim": self.datastore.dim,
             "datastore_fingerprint": self.datastore.fingerprint,
             "route": "ondisk" if self.ondisk else "single",
+            **({"sampler": self.sampler} if self.sampler != "default" else {}),
         }
 
 
@@ -227,7 +235,7 @@ def make_plan(cfg):
         chunk=c["num_keys_to_add_at_a_time"], checkpoint_interval_s=c["checkpoint_interval_s"],
         gpu=c["gpu"], threads=c["threads"] or os.cpu_count() or 1, overwrite=c["overwrite"],
         ondisk=isinstance(ds, ShardedDatastore) or c["ondisk_merge"],
-        shard_workers=c["shard_workers"],
+        shard_workers=c["shard_workers"], sampler=c.get("sampler") or "default",
     )
     if plan.starting_point:
         logger.warning("starting_point=%s: the index will hold only rows %s..%s, and load_index will "

@@ -79,11 +79,22 @@ def add_rows(index, keys, start, end, *, id_offset=0, chunk, desc="adding keys",
                 on_chunk(e)
 
 
+def training_rows(size, n, seed, sampler="default"):
+    """The rows of the training sample: n of range(size) without replacement.
+
+    default: np.random.default_rng(seed).choice, sorted (the keys are read in ascending order);
+    legacy: the original build_dstore.py's np.random.seed(seed); np.random.choice(size, n,
+    replace=False), in the order drawn (FAISS's k-means sees the keys in that order)."""
+    if sampler == "legacy":
+        np.random.seed(seed)
+        return np.random.choice(size, size=n, replace=False)
+    return np.sort(np.random.default_rng(seed).choice(size, size=n, replace=False))
+
+
 def sample_training_keys(plan):
-    """min(num_keys_to_train, size) keys at seeded random rows, read in ascending row order, as float32."""
+    """min(num_keys_to_train, size) keys at seeded random rows (`training_rows`), as float32."""
     ds = plan.datastore
-    rng = np.random.default_rng(plan.seed)
-    rows = np.sort(rng.choice(ds.size, size=plan.n_train, replace=False))
+    rows = training_rows(ds.size, plan.n_train, plan.seed, getattr(plan, "sampler", "default"))
     x = np.empty((plan.n_train, ds.dim), dtype=np.float32)
     with tqdm(total=plan.n_train, unit="key", unit_scale=True, desc="reading training keys", dynamic_ncols=True) as bar:
         for s in range(0, plan.n_train, SAMPLE_CHUNK):
@@ -244,6 +255,7 @@ def finalize(plan, index, *, train_seconds, add_seconds, rows_added, extra_meta,
         "metric": plan.metric,
         "n_train": plan.n_train,
         "seed": plan.seed,
+        "sampler": getattr(plan, "sampler", "default"),
         "nprobe": plan.probe,
         "datastore": ds.prefix,
         "datastore_fingerprint": ds.fingerprint,

@@ -54,8 +54,8 @@ _RESERVED = {"format", "format_version", "complete", "count", "sim_func", "k", "
 # What an export's meta.json must hold: field -> (types, required).
 META_SCHEMA = {
     "format": (str, True), "format_version": (int, True), "complete": (bool, True), "count": (int, True),
-    "k_kept": (int, True), "files": (list, True), "sim_func": (str, False), "temperature": (float, False),
-    "lmbda": (float, False), "k": ((int, type(None)), False),
+    "k_kept": (int, True), "files": (list, True), "sim_func": (str, True), "temperature": (float, True),
+    "lmbda": (float, True), "k": ((int, type(None)), False),
 }
 # Elements of (rows, K) per re-scoring chunk: 4 MB of fp32 per temporary, about cache-sized.
 CHUNK_ELEMENTS = 1 << 20
@@ -361,6 +361,12 @@ def load_export(path):
         raise CorruptError(f"export {path} has format version {meta.get('format_version')}; "
                            f"this code reads version {FORMAT_VERSION}")
     check_schema(meta, META_SCHEMA, f"export {path}", os.path.join(path, META))
+    t, lam = meta.get("temperature", 1.0), meta.get("lmbda", 0.0)
+    if (meta.get("sim_func", "l2") not in SIM_FUNCS or not (math.isfinite(t) and t > 0) or not 0 <= lam <= 1
+            or (meta.get("k") is not None and meta["k_kept"] > meta["k"])):
+        raise CorruptError(f"export {path}: its metadata holds impossible settings (sim_func "
+                           f"{meta.get('sim_func')!r}, temperature {t!r}, lmbda {lam!r}, k {meta.get('k')!r}, "
+                           f"k_kept {meta['k_kept']!r}); it is damaged. Export again")
     if not meta.get("complete"):
         raise IncompleteError(
             f"export {path} is incomplete: the evaluation that wrote it did not finish "
@@ -369,6 +375,8 @@ def load_export(path):
     names = meta.get("files", [])
     if not all(isinstance(n, str) for n in names):
         raise CorruptError(f"export {path}: its metadata lists files {names!r}, expected names; it is damaged")
+    if "dists" in names and not isinstance(meta.get("k"), int):
+        raise CorruptError(f"export {path}: its metadata lists neighbor distances but no run k ({meta.get('k')!r}); it is damaged")
     if not {"lp_lm", "lp_knn", "targets"} <= set(names) or ("dists" in names) != ("match" in names):
         raise CorruptError(f"export {path}: its metadata lists an impossible set of files {names}")
     arrays = {}
@@ -380,7 +388,7 @@ def load_export(path):
             raise CorruptError(f"export {path}: {file} is missing")
         try:
             a = np.load(file, mmap_mode="r")
-        except (ValueError, OSError, EOFError, SyntaxError, TypeError, KeyError, UnicodeDecodeError) as e:
+        except Exception as e:  # noqa: BLE001 - numpy parses a damaged header many ways (ValueError, SyntaxError, tokenize.TokenError, ...)
             raise CorruptError(f"export {path}: cannot read {file} ({e}); it is truncated or damaged") from None
         if not a.flags.c_contiguous:
             raise CorruptError(f"export {path}: {file} is not the C-order array an export writes; it was damaged")

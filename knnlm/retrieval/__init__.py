@@ -2,11 +2,13 @@
 
     base.py          Neighbors (the result type) and Retriever (the contract)
     faiss_search.py  FaissRetriever: FAISS search, k-factor re-ranking, exact recompute, GPU clone
+    retomaton.py     RetoMatonRetriever: pointers to the next entries, a search only when too few survive
     exact.py         ExactRetriever: exact search by chunked matrix products on the queries' device
 """
 
 from .base import Neighbors, Retriever
 from .exact import ExactRetriever
 from .faiss_search import FaissRetriever
+from .retomaton import RetoMatonRetriever, Streams
 
-__all__ = ["ExactRetriever", "FaissRetriever", "Neighbors", "Retriever"]
+__all__ = ["ExactRetriever", "FaissRetriever", "Neighbors", "Retriever", "RetoMatonRetriever", "Streams"]

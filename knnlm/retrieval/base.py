@@ -91,6 +91,24 @@ class Retriever:
         """Counters worth a word in the run's summary line (e.g. searches saved), or {}."""
         return {}
 
+    def describe(self):
+        """What the run's summary line adds after the settings (e.g. searches saved), or ''."""
+        return ""
+
+    def exact_distances(self, queries, ids):
+        """Exact fp32 squared L2 (or inner products, for dot) of each query to datastore rows
+        `ids` (N, m): (N, m) on the CPU. Strategies with a faster kernel override it."""
+        import numpy as np
+
+        q = (queries.detach().float().cpu() if torch.is_tensor(queries)
+             else torch.from_numpy(np.asarray(queries, np.float32)))
+        ids = np.asarray(ids, dtype=np.int64)
+        keys = torch.from_numpy(np.asarray(self.datastore.gather_keys(ids.reshape(-1)), np.float32))
+        keys = keys.view(*ids.shape, -1)
+        if self.sim_func == "dot":
+            return (keys * q.unsqueeze(1)).sum(-1)
+        return (keys - q.unsqueeze(1)).pow(2).sum(-1)
+
     def __call__(self, queries, return_ids=False, nearest_first=True):
         """The pre-contract call: (distances, values, valid[, ids]) tensors."""
         return self.retrieve(queries, nearest_first=nearest_first).as_tuple(return_ids)

@@ -11,6 +11,7 @@ true k nearest neighbors.
     knn = KNNLM(retriever, lmbda=0.25, temperature=1.0)
 """
 
+import contextlib
 import logging
 import math
 import warnings
@@ -106,6 +107,22 @@ def _keys_dtype(datastore):
     return np.dtype(dt)
 
 
+@contextlib.contextmanager
+def _strict_matmuls():
+    """cuBLAS as the error bound assumes it: fp32 accumulation all the way (no fp16/bf16 split-K
+    reductions, no TF32 for fp32 products); torch's global settings are restored afterwards."""
+    m = torch.backends.cuda.matmul
+    names = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+    saved = {n: getattr(m, n) for n in names}
+    try:
+        for n in names:
+            setattr(m, n, False)
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(m, n, v)
+
+
 def _gib(n):
     return f"{n / 2 ** 30:.2f} GiB"
 
@@ -116,7 +133,7 @@ class _Shard:
     def __init__(self, start, stop, device):
         self.start, self.stop, self.device = start, stop, torch.device(device)
         self.keys = None   # (n, D + pad) in the search dtype; columns D.. hold ||k||^2 / sigma (l2), zeros
-        self.vals = None   # (n,) int32 or int64
+        self.vals = None   # (n,) int64
         self.kmax = 0.0    # the largest key norm (the error bound needs it)
         self.sigma = 1.0   # ||k||^2 column scale (a power of two)
 
@@ -153,7 +170,7 @@ class ExactRetriever(Retriever):
     query q becomes [q / s, -sigma / (2 s), 0...] with s = max(||q||, ...) a per-query
     positive scale (it keeps every number well inside fp16's range), so that one matrix
     product gives r'_j = (q.k_j - ||k_j||^2 / 2) / s = -(||q - k_j||^2 - ||q||^2) / (2 s):
-    ordering by r' is ordering by distance. Keys are taken in chunks of SCORE_CHUNK_BYTES of
+    ordering by r' is ordering by distance (for dot the extra column is 0 and r' = q.k / s). Keys are taken in chunks of SCORE_CHUNK_BYTES of
     scores, the top m of each chunk merged into the running top m. Then the m candidates are
     re-scored exactly in fp32 (sum((k - q)^2), or q.k, from the full-precision keys: the
     resident ones when their dtype holds the datastore's losslessly, else the datastore's own
@@ -167,15 +184,18 @@ class ExactRetriever(Retriever):
 
         E(q) = (4u + (D + 8) 2^-23) (2 ||q|| K + K^2)
 
-    (each of q, k_j, the ||k||^2 column and the product's output is rounded once). A key
+    (each of q, k_j, the ||k||^2 column and the product's output is rounded once; the search
+    turns off cuBLAS's reduced-precision reductions and TF32 while it runs). A key
     outside the true k nearest becomes a candidate instead of a true neighbor only if its
     r~ falls below the true neighbor's, i.e. only among keys whose exact r lies within 2 E(q)
     of the k-th nearest's; taking m >= k + (the number of such near-ties) candidates loses
     nothing. This is checked per query, a posteriori: with t the largest r~ among a shard's
     candidates (every key not taken has r~ >= t, so exact r >= t - E), the result is
-    certified exact when t - E(q) >= r of the k-th neighbor kept, or when a shard's m covers
-    all its rows. `self.stats` counts the queries searched and those left uncertified (for
-    fp32 search and for the usual spread of distances, none); raise candidate_factor if any.
+    certified exact when t - E(q) >= r of the k-th neighbor kept (its exact distance minus
+    ||q||^2; for dot, r = -q.k), or when a shard's m covers all its rows. `self.stats` counts
+    the queries searched and those left uncertified: none, typically, for fp32 and fp16; bf16's
+    8-bit mantissa makes E large enough that many queries stay unproven although the
+    neighbors found are, in practice, the exact ones. Raise candidate_factor to prove more.
     """
 
     search_name = "exact"  # KNNLM.describe() adds it to the summary line's settings
@@ -234,19 +254,24 @@ class ExactRetriever(Retriever):
             + self._chunk_budget(device, RESCORE_CHUNK_BYTES)
 
     def _check_memory(self, shards):
+        """Refuse, before loading anything, a device that cannot hold its shards (several shards
+        on one device add up; the work buffers are counted once, the shards being searched in turn)."""
         item = torch.empty(0, dtype=self.dtype).element_size()
+        rows = {}
         for s in shards:
-            need = self.required_bytes(s.size, s.device)
+            rows[s.device] = rows.get(s.device, 0) + s.size
+        for device, n in rows.items():
+            need = self.required_bytes(n, device)
             free, where = None, None
-            if s.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(s.device)
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
                 where = "free"
             if self.memory_budget is not None and (free is None or self.memory_budget < free):
                 free, where = int(self.memory_budget), "allowed (memory_budget)"
             if free is not None and need > free:
                 raise ConfigError(
-                    f"--knn-search exact: datastore {self.datastore.prefix} does not fit on {s.device}: its "
-                    f"{s.size:,} x {self.datastore.dim} keys as {self.dtype_name_resolved} ({item} bytes each) need "
+                    f"--knn-search exact: datastore {self.datastore.prefix} does not fit on {device}: its "
+                    f"{n:,} x {self.datastore.dim} keys as {self.dtype_name_resolved} ({item} bytes each) need "
                     f"{need:,} bytes ({_gib(need)}, work buffers included) but {free:,} bytes ({_gib(free)}) are "
                     f"{where} there; shard it over more devices (--knn-exact-devices), use a smaller "
                     f"--knn-exact-dtype, or search an index (--knn-search faiss)")
@@ -389,13 +414,12 @@ class ExactRetriever(Retriever):
         if self.shards is None:
             self._load([str(device)])
         q = q.float()
-        n_q = q.shape[0]
         dot = self.sim_func == "dot"
         dists, ids, thresholds = [], [], []
-        for s in self.shards:
-            qs = q.to(s.device)
-            local, t = self._search_shard(qs, s)
-            exact = self._exact(qs, local, s)
+        with _strict_matmuls():
+            per_shard = [self._search_shard(q.to(s.device), s) for s in self.shards]
+        for s, (local, t) in zip(self.shards, per_shard):
+            exact = self._exact(q.to(s.device), local, s)
             dists.append(exact.to(device))
             ids.append((local + s.start).to(device))
             thresholds.append(t.to(device))

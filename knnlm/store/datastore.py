@@ -231,6 +231,39 @@ class Datastore:
     def __repr__(self):
         return f"Datastore({self.prefix!r}, size={self.size:,}, dim={self.dim}, keys={self.keys.dtype})"
 
+    # ---- derived datastores: pruned (knnlm.store.prune), reduced keys (knnlm.store.reduce) ----
+
+    @property
+    def model_dim(self):
+        """The dimension of the model's states this datastore's keys came from (reduced keys: before)."""
+        return int(self.meta["transform"]["d_in"]) if self.meta.get("transform") else self.dim
+
+    @property
+    def weighted(self):
+        """True for a pruned datastore: each entry stands for `weight` original ones."""
+        return bool(self.meta.get("weights_file"))
+
+    def gather_weights(self, ids):
+        """Weights at rows `ids` (any shape), int32; only for a weighted datastore."""
+        if not hasattr(self, "_weights"):
+            path = os.path.join(os.path.dirname(os.path.abspath(self.prefix)), self.meta["weights_file"])
+            try:
+                self._weights = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise CorruptError(f"datastore {self.prefix}: its weights {path} are unreadable ({e}); prune again") from None
+            if self._weights.shape != (self.size,):
+                raise CorruptError(f"datastore {self.prefix}: {path} holds {self._weights.shape} weights for "
+                                   f"{self.size:,} entries; prune again")
+        return np.asarray(np.take(self._weights, np.asarray(ids)))
+
+    def query_transform(self):
+        """The callable a query goes through before search (reduced keys), or None."""
+        if not self.meta.get("transform"):
+            return None
+        from .transform import QueryTransform
+
+        return QueryTransform(self)
+
     @classmethod
     def open(cls, prefix, *, in_memory=False, dstore_size=None, dim=None, fp16=None, load_keys=True):
         """Open P_keys.npy/P_vals.npy/P_meta.json, checking that they are whole and agree.
@@ -267,7 +300,7 @@ class Datastore:
         try:
             keys = np.load(files["keys"], mmap_mode="r") if load_keys else None
             vals = np.load(files["vals"], mmap_mode="r")
-        except (ValueError, OSError, EOFError, SyntaxError, TypeError, KeyError, UnicodeDecodeError) as e:
+        except Exception as e:  # noqa: BLE001 - numpy parses a damaged header many ways (ValueError, SyntaxError, tokenize.TokenError, ...)
             raise CorruptError(f"datastore {prefix}: cannot read its files ({e}); they are truncated or damaged") from None
         if (keys is not None and not keys.flags.c_contiguous) or not vals.flags.c_contiguous:
             raise CorruptError(f"datastore {prefix}: its .npy headers are not the C-order arrays a dump writes; "
@@ -345,9 +378,9 @@ class Datastore:
                          model_fingerprint=None, allow_model_mismatch=False):
         """Refuse, by name, a datastore that does not belong to the model about to use it."""
         m = self.meta
-        if dim is not None and self.dim != dim:
+        if dim is not None and self.model_dim != dim:
             raise MismatchError(
-                f"datastore {self.prefix} has keys of dimension {self.dim} but the model's "
+                f"datastore {self.prefix} has keys of dimension {self.model_dim} but the model's "
                 f"{keytype or 'key'} states have dimension {dim}: it was dumped from another model"
             )
         if m.get("legacy"):

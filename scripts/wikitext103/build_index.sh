@@ -13,6 +13,8 @@
 #   NUM_KEYS_TO_TRAIN=1000000
 #   PROBE=32
 #   INDEX_SEED=1
+#   INDEX_SAMPLER=default                  legacy: the original build_dstore.py's training sample,
+#                                          np.random.seed(INDEX_SEED); np.random.choice(...), unsorted
 #   INDEX_GPU=0                            1: train and add on the GPU (needs faiss-gpu)
 #   FORCE=0                                1: rebuild even if the index is up to date
 set -euo pipefail

@@ -18,6 +18,10 @@
 #                        fairseq's own "Perplexity: Z" line
 #   dump_datastore PREFIX KEYTYPE [DATA], build_index PREFIX INDEX,
 #   ensure_knn PREFIX INDEX KEYTYPE [DATA] (both), knn_export NAME DATA SPLIT PREFIX INDEX KEYTYPE
+#   supported_keytypes KT...   the ones the checkpoint supports (python -m fairseq_plugins.keytypes,
+#                        checked once per checkpoint); require_keytype KT dies unless supported
+#   check_base_ppl       the base LM's valid perplexity must be BASE_PPL_TARGET +- BASE_PPL_TOLERANCE
+#                        (run before any dump: a wrong checkpoint or dictionary stops here)
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PLUGIN=$REPO/fairseq_plugins
@@ -48,6 +52,19 @@ EOF
 ) || die "cannot read the defaults in $KNNLM_CONFIG"
 eval "$defaults"
 unset defaults
+# The checkpoint: CKPT, CKPT_URL and SRCDICT default to those of CKPT_SOURCE.
+case $CKPT_SOURCE in
+    original)  # the kNN-LM authors' checkpoint (their README); its dictionary is built from the training text
+        CKPT=${CKPT:-$CKPT_DIR/wt103_checkpoint_best.pt}
+        CKPT_URL=${CKPT_URL:-https://nlp.stanford.edu/projects/knnlm/wt103_checkpoint_best.pt}
+        SRCDICT=${SRCDICT:-} ;;
+    fairseq)   # fairseq's adaptive_lm_wiki103.v2 archive, with its dict.txt
+        CKPT=${CKPT:-$CKPT_DIR/adaptive_lm_wiki103.v2/model.pt}
+        CKPT_URL=${CKPT_URL:-https://dl.fbaipublicfiles.com/fairseq/models/lm/adaptive_lm_wiki103.v2.tar.bz2}
+        SRCDICT=${SRCDICT:-$CKPT_DIR/adaptive_lm_wiki103.v2/dict.txt} ;;
+    *) echo "error: CKPT_SOURCE must be original or fairseq, got '$CKPT_SOURCE'" >&2; exit 1 ;;
+esac
+export CKPT CKPT_URL SRCDICT
 mkdir -p "$LOG_DIR" "$RESULTS"
 
 run() {
@@ -86,9 +103,17 @@ resolve_device() {
         if "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
             DEVICE_ARGS=--fp16
         else
+            [[ $ALLOW_CPU == 1 ]] ||
+                die "CPUDeviceRefused: DEVICE_ARGS=auto found no CUDA GPU. The WikiText-103 dump and evaluations on a CPU take weeks (and run the LM in fp32, not the paper's fp16); set ALLOW_CPU=1 to run on the CPU anyway"
             DEVICE_ARGS=--cpu
         fi
         log "DEVICE_ARGS=auto: using $DEVICE_ARGS"
+    fi
+    if [[ " $DEVICE_ARGS " == *" --cpu "* && $ALLOW_CPU != 1 ]]; then
+        die "CPUDeviceRefused: DEVICE_ARGS=$DEVICE_ARGS runs the LM on the CPU: weeks for the WikiText-103 dump. Set ALLOW_CPU=1 if you mean it (a small stand-in)"
+    fi
+    if [[ " $DEVICE_ARGS " == *" --cpu "* ]]; then
+        log "warning: running the LM on the CPU (ALLOW_CPU=1)"
     fi
 }
 
@@ -130,8 +155,57 @@ ppl_from() {  # LOG base|knn|lm
     echo "$v"
 }
 
-json_get() {  # FILE KEY: a top-level field of a JSON file
-    "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"
+json_get() {  # FILE KEY: a field of a JSON file (a.b for a nested one)
+    "$PYTHON" -c 'import functools, json, sys; print(functools.reduce(lambda d, k: d[k], sys.argv[2].split("."), json.load(open(sys.argv[1]))))' "$1" "$2"
+}
+
+supported_keytypes() {  # KT...: those the checkpoint supports, one per line; the others named on stderr
+    local cache kt
+    cache=$LOG_DIR/keytypes_$(printf '%s' "$CKPT" | cksum | cut -d' ' -f1).txt
+    if ! [[ -f $cache && $cache -nt $CKPT && $(head -n 1 "$cache") == "$CKPT" ]]; then
+        log "checking which key types $CKPT supports (python -m fairseq_plugins.keytypes)"
+        { echo "$CKPT"; "$PYTHON" -m fairseq_plugins.keytypes "$CKPT" --data "$DATA_BIN" 2>"$cache.log"; } >"$cache.tmp" ||
+            die "cannot check the key types of $CKPT: $(tail -n 3 "$cache.log")"
+        mv "$cache.tmp" "$cache"
+    fi
+    for kt; do
+        if tail -n +2 "$cache" | grep -qx "$kt"; then
+            echo "$kt"
+        else
+            log "key type $kt left out: $CKPT does not support it ($(grep -m1 "key type $kt " "$cache.log" | sed 's/.*: //'))"
+        fi
+    done
+}
+
+require_keytype() {  # KT: die before any dump unless the checkpoint supports it
+    [[ -n $(supported_keytypes "$1") ]] ||
+        die "KeytypeUnsupported: $CKPT has no $1 state (see $LOG_DIR/keytypes_*.txt.log): set KEYTYPE to one of: $(supported_keytypes last_ffn_input last_ffn_input_before_ln last_attn_input last_attn_input_before_ln decoder_output decoder_output_ln 2>/dev/null | tr '\n' ' ')"
+}
+
+output_keytype() {  # the state the model's output layer reads (the continuous cache's hidden state)
+    "$PYTHON" -m fairseq_plugins.keytypes "$CKPT" --data "$DATA_BIN" --output-state 2>/dev/null ||
+        die "cannot load $CKPT to find its output state"
+}
+
+check_base_ppl() {  # the base LM's valid perplexity, at the evaluation settings, against BASE_PPL_TARGET
+    local out=$LOG_DIR/base_ppl_valid.log done=$LOG_DIR/base_ppl_valid.done cmd ppl
+    if [[ -z $BASE_PPL_TARGET ]]; then
+        log "BASE_PPL_TARGET is empty: the base LM's valid perplexity is not checked"
+        return 0
+    fi
+    eval_args "$DATA_BIN" valid
+    cmd=$(printf '%q ' "${EVAL[@]}")
+    if [[ $FORCE == 1 || ! -f $done || $(head -n 1 "$done") != "$cmd" ]] || ! newer_than_all "$done" "$CKPT" "$DATA_BIN/valid.bin"; then
+        log "checking the base LM's perplexity on valid before anything is dumped"
+        run "${EVAL[@]}" 2>&1 | tee "$out" >&2
+        ppl=$(ppl_from "$out" lm)
+        printf '%s\n%s\n' "$cmd" "$ppl" >"$done"
+    fi
+    ppl=$(tail -n 1 "$done")
+    "$PYTHON" -c 'import sys; sys.exit(abs(float(sys.argv[1]) - float(sys.argv[2])) > float(sys.argv[3]))' \
+        "$ppl" "$BASE_PPL_TARGET" "$BASE_PPL_TOLERANCE" ||
+        die "BasePerplexityMismatch: $CKPT scores valid at perplexity $ppl, not $BASE_PPL_TARGET +- $BASE_PPL_TOLERANCE (BASE_PPL_TARGET, BASE_PPL_TOLERANCE): a wrong checkpoint, a dictionary other than the one it was trained with (DATA_BIN/dict.txt), or other evaluation settings. Nothing was dumped; see $out"
+    log "base LM perplexity on valid: $ppl (target $BASE_PPL_TARGET +- $BASE_PPL_TOLERANCE)"
 }
 
 fmt() { printf '%.2f' "$1"; }  # perplexities in tables: two decimals, like the paper
@@ -139,6 +213,10 @@ fmt() { printf '%.2f' "$1"; }  # perplexities in tables: two decimals, like the 
 dump_datastore() {  # PREFIX KEYTYPE [DATA]: keys and values of every training token
     local prefix=$1 keytype=$2 data=${3:-$DATA_BIN} fp16=()
     if [[ $DSTORE_FP16 == 1 ]]; then fp16=(--dstore-fp16); fi
+    if [[ $LEGACY_DATASTORE == 1 ]]; then fp16+=(--legacy-datastore); fi
+    # Before hours of dumping: the model has this key type, and it is the right model.
+    require_keytype "$keytype"
+    check_base_ppl
     fairseq_args "$data" train "$DUMP_TOKENS_PER_SAMPLE" "$DUMP_CONTEXT_WINDOW" "$DUMP_BREAK_MODE"
     mkdir -p "$(dirname "$prefix")"
     step "${prefix}_meta.json" "$LOG_DIR/dump_$(basename "$prefix").log" "$CKPT" "$data/train.bin" -- \
@@ -149,7 +227,8 @@ build_index() {  # PREFIX INDEX: IVF + PQ over the datastore's keys
     step "$2.meta.json" "$LOG_DIR/index_$(basename "$2").log" "${1}_meta.json" -- \
         knnlm-build-index --dstore_mmap "$1" --faiss_index "$2" --factory "$INDEX_FACTORY" \
         --ncentroids "$NCENTROIDS" --code_size "$CODE_SIZE" --probe "$PROBE" --seed "$INDEX_SEED" \
-        --num_keys_to_train "$NUM_KEYS_TO_TRAIN" "--gpu=$([[ $INDEX_GPU == 1 ]] && echo true || echo false)" --overwrite
+        --num_keys_to_train "$NUM_KEYS_TO_TRAIN" --sampler "$INDEX_SAMPLER" \
+        "--gpu=$([[ $INDEX_GPU == 1 ]] && echo true || echo false)" --overwrite
 }
 
 ensure_knn() {  # PREFIX INDEX KEYTYPE [DATA]: dump and index, each skipped while up to date

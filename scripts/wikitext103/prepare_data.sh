@@ -7,12 +7,15 @@
 #   WT103_DIR=${WORK}/wikitext-103     wiki.{train,valid,test}.tokens; downloaded only if one is missing
 #   WT103_URL=https://wikitext.smerity.com/wikitext-103-v1.zip
 #   DATA_BIN=${WORK}/data-bin/wikitext-103
-#   SRCDICT=${CKPT_DIR}/adaptive_lm_wiki103.v2/dict.txt   the checkpoint's dictionary, used if present
+#   SRCDICT                            a dictionary to binarize with, used if present. Empty by
+#                                      default: CKPT_SOURCE=original builds it from wiki.train.tokens,
+#                                      as the kNN-LM README did; CKPT_SOURCE=fairseq uses the archive's dict.txt
 #   WORKERS=8                          fairseq-preprocess --workers
 #   FORCE=0                            1: binarize again even if $DATA_BIN is complete and up to date
 #
-# Run fetch_checkpoint.sh first: binarizing with the checkpoint's dict.txt guarantees that token
-# ids mean the same words to the data and to the model.
+# Run fetch_checkpoint.sh first: with CKPT_SOURCE=fairseq, binarizing with the archive's dict.txt
+# guarantees that token ids mean the same words to the data and to the model. Either way the
+# base-perplexity check before the first dump (BASE_PPL_TARGET) catches a dictionary mismatch.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need fairseq-preprocess
@@ -38,14 +41,16 @@ complete=1
 for f in "${outputs[@]}"; do [[ -f $f ]] || complete=0; done
 # test.idx is written last: it must be newer than the text (and the dictionary used).
 sources=("$WT103_DIR"/wiki.{train,valid,test}.tokens)
-if [[ -f $SRCDICT ]]; then sources+=("$SRCDICT"); fi
+if [[ -n $SRCDICT && -f $SRCDICT ]]; then sources+=("$SRCDICT"); fi
 if [[ $complete == 1 && $FORCE != 1 ]] && newer_than_all "$DATA_BIN/test.idx" "${sources[@]}"; then
     log "$DATA_BIN is complete and newer than its sources: not binarizing again (FORCE=1 redoes it)"
     exit 0
 fi
 dict=()
-if [[ -f $SRCDICT ]]; then
+if [[ -n $SRCDICT && -f $SRCDICT ]]; then
     dict=(--srcdict "$SRCDICT")
+elif [[ $CKPT_SOURCE == original && -z $SRCDICT ]]; then
+    log "building the dictionary from the training text, as the original kNN-LM README did (CKPT_SOURCE=original)"
 else
     log "warning: no $SRCDICT: building the dictionary from the training text; a checkpoint's" \
         "token ids match it only if that checkpoint was trained on data binarized the same way"

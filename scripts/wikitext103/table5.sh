@@ -8,6 +8,9 @@
 #
 # Environment (defaults in configs/wikitext103.yaml):
 #   KEYTYPES="decoder_output decoder_output_ln last_ffn_input last_ffn_input_before_ln last_attn_input last_attn_input_before_ln"
+#                                          those the checkpoint lacks are left out with a message
+#                                          before anything is dumped (the WikiText-103 LM has no
+#                                          final LayerNorm: no decoder_output_ln)
 #   K=1024
 #   KNN_TEMP=1                             fixed; only lambda is tuned, as in the paper
 #   TUNE_LAMBDAS=0:1:0.01
@@ -28,6 +31,15 @@ rows=()
 base=
 for kt in $KEYTYPES; do
     [[ -v "name[$kt]" ]] || die "unknown key type $kt in KEYTYPES (known: ${!name[*]})"
+done
+# Checked on the model before any dump; unsupported ones are named on stderr and left out.
+keytypes=$(supported_keytypes $KEYTYPES)
+[[ -n $keytypes ]] || die "KeytypeUnsupported: $CKPT supports none of KEYTYPES=$KEYTYPES"
+for kt in $KEYTYPES; do
+    if ! grep -qx "$kt" <<<"$keytypes"; then
+        rows+=("| ${name[$kt]} | n/a (the model has no such state) | - | ${paper[$kt]} |")
+        continue
+    fi
     if [[ $kt == "$KEYTYPE" ]]; then
         prefix=$DSTORE index=$INDEX
     else

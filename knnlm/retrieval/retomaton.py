@@ -1,0 +1,159 @@
+"""RetoMaton (Alon et al., ICML 2022, "Neuro-Symbolic Language Modeling with Automaton-augmented
+Retrieval"): follow pointers through the datastore instead of searching at every token.
+
+Each datastore entry i points to entry i + 1, the one that followed it in the text it was dumped
+from (no pointer crosses a break between texts). After token t is scored, the neighbors of t
+whose value is the token that really came next pass their pointers on: those entries are the
+candidates of token t + 1, nearest first. If at least `min_pointers` candidates survive, token
+t + 1 is scored against them (their exact distances to its query, at most `max_pointers` of
+them) and no search happens; otherwise the base strategy searches as usual. Either the search's
+neighbors or the candidates are used, never both, so with `min_pointers` above k every token is
+searched and the result is the plain kNN-LM's, bit for bit.
+
+Scoring is teacher-forced: the text is known, so one call scores whole streams. The queries of
+a call are `Streams(lengths, targets)`: consecutive streams of tokens (fairseq: the rows of an
+eval batch, each a block of contiguous text); pointers are followed within a stream, and the
+streams advance together, position by position, so the searches of one position are one batch.
+"""
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from .base import Neighbors, Retriever
+
+
+@dataclasses.dataclass
+class Streams:
+    """How the N queries of one call are laid out: `lengths` streams one after the other
+    (sum(lengths) == N), and the token that really follows each query (N,)."""
+
+    lengths: list
+    targets: torch.Tensor
+
+
+def pointer_targets(datastore):
+    """(N,) bool: whether entry i has a successor i + 1 in the same text.
+
+    A datastore dumped with fairseq's --sample-break-mode none (the default, and the paper's
+    setting) is one contiguous stream per shard; other break modes do not record where a text
+    starts, so pointers could cross texts: refused.
+    """
+    n = datastore.size
+    follows = np.ones(n, dtype=bool)
+    follows[-1:] = False
+    shards = getattr(datastore, "shards", None)
+    metas = [s.meta for s in shards] if shards else [datastore.meta]
+    for meta in metas:
+        mode = meta.get("sample_break_mode", "none")
+        if mode not in (None, "none", "None"):
+            raise ConfigError(
+                f"--retomaton follows each datastore entry to the next one in its text, but datastore "
+                f"{datastore.prefix} was dumped with --sample-break-mode {mode}, which does not record "
+                f"where its texts break; dump it with --sample-break-mode none (the paper's setting)")
+    if shards:
+        follows[np.asarray(datastore.offsets[1:], dtype=np.int64) - 1] = False  # a shard's last row
+    return follows
+
+
+class RetoMatonRetriever(Retriever):
+    """Pointers first, `base` search (FaissRetriever, ExactRetriever, ...) when too few survive.
+
+    min_pointers: search when fewer candidates than this survive (1: only when none does);
+    max_pointers: candidates kept per token (default: the base's k).
+    """
+
+    def __init__(self, base, *, min_pointers=1, max_pointers=None):
+        if min_pointers < 1:
+            raise ConfigError(f"--retomaton-min-pointers must be at least 1, got {min_pointers}")
+        if base.sim_func == "do_not_recomp_l2":
+            raise ConfigError("--retomaton scores pointer candidates by their exact distances, which FAISS "
+                              "does not give: use --knn-sim-func l2 or dot, not do_not_recomp_l2")
+        self.base = base
+        self.datastore, self.k, self.sim_func = base.datastore, base.k, base.sim_func
+        self.min_pointers = int(min_pointers)
+        self.max_pointers = int(max_pointers or base.k)
+        if self.max_pointers < 1:
+            raise ConfigError(f"--retomaton-max-pointers must be at least 1, got {max_pointers}")
+        self.follows = torch.from_numpy(pointer_targets(self.datastore))
+        self.searched = 0
+        self.tokens = 0
+
+    @property
+    def search_name(self):
+        return getattr(self.base, "search_name", None)
+
+    def summary(self):
+        saved = 1.0 - self.searched / self.tokens if self.tokens else 0.0
+        return {"tokens": self.tokens, "searched": self.searched, "searches_saved": saved}
+
+    def describe(self):
+        s = self.summary()
+        return (f"retomaton min-pointers {self.min_pointers}: {100 * s['searches_saved']:.1f}% of "
+                f"{s['tokens']:,} searches saved")
+
+    def retrieve(self, queries, state=None, *, nearest_first=True):
+        """Without `state` (or a Streams state), every query is searched."""
+        if state is None:
+            out = self.base.retrieve(queries, nearest_first=nearest_first)
+            self.searched += len(out)
+            self.tokens += len(out)
+            return out
+        return self._follow(queries, state)
+
+    def _follow(self, queries, streams):
+        device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
+        q = queries if torch.is_tensor(queries) else torch.as_tensor(np.asarray(queries))
+        lengths = [int(n) for n in streams.lengths]
+        if sum(lengths) != len(q):
+            raise ValueError(f"streams of lengths summing to {sum(lengths)} for {len(q)} queries")
+        targets = streams.targets.to("cpu").long()
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        width = max(self.k, self.max_pointers)
+        n = len(q)
+        dists = torch.full((n, width), float("nan"), dtype=torch.float32)
+        vals = torch.full((n, width), -1, dtype=torch.int64)
+        ids = torch.full((n, width), -1, dtype=torch.int64)
+        # Candidates of each stream for its next token: datastore rows, nearest first.
+        cands = [torch.empty(0, dtype=torch.int64) for _ in lengths]
+        self.last_searched = torch.zeros(n, dtype=torch.bool)  # which queries of this call were searched
+        for pos in range(max(lengths, default=0)):
+            live = [s for s, n_s in enumerate(lengths) if pos < n_s]
+            rows = torch.tensor([int(starts[s]) + pos for s in live], dtype=torch.int64)
+            follow = [s for s in live if len(cands[s]) >= self.min_pointers]
+            search = [s for s in live if len(cands[s]) < self.min_pointers]
+            found = {}
+            if search:
+                r = torch.tensor([int(starts[s]) + pos for s in search], dtype=torch.int64)
+                nb = self.base.retrieve(q[r], nearest_first=True)  # nearest first: candidates keep the order
+                for j, s in enumerate(search):
+                    keep = nb.valid[j].cpu()
+                    found[s] = (nb.ids[j].cpu()[keep], nb.distances[j].cpu().float()[keep], nb.values[j].cpu()[keep])
+            if follow:
+                width_f = max(len(cands[s]) for s in follow)
+                cid = torch.full((len(follow), width_f), -1, dtype=torch.int64)
+                for j, s in enumerate(follow):
+                    cid[j, :len(cands[s])] = cands[s]
+                r = torch.tensor([int(starts[s]) + pos for s in follow], dtype=torch.int64)
+                d = self.base.exact_distances(q[r], cid.clamp(min=0).numpy()).float().cpu()
+                v = torch.from_numpy(np.asarray(self.datastore.gather_vals(cid.clamp(min=0).numpy())).astype(np.int64))
+                for j, s in enumerate(follow):
+                    m = len(cands[s])
+                    found[s] = (cid[j, :m], d[j, :m], v[j, :m])
+            self.searched += len(search)
+            self.last_searched[[int(starts[s]) + pos for s in search]] = True
+            self.tokens += len(live)
+            for s, row in zip(live, rows.tolist()):
+                i, d, v = found[s]
+                m = len(i)
+                ids[row, :m], dists[row, :m], vals[row, :m] = i, d, v
+                # Pointers of the neighbors that carry the real next token, nearest first.
+                order = torch.argsort(-d if self.sim_func == "dot" else d, stable=True)
+                i, v = i[order], v[order]
+                ok = (v == targets[row]) & self.follows[i]
+                cands[s] = (i[ok] + 1)[:self.max_pointers]
+        valid = ids >= 0
+        return Neighbors(distances=dists.nan_to_num(0.0).to(device), values=vals.clamp(min=0).to(device),
+                         valid=valid.to(device), ids=ids.to(device))

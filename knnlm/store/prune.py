@@ -1,0 +1,157 @@
+"""Datastore pruning by greedy merging (He, Neubig, Berg-Kirkpatrick, EMNLP 2021, §6).
+
+    knnlm-prune PREFIX INDEX OUT_PREFIX [--k 5] [--seed 1] [--probe 32] [--overwrite]
+
+Every entry's k nearest neighbors are found with INDEX (built from PREFIX). The entries are
+then visited in a seeded random order; an entry still in the datastore absorbs each of its
+neighbors that carries the same value and has absorbed nothing and been absorbed by nothing
+yet: that neighbor leaves the datastore and the entry's weight grows by one. OUT_PREFIX is a
+complete datastore of the entries left, in their original order, with OUT_PREFIX_weights.npy
+(int32, one per entry: how many original entries it stands for). Scoring weighs each
+neighbor's softmax term by it, p(k_i) ∝ w_i exp(-d_i / T) (`knnlm.KNNLM`), so an entry that
+absorbed m others counts as they would have, had they all been retrieved at its distance.
+
+The order is random within blocks of rows and over blocks, so the neighbor table is read
+block by block from disk; memory holds the values and weights (8 bytes an entry), never the keys.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import ConfigError, KNNLMError
+from .datastore import Datastore, DatastoreWriter
+from .npy import GrowingNpy
+
+BLOCK_ROWS = 1 << 16
+# Metadata the writer sets itself; the rest of the source's is carried over.
+_WRITER_FIELDS = {"format_version", "uuid", "complete", "size", "dim", "keys_dtype", "vals_dtype",
+                  "keytype", "dict_size", "dict_fingerprint", "model_fingerprint", "started",
+                  "finished", "versions", "bytes", "checksum", "checksums"}
+
+
+def neighbor_table(datastore, index, k, path, chunk=BLOCK_ROWS):
+    """The k nearest other entries of every entry, (N, k) int64 at `path` (a .npy), by FAISS search."""
+    table = GrowingNpy(path, np.int64, (k,), datastore.size)
+    try:
+        with tqdm(total=datastore.size, unit="key", unit_scale=True, desc="neighbors of every entry") as bar:
+            for s in range(0, datastore.size, chunk):
+                q = np.ascontiguousarray(np.asarray(datastore.keys[s:s + chunk], dtype=np.float32))
+                _, ids = index.search(q, k + 1)
+                rows = np.arange(s, s + len(q))[:, None]
+                # Drop the entry itself wherever FAISS put it (ties can move it from the front).
+                not_self = ids != rows
+                first_k = np.cumsum(not_self, axis=1) <= k
+                keep = not_self & first_k
+                out = np.full((len(q), k), -1, dtype=np.int64)
+                counts = keep.sum(1)
+                out[np.arange(k)[None, :] < counts[:, None]] = ids[keep]
+                table.append(out)
+                bar.update(len(q))
+        table.close()
+    except BaseException:
+        table.abandon()
+        raise
+    return np.load(path, mmap_mode="r")
+
+
+def greedy_merge(vals, table, seed):
+    """Weights (N,) int64 after greedy merging: 0 for entries absorbed, else 1 + what they absorbed."""
+    n = len(vals)
+    vals = np.asarray(vals)
+    weights = np.ones(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    blocks = rng.permutation(np.arange(0, n, BLOCK_ROWS))
+    for b in tqdm(blocks, desc="greedy merging", unit="block"):
+        nb = np.asarray(table[b:b + BLOCK_ROWS])
+        order = rng.permutation(len(nb))
+        for r in order.tolist():
+            i = b + r
+            if weights[i] <= 0:
+                continue
+            v = vals[i]
+            for j in nb[r].tolist():
+                if j >= 0 and weights[j] == 1 and vals[j] == v:
+                    weights[j] = 0
+                    weights[i] += 1
+    return weights
+
+
+def prune(prefix, index_path, out_prefix, *, k=5, seed=1, nprobe=32, overwrite=False):
+    """Write the merged datastore at out_prefix; returns its metadata."""
+    from ..index import load_index
+    from ..index.faiss_utils import set_nprobe
+
+    if k < 1:
+        raise ConfigError(f"--k must be at least 1, got {k}")
+    src = Datastore.open(prefix)
+    if src.meta.get("legacy") or src.meta.get("dict_fingerprint") is None:
+        raise KNNLMError(f"datastore {prefix} has no metadata (the original code's raw format): a pruned copy "
+                         f"could not say which model it belongs to; dump it with this code")
+    if src.meta.get("weights_file"):
+        raise ConfigError(f"datastore {prefix} is already pruned: prune the original it came from "
+                          f"({src.meta.get('pruned_from')})")
+    if os.path.abspath(out_prefix) == os.path.abspath(prefix):
+        raise ConfigError(f"OUT_PREFIX {out_prefix} is the source datastore itself; choose another prefix")
+    index = load_index(index_path, datastore=src)
+    set_nprobe(index, nprobe)
+    table_path = f"{out_prefix}_neighbors.tmp.npy"
+    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    try:
+        table = neighbor_table(src, index, k, table_path)
+        weights = greedy_merge(src.vals, table, seed)
+    finally:
+        if os.path.exists(table_path):
+            os.remove(table_path)
+    kept = np.flatnonzero(weights > 0)
+    m = src.meta
+    extra = {key: value for key, value in m.items() if key not in _WRITER_FIELDS}
+    extra.update(pruned_from=os.path.abspath(prefix), pruned_from_fingerprint=src.fingerprint,
+                 pruned_from_size=src.size, prune_method="greedy-merge", prune_k=int(k), prune_seed=int(seed),
+                 prune_index=os.path.abspath(index_path),
+                 weights_file=os.path.basename(f"{out_prefix}_weights.npy"))
+    writer = DatastoreWriter(
+        out_prefix, src.dim, keytype=m["keytype"], fp16=m["keys_dtype"] == "float16",
+        dict_size=m["dict_size"], dict_fingerprint=m["dict_fingerprint"],
+        model_fingerprint=m.get("model_fingerprint"), expected_size=len(kept), overwrite=overwrite, extra=extra,
+    )
+    wfile = GrowingNpy(f"{out_prefix}_weights.npy", np.int32, (), len(kept))
+    try:
+        for s in range(0, len(kept), BLOCK_ROWS):
+            ids = kept[s:s + BLOCK_ROWS]  # ascending: the memory map is read forward
+            writer.add(np.asarray(src.keys[ids]), np.asarray(src.vals[ids]))
+            wfile.append(weights[ids].astype(np.int32))
+        wfile.close()
+        return writer.finalize()
+    except BaseException:
+        wfile.abandon()
+        writer.abandon()
+        raise
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="knnlm-prune", description=__doc__.split("\n\n")[0])
+    p.add_argument("prefix", metavar="PREFIX", help="source datastore prefix")
+    p.add_argument("index", metavar="INDEX", help="an index built from PREFIX (finds each entry's neighbors)")
+    p.add_argument("out_prefix", metavar="OUT_PREFIX", help="prefix of the pruned datastore")
+    p.add_argument("--k", type=int, default=5, help="neighbors each entry may absorb (default %(default)s)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the visiting order (default %(default)s)")
+    p.add_argument("--probe", type=int, default=32, help="IVF lists visited per search (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete datastore at OUT_PREFIX")
+    args = p.parse_args(argv)
+    try:
+        meta = prune(args.prefix, args.index, args.out_prefix, k=args.k, seed=args.seed, nprobe=args.probe,
+                     overwrite=args.overwrite)
+    except KNNLMError as e:
+        print(f"knnlm-prune: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out_prefix}: {meta['size']:,} of {meta['pruned_from_size']:,} entries "
+          f"({100 * meta['size'] / meta['pruned_from_size']:.1f}%), weights in {meta['weights_file']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
