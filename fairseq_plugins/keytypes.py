@@ -78,7 +78,9 @@ def main(argv=None):
     p.add_argument("keytypes", nargs="*", help=f"key types to check (default: all: {' '.join(KEYTYPES)})")
     p.add_argument("--data", help="folder with the dict.txt of the checkpoint (default: its folder)")
     p.add_argument("--output-state", action="store_true", help="print the output layer's input state and exit")
-    a = p.parse_args(argv)
+    p.add_argument("--and-output-state", action="store_true",
+                   help="after the supported key types, print output_state=KEYTYPE (one model load for both)")
+    a = p.parse_intermixed_args(argv)
     try:
         unknown = [kt for kt in a.keytypes if kt not in KEYTYPES]
         if unknown:
@@ -99,6 +101,8 @@ def main(argv=None):
         print(f"{e.__class__.__name__}: {e}", file=sys.stderr)
         return 2
     print("\n".join(ok))
+    if a.and_output_state:
+        print(f"output_state={output_keytype(model)}")
     return 0
 
 

@@ -178,7 +178,8 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                                        devices=parse_devices(a.knn_exact_devices))
         else:
             retriever = FaissRetriever(a.indexfile, open_datastore(a), k=a.k, nprobe=a.probe,
-                                       sim_func=a.knn_sim_func, gpu=a.knn_gpu, k_factor=a.knn_k_factor)
+                                       sim_func=a.knn_sim_func, gpu=a.knn_gpu, k_factor=a.knn_k_factor,
+                                       allow_index_without_fingerprint=a.knn_allow_index_without_fingerprint)
         if a.retomaton:
             retriever = RetoMatonRetriever(retriever, min_pointers=a.retomaton_min_pointers,
                                            max_pointers=a.retomaton_max_pointers)

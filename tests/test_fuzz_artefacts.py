@@ -20,7 +20,6 @@ import tempfile
 import faiss
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

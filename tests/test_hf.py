@@ -486,3 +486,14 @@ def test_generate_command_greedy_sampling_beam(setup, capsys, small_store, mode)
     assert rc == 0, err
     words = out.strip().split()
     assert words[:3] == ["the", "a", "of"] and 3 <= len(words) <= 7 and set(words) <= set(WORDS) | {"<eos>", "<unk>"}
+
+
+def test_the_hf_front_end_imports_no_fairseq():
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parent.parent / "knnlm" / "hf").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n.split(".")[0] in ("fairseq", "fairseq_cli", "fairseq_plugins") for n in names), path

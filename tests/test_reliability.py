@@ -615,3 +615,56 @@ def test_raw_datastore_message_flags_exist_on_fairseq_eval_lm(tiny, ev, dumps, t
     assert bare.returncode == 1 and "--dstore-size N --dimension D" in bare.stderr, str(bare)
     assert sized.returncode == 0, str(sized)
     assert knn_summary(sized.output) == knn_summary(npy_run.output)
+
+
+def test_failed_overwrite_of_an_on_disk_index_leaves_the_old_one_intact(tmp_path, monkeypatch):
+    """A merged (on-disk) index: the new .ivfdata is merged under a temporary name, and the old
+    index and inverted lists stay usable if the rebuild fails."""
+    import faiss.contrib.ondisk
+
+    prefix = tmp_path / "ds"
+    make_store(prefix, n=2000)
+    cfg = dict(factory="IVF{ncentroids},Flat", ncentroids=4, ondisk_merge=True)
+    build(prefix, tmp_path / "od.index", **cfg)
+    ref = score(prefix, tmp_path / "od.index")
+    assert os.path.exists(tmp_path / "od.index.ivfdata")
+
+    def failing(index, shards, ivfdata):
+        open(ivfdata, "wb").write(b"partial")
+        raise RuntimeError("simulated failure in the merge")
+
+    monkeypatch.setattr(faiss.contrib.ondisk, "merge_ondisk", failing)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        build(prefix, tmp_path / "od.index", overwrite=True, seed=7, **cfg)
+    monkeypatch.undo()
+    assert score(prefix, tmp_path / "od.index") == ref
+    assert not list(tmp_path.glob("od.index.ivfdata.tmp*"))
+    build(prefix, tmp_path / "od.index", overwrite=True, seed=7, **cfg)
+    assert math.isfinite(score(prefix, tmp_path / "od.index"))
+    assert read_json(str(tmp_path / "od.index.meta.json"), "x")["ivfdata"] == "od.index.ivfdata"
+
+
+def test_index_without_fingerprint_through_fairseq_eval_lm(tmp_path):
+    """fairseq-eval-lm refuses an index whose metadata lost the datastore's fingerprint, and the
+    flag the message names really lets it score (the old fixture's numbers, unchanged)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from tests.conftest import eval_lm, knn_summary
+
+    old = Path(__file__).resolve().parent / "data" / "format_v1"
+    for name in ("bin", "lm", "dstore"):
+        shutil.copytree(old / name, tmp_path / name)
+    meta_file = tmp_path / "dstore" / "knn.index.meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["datastore_fingerprint"]
+    meta_file.write_text(json.dumps(meta))
+    args = [str(tmp_path / "bin"), str(tmp_path / "lm" / "model.pt"), "--tokens-per-sample", "64",
+            "--context-window", "32", "--gen-subset", "test", "--knnlm", "--dstore-filename",
+            str(tmp_path / "dstore" / "train"), "--indexfile", str(tmp_path / "dstore" / "knn.index"),
+            "--k", "16", "--probe", "4", "--lmbda", "0.25", "--knn-temp", "2.0"]
+    refused = eval_lm(*args, check=False)
+    assert refused.returncode != 0 and "--knn-allow-index-without-fingerprint" in refused.stderr
+    ok = eval_lm(*args, "--knn-allow-index-without-fingerprint")
+    assert knn_summary(ok.stderr) == (30.4705, 31.2950)

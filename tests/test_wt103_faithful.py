@@ -168,7 +168,7 @@ def test_legacy_sampler_draws_the_original_sample(two_dumps):
     ours = training_rows(n, min(1000, n), 1)
     assert (np.diff(ours) > 0).all() and not np.array_equal(np.sort(original), ours)
     plan = make_plan({"dstore_mmap": str(d / "ours"), "faiss_index": str(d / "i.index"),
-                      "num_keys_to_train": 1000, "sampler": "legacy"})
+                      "num_keys_to_train": 1000, "code_size": 8, "sampler": "legacy"})
     np.testing.assert_array_equal(sample_training_keys(plan), k[original].astype(np.float32))
     assert plan.identity()["sampler"] == "legacy"
 

@@ -133,7 +133,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--stride", type=int, default=128, help="windows of --positions tokens every STRIDE tokens (dump and eval)")
+    p.add_argument("--stride", type=int, default=256,
+                   help="windows of --positions tokens every STRIDE tokens, dump and eval (128: more context per token, 2x the forwards)")
     p.add_argument("--k", type=int, default=256)
     p.add_argument("--ncentroids", type=int, default=1024)
     p.add_argument("--code-size", type=int, default=64)

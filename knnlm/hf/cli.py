@@ -29,7 +29,7 @@ from knnlm.errors import ConfigError, KNNLMError
 from knnlm.model import summary_line
 
 from .hooks import break_into
-from .identity import model_identity, tokenizer_fingerprint
+from .identity import model_identity
 from .layers import DEFAULT_KEYTYPE, KEYTYPES, check_keytype, max_positions
 from .windows import check_window, run_windows, windows
 

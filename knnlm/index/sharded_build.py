@@ -164,15 +164,25 @@ def build_sharded(plan, state, t_start=None):
     rows_added_now = sum(job["size"] for job in todo)
 
     # Merge: the trained (empty) index receives all inverted lists, stored in INDEX.ivfdata.
-    steps.retire_old_index(plan.index_path)
+    # Merged into a temporary file beside the old index, which stays usable until finalize
+    # moves both new files into place (a reader still mapping the old file keeps its copy).
     ivfdata = f"{plan.index_path}.ivfdata"
-    if os.path.exists(ivfdata):
-        os.remove(ivfdata)  # a reader still mapping the old file keeps its copy
+    ivf_tmp = f"{ivfdata}.tmp{os.getpid()}"
+    if os.path.exists(ivf_tmp):
+        os.remove(ivf_tmp)
     t0 = time.perf_counter()
     index = faiss.read_index(plan.trained_path)
     logger.info("merging %d shard index(es) on disk into %s", len(jobs), ivfdata)
-    merge_ondisk(index, [job["out"] for job in jobs], ivfdata)
+    try:
+        merge_ondisk(index, [job["out"] for job in jobs], ivf_tmp)
+    except BaseException:
+        if os.path.exists(ivf_tmp):
+            os.remove(ivf_tmp)
+        raise
+    # The index file names its inverted-lists file: the final name, where finalize moves it.
+    faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).filename = ivfdata
     if index.ntotal != plan.datastore.size:
+        os.remove(ivf_tmp)
         raise CorruptError(
             f"merged index holds {index.ntotal:,} vectors but the datastore has {plan.datastore.size:,}; "
             f"remove {plan.index_path}.shard* and build again"
@@ -189,4 +199,5 @@ def build_sharded(plan, state, t_start=None):
     leftovers = [job["out"] for job in jobs] + [f"{job['out']}.json" for job in jobs]
     extra["shards_reused"] = [job["k"] for job in jobs if job not in todo]  # added by an interrupted run
     return steps.finalize(plan, index, train_seconds=train_seconds, add_seconds=add_wall + merge_seconds,
-                       rows_added=rows_added_now, extra_meta=extra, leftovers=leftovers, t_start=t_start)
+                       rows_added=rows_added_now, extra_meta=extra, leftovers=leftovers, t_start=t_start,
+                       moves=[(ivf_tmp, ivfdata)])

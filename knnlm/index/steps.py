@@ -119,7 +119,7 @@ def _write_progress(plan, **fields):
 
 def _stale_temporaries(index_path):
     """Temporary files (NAME.tmpPID) that a killed build of this index left behind."""
-    names = [index_path] + [f"{index_path}{x}" for x in (".trained", ".partial", ".progress.json", ".meta.json")]
+    names = [index_path] + [f"{index_path}{x}" for x in (".trained", ".partial", ".progress.json", ".meta.json", ".ivfdata")]
     return sorted(p for n in names for p in glob.glob(f"{glob.escape(n)}.tmp[0-9]*"))
 
 
@@ -226,7 +226,7 @@ def retire_old_index(index_path):
 
 
 def finalize(plan, index, *, train_seconds, add_seconds, rows_added, extra_meta, leftovers=(),
-             resumed_from=None, t_start=None):
+             resumed_from=None, t_start=None, moves=()):
     """Write INDEX then INDEX.meta.json (complete), remove leftovers, print and return the summary.
 
     The new index is written whole under a temporary name first: a build failing here leaves
@@ -242,6 +242,8 @@ def finalize(plan, index, *, train_seconds, add_seconds, rows_added, extra_meta,
             os.remove(tmp)
         raise
     retire_old_index(plan.index_path)
+    for src, dst in moves:  # e.g. the new .ivfdata of an on-disk index
+        os.replace(src, dst)
     os.replace(tmp, plan.index_path)
     ds = plan.datastore
     meta = {

@@ -159,15 +159,20 @@ json_get() {  # FILE KEY: a field of a JSON file (a.b for a nested one)
     "$PYTHON" -c 'import functools, json, sys; print(functools.reduce(lambda d, k: d[k], sys.argv[2].split("."), json.load(open(sys.argv[1]))))' "$1" "$2"
 }
 
+keytype_cache() {  # sets KT_CACHE: the key types $CKPT supports, checked on the model once per checkpoint
+    KT_CACHE=$LOG_DIR/keytypes_$(printf '%s' "$CKPT" | cksum | cut -d' ' -f1).txt
+    if ! [[ -f $KT_CACHE && $KT_CACHE -nt $CKPT && $(head -n 1 "$KT_CACHE") == "$CKPT" ]]; then
+        log "checking which key types $CKPT supports (python -m fairseq_plugins.keytypes)"
+        { echo "$CKPT"; "$PYTHON" -m fairseq_plugins.keytypes "$CKPT" --data "$DATA_BIN" --and-output-state 2>"$KT_CACHE.log"; } >"$KT_CACHE.tmp" ||
+            die "cannot check the key types of $CKPT: $(tail -n 3 "$KT_CACHE.log")"
+        mv "$KT_CACHE.tmp" "$KT_CACHE"
+    fi
+}
+
 supported_keytypes() {  # KT...: those the checkpoint supports, one per line; the others named on stderr
     local cache kt
-    cache=$LOG_DIR/keytypes_$(printf '%s' "$CKPT" | cksum | cut -d' ' -f1).txt
-    if ! [[ -f $cache && $cache -nt $CKPT && $(head -n 1 "$cache") == "$CKPT" ]]; then
-        log "checking which key types $CKPT supports (python -m fairseq_plugins.keytypes)"
-        { echo "$CKPT"; "$PYTHON" -m fairseq_plugins.keytypes "$CKPT" --data "$DATA_BIN" 2>"$cache.log"; } >"$cache.tmp" ||
-            die "cannot check the key types of $CKPT: $(tail -n 3 "$cache.log")"
-        mv "$cache.tmp" "$cache"
-    fi
+    keytype_cache
+    cache=$KT_CACHE
     for kt; do
         if tail -n +2 "$cache" | grep -qx "$kt"; then
             echo "$kt"
@@ -183,8 +188,8 @@ require_keytype() {  # KT: die before any dump unless the checkpoint supports it
 }
 
 output_keytype() {  # the state the model's output layer reads (the continuous cache's hidden state)
-    "$PYTHON" -m fairseq_plugins.keytypes "$CKPT" --data "$DATA_BIN" --output-state 2>/dev/null ||
-        die "cannot load $CKPT to find its output state"
+    keytype_cache
+    sed -n 's/^output_state=//p' "$KT_CACHE"
 }
 
 check_base_ppl() {  # the base LM's valid perplexity, at the evaluation settings, against BASE_PPL_TARGET
@@ -214,9 +219,9 @@ dump_datastore() {  # PREFIX KEYTYPE [DATA]: keys and values of every training t
     local prefix=$1 keytype=$2 data=${3:-$DATA_BIN} fp16=()
     if [[ $DSTORE_FP16 == 1 ]]; then fp16=(--dstore-fp16); fi
     if [[ $LEGACY_DATASTORE == 1 ]]; then fp16+=(--legacy-datastore); fi
-    # Before hours of dumping: the model has this key type, and it is the right model.
-    require_keytype "$keytype"
+    # Before hours of dumping: it is the right model (first), and it has this key type.
     check_base_ppl
+    require_keytype "$keytype"
     fairseq_args "$data" train "$DUMP_TOKENS_PER_SAMPLE" "$DUMP_CONTEXT_WINDOW" "$DUMP_BREAK_MODE"
     mkdir -p "$(dirname "$prefix")"
     step "${prefix}_meta.json" "$LOG_DIR/dump_$(basename "$prefix").log" "$CKPT" "$data/train.bin" -- \
