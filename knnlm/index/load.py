@@ -5,6 +5,7 @@ the datastore's fingerprint, the `metric`, and (since this version) a `checksum`
 file, verified before FAISS reads it. Indexes written before checksums existed still load.
 """
 
+import logging
 import os
 
 from ..artefacts import check_schema, read_json, verify_checksum
@@ -25,6 +26,8 @@ METRICS = ("l2", "ip")
 # tests/test_knnlm_eval.py::...[dot]), so it stays allowed.
 SIM_FUNCS_OF_METRIC = {"l2": ("l2", "do_not_recomp_l2", "dot"), "ip": ("dot",)}
 FLAG_NO_FINGERPRINT = "--knn-allow-index-without-fingerprint"
+
+logger = logging.getLogger(__name__)
 
 
 def meta_path(index_path):
@@ -86,6 +89,10 @@ def check_metric(index, sim_func, index_path=None, meta=None):
             f"{' or '.join(needs) or '?'} index: its neighbors would be the wrong ones. Build the "
             f"index with metric={needs[0] if needs else 'l2'}, or pass --knn-sim-func "
             f"{' or '.join(served) or '?'}")
+    if metric == "l2" and sim_func == "dot":
+        logger.warning("%s is an L2 index: with --knn-sim-func dot its neighbors are the L2-nearest, scored by "
+                       "inner product (the original kNN-LM code's `dot`); for inner-product neighbors build the "
+                       "index with metric=ip", name)
 
 
 def load_index(index_path, datastore=None, mmap=False, *, allow_without_fingerprint=False, sim_func=None):
