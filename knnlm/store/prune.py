@@ -23,14 +23,10 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import ConfigError, KNNLMError
-from .datastore import Datastore, DatastoreWriter
+from .derive import copy_rows, derived_writer, open_source
 from .npy import GrowingNpy
 
 BLOCK_ROWS = 1 << 16
-# Metadata the writer sets itself; the rest of the source's is carried over.
-_WRITER_FIELDS = {"format_version", "uuid", "complete", "size", "dim", "keys_dtype", "vals_dtype",
-                  "keytype", "dict_size", "dict_fingerprint", "model_fingerprint", "started",
-                  "finished", "versions", "bytes", "checksum", "checksums"}
 
 
 def neighbor_table(datastore, index, k, path, chunk=BLOCK_ROWS):
@@ -87,15 +83,10 @@ def prune(prefix, index_path, out_prefix, *, k=5, seed=1, nprobe=32, overwrite=F
 
     if k < 1:
         raise ConfigError(f"--k must be at least 1, got {k}")
-    src = Datastore.open(prefix)
-    if src.meta.get("legacy") or src.meta.get("dict_fingerprint") is None:
-        raise KNNLMError(f"datastore {prefix} has no metadata (the original code's raw format): a pruned copy "
-                         f"could not say which model it belongs to; dump it with this code")
+    src = open_source(prefix, out_prefix, "a pruned copy")
     if src.meta.get("weights_file"):
         raise ConfigError(f"datastore {prefix} is already pruned: prune the original it came from "
                           f"({src.meta.get('pruned_from')})")
-    if os.path.abspath(out_prefix) == os.path.abspath(prefix):
-        raise ConfigError(f"OUT_PREFIX {out_prefix} is the source datastore itself; choose another prefix")
     index = load_index(index_path, datastore=src)
     set_nprobe(index, nprobe)
     table_path = f"{out_prefix}_neighbors.tmp.npy"
@@ -107,29 +98,14 @@ def prune(prefix, index_path, out_prefix, *, k=5, seed=1, nprobe=32, overwrite=F
         if os.path.exists(table_path):
             os.remove(table_path)
     kept = np.flatnonzero(weights > 0)
-    m = src.meta
-    extra = {key: value for key, value in m.items() if key not in _WRITER_FIELDS}
-    extra.update(pruned_from=os.path.abspath(prefix), pruned_from_fingerprint=src.fingerprint,
-                 pruned_from_size=src.size, prune_method="greedy-merge", prune_k=int(k), prune_seed=int(seed),
-                 prune_index=os.path.abspath(index_path),
-                 weights_file=os.path.basename(f"{out_prefix}_weights.npy"))
-    writer = DatastoreWriter(
-        out_prefix, src.dim, keytype=m["keytype"], fp16=m["keys_dtype"] == "float16",
-        dict_size=m["dict_size"], dict_fingerprint=m["dict_fingerprint"],
-        model_fingerprint=m.get("model_fingerprint"), expected_size=len(kept), overwrite=overwrite, extra=extra,
-    )
+    writer = derived_writer(src, out_prefix, expected_size=len(kept), overwrite=overwrite,
+                            pruned_from=os.path.abspath(prefix), pruned_from_fingerprint=src.fingerprint,
+                            pruned_from_size=src.size, prune_method="greedy-merge", prune_k=int(k),
+                            prune_seed=int(seed), prune_index=os.path.abspath(index_path),
+                            weights_file=os.path.basename(f"{out_prefix}_weights.npy"))
     wfile = GrowingNpy(f"{out_prefix}_weights.npy", np.int32, (), len(kept))
-    try:
-        for s in range(0, len(kept), BLOCK_ROWS):
-            ids = kept[s:s + BLOCK_ROWS]  # ascending: the memory map is read forward
-            writer.add(np.asarray(src.keys[ids]), np.asarray(src.vals[ids]))
-            wfile.append(weights[ids].astype(np.int32))
-        wfile.close()
-        return writer.finalize()
-    except BaseException:
-        wfile.abandon()
-        writer.abandon()
-        raise
+    blocks = (kept[s:s + BLOCK_ROWS] for s in range(0, len(kept), BLOCK_ROWS))
+    return copy_rows(src, writer, blocks, side=(wfile, lambda ids: weights[ids].astype(np.int32)))
 
 
 def main(argv=None):

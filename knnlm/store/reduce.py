@@ -18,8 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import ConfigError, KNNLMError
-from .datastore import Datastore, DatastoreWriter
-from .prune import _WRITER_FIELDS
+from .derive import derived_writer, open_source
 
 BLOCK_ROWS = 1 << 16
 METHODS = ("pca", "opq")
@@ -46,17 +45,12 @@ def reduce_keys(prefix, out_prefix, dim, *, method="pca", n_train=1_000_000, see
     """Write the reduced datastore at out_prefix; returns its metadata."""
     import faiss
 
-    src = Datastore.open(prefix)
-    if src.meta.get("legacy") or src.meta.get("dict_fingerprint") is None:
-        raise KNNLMError(f"datastore {prefix} has no metadata (the original code's raw format): a reduced copy "
-                         f"could not say which model it belongs to; dump it with this code")
+    src = open_source(prefix, out_prefix, "a reduced copy")
     if src.meta.get("transform"):
         raise ConfigError(f"datastore {prefix} already holds transformed keys; reduce the original "
                           f"({src.meta['transform'].get('source')})")
     if not 1 <= dim <= src.dim:
         raise ConfigError(f"--dim must lie in [1, {src.dim}] (the keys' dimension), got {dim}")
-    if os.path.abspath(out_prefix) == os.path.abspath(prefix):
-        raise ConfigError(f"OUT_PREFIX {out_prefix} is the source datastore itself; choose another prefix")
     rng = np.random.default_rng(seed)
     n = min(n_train, src.size)
     rows = np.sort(rng.choice(src.size, size=n, replace=False))
@@ -64,16 +58,11 @@ def reduce_keys(prefix, out_prefix, dim, *, method="pca", n_train=1_000_000, see
     del rows
     tfile = f"{out_prefix}_transform.faiss"
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-    m = src.meta
-    extra = {key: value for key, value in m.items() if key not in _WRITER_FIELDS}
-    extra["transform"] = {"method": method, "d_in": int(src.dim), "d_out": int(dim), "file": os.path.basename(tfile),
-                          "n_train": int(n), "seed": int(seed), "source": os.path.abspath(prefix),
-                          "source_fingerprint": src.fingerprint}
-    writer = DatastoreWriter(
-        out_prefix, dim, keytype=m["keytype"], fp16=m["keys_dtype"] == "float16", dict_size=m["dict_size"],
-        dict_fingerprint=m["dict_fingerprint"], model_fingerprint=m.get("model_fingerprint"),
-        expected_size=src.size, overwrite=overwrite, extra=extra,
-    )
+    transform_meta = {"method": method, "d_in": int(src.dim), "d_out": int(dim), "file": os.path.basename(tfile),
+                      "n_train": int(n), "seed": int(seed), "source": os.path.abspath(prefix),
+                      "source_fingerprint": src.fingerprint}
+    writer = derived_writer(src, out_prefix, dim=dim, expected_size=src.size, overwrite=overwrite,
+                            transform=transform_meta)
     try:
         faiss.write_VectorTransform(transform, tfile)
         with tqdm(total=src.size, unit="key", unit_scale=True, desc=f"{method} {src.dim} -> {dim}") as bar:

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from ..errors import ConfigError, KNNLMError
-from .datastore import Datastore, DatastoreWriter
+from .derive import copy_rows, derived_writer, open_source
 from .npy import GrowingNpy
 
 # The random stream is drawn per block of this many source rows: a constant, so that the
@@ -26,10 +26,6 @@ from .npy import GrowingNpy
 BLOCK_ROWS = 1 << 16
 # numpy's hypergeometric sampler needs ngood + nbad below this.
 _HYPERGEOMETRIC_MAX = 10**9
-# Metadata the writer sets itself; everything else is copied from the source.
-_WRITER_FIELDS = {"format_version", "uuid", "complete", "size", "dim", "keys_dtype", "vals_dtype",
-                  "keytype", "dict_size", "dict_fingerprint", "model_fingerprint", "started",
-                  "finished", "versions", "bytes"}
 
 
 def subset_size(total, fraction):
@@ -67,40 +63,15 @@ def select_rows(total, n, seed):
 
 def make_subset(prefix, fraction, out_prefix, *, seed=1, overwrite=False):
     """Write the subset datastore at out_prefix; returns its metadata."""
-    if prefix.endswith(".json"):
-        raise ConfigError(f"{prefix} is a shard manifest: take the subset of each shard instead")
-    src = Datastore.open(prefix)
-    if src.meta.get("legacy") or src.meta.get("dict_fingerprint") is None:
-        raise KNNLMError(
-            f"datastore {prefix} has no metadata (the original code's raw format): a subset "
-            f"could not say which model and dictionary it belongs to; dump it with this code"
-        )
-    if os.path.abspath(out_prefix) == os.path.abspath(prefix):
-        raise ConfigError(f"OUT_PREFIX {out_prefix} is the source datastore itself; choose another prefix")
+    src = open_source(prefix, out_prefix, "a subset")
     n = subset_size(src.size, fraction)
-    m = src.meta
-    extra = {key: value for key, value in m.items() if key not in _WRITER_FIELDS}
-    extra.update(subset_of=os.path.abspath(prefix), subset_of_fingerprint=src.fingerprint,
-                 subset_of_size=src.size, fraction=float(fraction), seed=int(seed),
-                 source_rows_file=os.path.basename(f"{out_prefix}_source_rows.npy"))  # next to the keys
-    writer = DatastoreWriter(
-        out_prefix, src.dim, keytype=m["keytype"], fp16=m["keys_dtype"] == "float16",
-        dict_size=m["dict_size"], dict_fingerprint=m["dict_fingerprint"],
-        model_fingerprint=m.get("model_fingerprint"), expected_size=n, overwrite=overwrite,
-        extra=extra,
-    )
+    writer = derived_writer(src, out_prefix, expected_size=n, overwrite=overwrite,
+                            subset_of=os.path.abspath(prefix), subset_of_fingerprint=src.fingerprint,
+                            subset_of_size=src.size, fraction=float(fraction), seed=int(seed),
+                            source_rows_file=os.path.basename(f"{out_prefix}_source_rows.npy"))  # next to the keys
     rows_file = GrowingNpy(f"{out_prefix}_source_rows.npy", np.int64, (), n)
-    try:
-        for start, rows in select_rows(src.size, n, seed):
-            ids = rows + start  # sorted: the memory map is read forward, only the pages needed
-            writer.add(np.asarray(src.keys[ids]), np.asarray(src.vals[ids]))
-            rows_file.append(ids)
-        rows_file.close()
-        return writer.finalize()
-    except BaseException:
-        rows_file.abandon()
-        writer.abandon()
-        raise
+    blocks = (rows + start for start, rows in select_rows(src.size, n, seed))  # sorted within each block
+    return copy_rows(src, writer, blocks, side=(rows_file, lambda ids: ids))
 
 
 def main(argv=None):
