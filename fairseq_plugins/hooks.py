@@ -15,15 +15,8 @@ FFN input is the output of the attention block's LayerNorm, whose input is then 
 """
 
 from knnlm.errors import ConfigError
+from knnlm.keytypes import KEYTYPES  # noqa: F401  (the names, shared by every front-end)
 
-KEYTYPES = (
-    "last_ffn_input",
-    "last_ffn_input_before_ln",
-    "last_attn_input",
-    "last_attn_input_before_ln",
-    "decoder_output",
-    "decoder_output_ln",
-)
 
 
 def final_layer(model):

@@ -26,16 +26,8 @@ import dataclasses
 from typing import Optional
 
 from knnlm.errors import ConfigError
+from knnlm.keytypes import DEFAULT_KEYTYPE, KEYTYPES  # noqa: F401  (the names, shared by every front-end)
 
-KEYTYPES = (
-    "last_ffn_input",
-    "last_ffn_input_before_ln",
-    "last_attn_input",
-    "last_attn_input_before_ln",
-    "decoder_output",
-    "decoder_output_ln",
-)
-DEFAULT_KEYTYPE = "last_ffn_input"
 
 
 @dataclasses.dataclass(frozen=True)
