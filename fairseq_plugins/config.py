@@ -73,13 +73,22 @@ class ScoringConfig(FairseqDataclass):
 
 @dataclass
 class EfficientConfig(FairseqDataclass):
-    """Fewer searches (RetoMaton, Alon et al. 2022)."""
+    """Fewer searches (RetoMaton, Alon et al. 2022; adaptive retrieval, He et al. 2021)."""
 
     retomaton: bool = field(default=False, metadata={
         "help": "follow pointers from the neighbors that carried the previous token to their next entries, and "
                 "search only when fewer than --retomaton-min-pointers survive (needs --knn-sim-func l2 or dot)"})
     retomaton_min_pointers: int = field(default=1, metadata={"help": "search when fewer pointer candidates than this survive"})
     retomaton_max_pointers: Optional[int] = field(default=None, metadata={"help": "pointer candidates kept per token (default: --k)"})
+    adaptive_retrieval: Optional[str] = field(default=None, metadata={
+        "help": "adaptive retrieval (He et al. 2021): a predictor from knnlm-adaptive train reads the LM's features "
+                "of each token (entropy, top log-probabilities) and the tokens with the lowest predicted lambda are "
+                "not searched (they get p_LM alone)"})
+    adaptive_skip: Optional[float] = field(default=None, metadata={
+        "help": "--adaptive-retrieval: target fraction of tokens not searched, in [0, 1) (default 0; from the "
+                "predictor's calibration quantiles)"})
+    adaptive_threshold: Optional[float] = field(default=None, metadata={
+        "help": "--adaptive-retrieval: instead of --adaptive-skip, skip the tokens whose predicted lambda is below this"})
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 from fairseq.sequence_scorer import SequenceScorer
 
 from knnlm.errors import ConfigError
+from knnlm.features import DEFAULT_TOP_K, lm_features
 from knnlm.model import Tally
 from knnlm.retrieval import RetoMatonRetriever, Streams
 from knnlm.scoring import continuous_cache_log_probs, interpolate
@@ -50,6 +51,21 @@ class KNNSequenceScorer(SequenceScorer):
         self.tally = knn.tally if knn is not None else Tally()
 
     @property
+    def feature_top_k(self):
+        """How many top log-probabilities the LM features hold: the adaptive predictor's, else the default."""
+        return getattr(self.knn.retriever, "top_k", DEFAULT_TOP_K) if self._adaptive else DEFAULT_TOP_K
+
+    @property
+    def _adaptive(self):
+        return self.knn is not None and getattr(self.knn.retriever, "needs_lm_features", False)
+
+    @property
+    def needs_features(self):
+        """The LM's per-token features cost a pass over the (B, T, V) log-probs: only an export or
+        adaptive retrieval pays it."""
+        return self.export is not None or self._adaptive
+
+    @property
     def needs_keys(self):
         return self.knn is not None or self.dump is not None or self.cache is not None
 
@@ -80,7 +96,12 @@ class KNNSequenceScorer(SequenceScorer):
         if not self.needs_keys:
             return super().generate(models, sample, **kwargs)
         self._attach(models)
-        hypos = super().generate(models, sample, **kwargs)
+        if self.needs_features and self.dump is None:
+            with FeatureTap(models[0], self.feature_top_k) as tap:
+                hypos = super().generate(models, sample, **kwargs)
+            features = tap.result(sample["target"].shape)  # (B, T, F)
+        else:
+            hypos, features = super().generate(models, sample, **kwargs), None
         keys = self._capture.pop()  # (B, T, C)
         cache_keys = self._cache_capture.pop() if self._cache_capture is not None else keys
         target = sample["target"]
@@ -94,6 +115,8 @@ class KNNSequenceScorer(SequenceScorer):
         targets = target[rows, cols]
         lp_lm = torch.cat([h[0]["positional_scores"] for h in hypos]).float()
         counted = self._not_bos(spans, queries.device)  # the positions eval_lm counts
+        if features is not None:
+            features = features[rows.to(features.device), cols.to(features.device)]
 
         final = lp_lm
         if self.dump is not None:
@@ -108,13 +131,16 @@ class KNNSequenceScorer(SequenceScorer):
                 # A strategy that follows the text (RetoMaton) is told where each row's stream is.
                 state = (Streams([n for _, _, n in spans], targets)
                          if isinstance(self.knn.retriever, RetoMatonRetriever) else None)
+                if self._adaptive:  # adaptive retrieval decides from the LM's features
+                    state = features
                 scored = self.knn.score(queries, targets, lp_lm, state=state, nearest_first=self.export is not None,
                                         count=counted if self.cache is None else False)
                 final = scored.final
                 if self.export is not None:
                     n = scored.neighbors[counted.to(scored.neighbors.distances.device)]
                     self.export.add(lp_lm[counted], scored.lp_knn[counted], targets[counted], dists=n.distances,
-                                    ids=n.ids, vals=n.values, valid=n.valid)
+                                    ids=n.ids, vals=n.values, valid=n.valid,
+                                    features=features[counted.to(features.device)])
             if self.cache is not None:
                 memory, memory_targets = target.ne(self.pad), None
                 if self.cache.get("context"):
@@ -183,3 +209,43 @@ class KNNSequenceScorer(SequenceScorer):
         if self._cache_capture is not None:
             self._cache_capture.remove()
             self._cache_capture = None
+
+
+class FeatureTap:
+    """Within `with FeatureTap(model, top_k) as tap:`, every log-probability tensor the model's
+    `get_normalized_probs` returns is reduced to the LM features (`knnlm.features`) on the way
+    out; `tap.result((B, T))` puts them together as (B, T, F).
+
+    fairseq's SequenceScorer gathers only the targets' log-probs, and may split the positions
+    into softmax batches (--softmax-batch) of flattened rows: the batches come in row order, so
+    their features concatenate to the (B * T) positions in order either way.
+    """
+
+    def __init__(self, model, top_k):
+        self.model, self.top_k, self.chunks = model, top_k, []
+
+    def __enter__(self):
+        self._had = "get_normalized_probs" in vars(self.model)
+        original = self.model.get_normalized_probs
+
+        def tapped(net_output, log_probs, sample=None):
+            out = original(net_output, log_probs, sample=sample)
+            lp = out if log_probs else out.log()
+            self.chunks.append(lm_features(lp.detach(), self.top_k).reshape(-1, 1 + self.top_k))
+            return out
+
+        self._original = original
+        self.model.get_normalized_probs = tapped
+        return self
+
+    def __exit__(self, *exc):
+        if self._had:
+            self.model.get_normalized_probs = self._original
+        else:
+            del self.model.get_normalized_probs
+
+    def result(self, shape):
+        feats = torch.cat(self.chunks) if self.chunks else torch.empty(0, 1 + self.top_k)
+        if feats.shape[0] != shape[0] * shape[1]:
+            raise RuntimeError(f"LM features for {feats.shape[0]} positions, expected {shape[0]} x {shape[1]}")
+        return feats.view(*shape, 1 + self.top_k)

@@ -22,7 +22,7 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 from knnlm.dump import DumpSession
 from knnlm.errors import ConfigError, KNNLMError
 from knnlm.model import KNNLM, summary_line
-from knnlm.retrieval import ExactRetriever, FaissRetriever, RetoMatonRetriever
+from knnlm.retrieval import AdaptiveRetriever, ExactRetriever, FaissRetriever, RetoMatonRetriever
 from knnlm.retrieval.exact import parse_devices
 from knnlm.scoring import SIM_FUNCS, check_lambda, check_temperature
 from knnlm.store import open_datastore as open_store
@@ -183,6 +183,9 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         if a.retomaton:
             retriever = RetoMatonRetriever(retriever, min_pointers=a.retomaton_min_pointers,
                                            max_pointers=a.retomaton_max_pointers)
+        if getattr(a, "adaptive_retrieval", None):
+            retriever = AdaptiveRetriever(retriever, a.adaptive_retrieval, skip=a.adaptive_skip,
+                                          threshold=a.adaptive_threshold)
         return KNNLM(retriever, lmbda=a.lmbda, temperature=a.knn_temp)
 
     def build_generator(self, models, args, **kwargs):
@@ -192,6 +195,9 @@ class KNNLanguageModelingTask(LanguageModelingTask):
 
             if len(models) != 1:
                 raise ConfigError("kNN-LM generation takes one model (pass one checkpoint to --path)")
+            if getattr(self.args, "adaptive_retrieval", None):
+                raise ConfigError("--adaptive-retrieval is not wired into generation in this version: it "
+                                  "scores with fairseq-eval-lm (and knnlm.AdaptiveRetriever in Python)")
             knn = self._knnlm()
             knn.retriever.datastore.check_compatible(keytype=self.args.knn_keytype,
                                                      allow_model_mismatch=self.args.knn_allow_model_mismatch,
@@ -224,13 +230,18 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         datastore.check_compatible(keytype=a.knn_keytype, allow_model_mismatch=a.knn_allow_model_mismatch,
                                    **identity.as_dict())
         datastore.check_split(self._split, a.data, allow_same_split=getattr(a, "knn_allow_same_split", False))
+        predictor = getattr(self._scorer.knn.retriever, "predictor", None)
+        if predictor is not None:
+            predictor.check_compatible(identity=identity, allow_model_mismatch=a.knn_allow_model_mismatch)
         if a.knnlm_dump_probs:
+            from knnlm.features import feature_names
             from knnlm.offline.export import ExportWriter
 
             kept = a.k if a.knnlm_dump_neighbors < 0 else min(a.knnlm_dump_neighbors, a.k)
             self._scorer.export = ExportWriter(
                 a.knnlm_dump_probs, kept, sim_func=a.knn_sim_func, temperature=a.knn_temp,
                 lmbda=a.lmbda, with_ids=a.knnlm_dump_ids, overwrite=a.overwrite,
+                feature_names=feature_names(self._scorer.feature_top_k),
                 meta={"split": self._split, "datastore": datastore.prefix,
                       "datastore_fingerprint": datastore.fingerprint, "index": a.indexfile,
                       "context_window": self._context_window, **identity.as_dict()},
@@ -346,6 +357,7 @@ def validate(a):
                               "records for re-scoring: drop --knnlm-dump-probs (export a plain --knnlm run)")
         if a.retomaton_min_pointers < 1:
             raise ConfigError(f"--retomaton-min-pointers must be at least 1, got {a.retomaton_min_pointers}")
+    _validate_adaptive(a)
     if a.continuous_cache:
         if a.save_knnlm_dstore:
             raise ConfigError("--continuous-cache scores; --save-knnlm-dstore dumps: pick one per run")
@@ -357,6 +369,34 @@ def validate(a):
     _validate_cache_extras(a)
     if getattr(a, "legacy_datastore", False) and not a.save_knnlm_dstore:
         raise ConfigError("--legacy-datastore shapes a dump: it needs --save-knnlm-dstore")
+
+
+def _validate_adaptive(a):
+    """--adaptive-retrieval, --adaptive-skip, --adaptive-threshold."""
+    from knnlm.retrieval.adaptive import check_skip, check_threshold
+
+    path = getattr(a, "adaptive_retrieval", None)
+    skip, threshold = getattr(a, "adaptive_skip", None), getattr(a, "adaptive_threshold", None)
+    if not path:
+        if skip is not None or threshold is not None:
+            flag = "--adaptive-skip" if skip is not None else "--adaptive-threshold"
+            raise ConfigError(f"{flag} is an option of adaptive retrieval: add --adaptive-retrieval PREDICTOR")
+        return
+    if not a.knnlm:
+        raise ConfigError("--adaptive-retrieval changes how --knnlm retrieves: add --knnlm")
+    if a.retomaton:
+        raise ConfigError("--adaptive-retrieval and --retomaton both decide which tokens are searched; this "
+                          "version takes one of them per run")
+    if a.knnlm_dump_probs:
+        raise ConfigError("--adaptive-retrieval leaves tokens unsearched, but an export records every token's "
+                          "neighbors for re-scoring: drop --knnlm-dump-probs (export a plain --knnlm run)")
+    if skip is not None and threshold is not None:
+        raise ConfigError("adaptive retrieval takes a target skip fraction or a threshold, not both: "
+                          "drop --adaptive-skip or --adaptive-threshold")
+    if skip is not None:
+        check_skip(skip)
+    if threshold is not None:
+        check_threshold(threshold)
 
 
 def _validate_cache_extras(a):

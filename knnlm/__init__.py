@@ -25,6 +25,7 @@ _EXPORTS = {
     "KNNLM": "model", "Tally": "model", "DumpSession": "dump", "ModelIdentity": "provenance",
     "Datastore": "store", "DatastoreWriter": "store", "ShardedDatastore": "store", "open_datastore": "store",
     "Neighbors": "retrieval", "RetoMatonRetriever": "retrieval", "Streams": "retrieval", "Retriever": "retrieval", "FaissRetriever": "retrieval", "ExactRetriever": "retrieval",
+    "AdaptiveRetriever": "retrieval", "Predictor": "retrieval", "lm_features": "features",
     "load_index": "index",
     "knn_log_prob": "scoring", "interpolate": "scoring", "neighbor_scores": "scoring",
     "knn_full_log_probs": "scoring", "continuous_cache_log_prob": "scoring",

@@ -9,8 +9,12 @@ PATH is a directory:
     match.npy    (N, K) bool     neighbor value == target (False where no neighbor was found)
     ids.npy      (N, K) int64    datastore rows, -1 where missing   } only with with_ids=True
     vals.npy     (N, K) int64    neighbor values, -1 where missing  }
+    features.npy (N, F) float32  the LM's own features of each token (`knnlm.features`: entropy,
+                                 top log-probabilities), named by meta feature_names; for
+                                 adaptive retrieval (knnlm-adaptive). Exports before it lack it.
     meta.json    sim_func, k (the run's), k_kept (K), temperature, lmbda, count, the files,
-                 any caller metadata; `complete: true` is written last.
+                 feature_names (with features.npy), any caller metadata; `complete: true` is
+                 written last.
 
 dists.npy and match.npy are what re-scoring at another temperature needs (`lp_knn_at`); they
 are present whenever the writer was given neighbor distances.
@@ -48,14 +52,15 @@ FILES = {
     "match": (np.bool_, True),
     "ids": (np.int64, True),
     "vals": (np.int64, True),
+    "features": (np.float32, False),  # (N, F): F = len(meta["feature_names"])
 }
 _RESERVED = {"format", "format_version", "complete", "count", "sim_func", "k", "k_kept",
-             "temperature", "lmbda", "files", "started", "finished", "versions"}
+             "temperature", "lmbda", "files", "started", "finished", "versions", "feature_names"}
 # What an export's meta.json must hold: field -> (types, required).
 META_SCHEMA = {
     "format": (str, True), "format_version": (int, True), "complete": (bool, True), "count": (int, True),
     "k_kept": (int, True), "files": (list, True), "sim_func": (str, True), "temperature": (float, True),
-    "lmbda": (float, True), "k": ((int, type(None)), False),
+    "lmbda": (float, True), "k": ((int, type(None)), False), "feature_names": (list, False),
 }
 # Elements of (rows, K) per re-scoring chunk: 4 MB of fp32 per temporary, about cache-sized.
 CHUNK_ELEMENTS = 1 << 20
@@ -83,10 +88,12 @@ class ExportWriter:
     `lp_knn_grid`); the stored lp_knn is always exact.
     with_ids: also store the neighbors' datastore rows and values (ids.npy, vals.npy); `add()`
     must then be given both.
+    feature_names: also store each token's LM features (features.npy, one column per name);
+    `add()` must then be given `features` (n, F).
     """
 
     def __init__(self, path, k_kept, *, sim_func, temperature, lmbda, with_ids=False,
-                 overwrite=False, meta=None):
+                 overwrite=False, meta=None, feature_names=None):
         if sim_func not in SIM_FUNCS:
             raise ConfigError(f"sim_func must be one of {', '.join(SIM_FUNCS)}, got {sim_func!r}")
         check_temperature(temperature)
@@ -118,6 +125,7 @@ class ExportWriter:
             "temperature": float(temperature),
             "lmbda": float(lmbda),
             "files": [],
+            **({"feature_names": list(feature_names)} if feature_names else {}),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": provenance.versions(),
             **(meta or {}),
@@ -179,17 +187,21 @@ class ExportWriter:
         if k is not None:
             self.meta["k"] = int(k)
             self.meta["k_kept"] = min(self.meta["k_kept"], int(k))
-        row = (self.meta["k_kept"],)
+        if "feature_names" in self.meta:
+            names = list(names) + ["features"]
+            self.meta["files"] = names
         self._files = {
             name: GrowingNpy(os.path.join(self.write_dir, f"{name}.npy"), FILES[name][0],
-                             row if FILES[name][1] else ())
+                             _row_shape(name, self.meta))
             for name in names
         }
         if not self.replacing:
             write_json_atomic(os.path.join(self.path, META), self.meta)
 
-    def add(self, lp_lm, lp_knn, targets, dists=None, match=None, ids=None, vals=None, valid=None):
-        """Append n tokens: lp_lm, lp_knn, targets (n,); dists, match, ids, vals, valid (n, k).
+    def add(self, lp_lm, lp_knn, targets, dists=None, match=None, ids=None, vals=None, valid=None,
+            features=None):
+        """Append n tokens: lp_lm, lp_knn, targets (n,); dists, match, ids, vals, valid (n, k);
+        features (n, F) when the writer was given feature_names.
 
         Tensors or arrays. dists must come with match or vals (match is then vals == target).
         Missing neighbors are those with valid False, ids < 0 or NaN distance: they are stored
@@ -198,8 +210,8 @@ class ExportWriter:
         """
         if self._done:
             raise RuntimeError(f"export {self.path} is already finalized or abandoned")
-        lp_lm, lp_knn, targets, dists, match, ids, vals, valid = (
-            _numpy(x) for x in (lp_lm, lp_knn, targets, dists, match, ids, vals, valid))
+        lp_lm, lp_knn, targets, dists, match, ids, vals, valid, features = (
+            _numpy(x) for x in (lp_lm, lp_knn, targets, dists, match, ids, vals, valid, features))
         n = len(targets)
         for name, a in (("lp_lm", lp_lm), ("lp_knn", lp_knn), ("targets", targets)):
             if a.ndim != 1 or len(a) != n:
@@ -222,6 +234,12 @@ class ExportWriter:
             self._open(names, None if dists is None else dists.shape[1])
         if "dists" in self._files:
             row.update(self._neighbors(n, targets, dists, match, ids, vals, valid))
+        if "features" in self._files:
+            shape = (n, len(self.meta["feature_names"]))
+            if features is None or features.shape != shape:
+                raise ValueError(f"export add(): features of shape {None if features is None else features.shape}, "
+                                 f"expected {shape}")
+            row["features"] = features.astype(np.float32)
         elif dists is not None and self.meta["k"] is None:
             raise ValueError("export add(): distances given, but the first add() had none")
         for name, f in self._files.items():
@@ -316,6 +334,7 @@ class Export:
     match: Optional[np.ndarray] = None
     ids: Optional[np.ndarray] = None
     vals: Optional[np.ndarray] = None
+    features: Optional[np.ndarray] = None
     _warned: bool = dataclasses.field(default=False, repr=False)
 
     @property
@@ -333,6 +352,14 @@ class Export:
     @property
     def has_neighbors(self):
         return self.dists is not None
+
+    @property
+    def has_features(self):
+        return self.features is not None
+
+    @property
+    def feature_names(self):
+        return self.meta.get("feature_names")
 
     @property
     def truncated(self):
@@ -379,6 +406,11 @@ def load_export(path):
         raise CorruptError(f"export {path}: its metadata lists neighbor distances but no run k ({meta.get('k')!r}); it is damaged")
     if not {"lp_lm", "lp_knn", "targets"} <= set(names) or ("dists" in names) != ("match" in names):
         raise CorruptError(f"export {path}: its metadata lists an impossible set of files {names}")
+    fnames = meta.get("feature_names")
+    if ("features" in names) != (fnames is not None) or (fnames is not None and (
+            not fnames or not all(isinstance(f, str) for f in fnames))):
+        raise CorruptError(f"export {path}: its metadata lists features.npy and feature names "
+                           f"{fnames!r} that do not go together; it is damaged")
     arrays = {}
     for name in names:
         if name not in FILES:
@@ -392,8 +424,8 @@ def load_export(path):
             raise CorruptError(f"export {path}: cannot read {file} ({e}); it is truncated or damaged") from None
         if not a.flags.c_contiguous:
             raise CorruptError(f"export {path}: {file} is not the C-order array an export writes; it was damaged")
-        dtype, per_neighbor = FILES[name]
-        shape = (meta["count"], meta["k_kept"]) if per_neighbor else (meta["count"],)
+        dtype = FILES[name][0]
+        shape = (meta["count"], *_row_shape(name, meta))
         if a.shape != shape or a.dtype != dtype:
             raise CorruptError(
                 f"export {path}: {file} holds {a.dtype} {a.shape}, but its metadata says "
@@ -401,6 +433,13 @@ def load_export(path):
             )
         arrays[name] = a
     return Export(path=path, meta=meta, **arrays)
+
+
+def _row_shape(name, meta):
+    """The shape of one token's row of file `name`: (), (K,) or (F,)."""
+    if name == "features":
+        return (len(meta["feature_names"]),)
+    return (meta["k_kept"],) if FILES[name][1] else ()
 
 
 def _chunk_rows(k):

@@ -1,0 +1,306 @@
+"""knnlm-adaptive: train the adaptive-retrieval predictor (He et al., EMNLP 2021, section 4) on a
+per-token export, and print the curve of skipped fraction vs perplexity.
+
+    knnlm-adaptive train EXPORT_DIR --out PRED.json [--lmbda L --knn-temp T | --tune-json best.json]
+    knnlm-adaptive curve EXPORT_DIR --predictor PRED.json        # the curve on another export
+
+The export must hold the LM features (features.npy: written by `--knnlm-dump-probs` since
+adaptive retrieval exists). The network reads them and predicts a per-token lambda, trained to
+maximize log(lambda p_kNN + (1 - lambda) p_LM) (the paper's objective), with p_kNN at the
+temperature the kNN-LM will use. At evaluation the tokens of lowest predicted lambda skip the
+search and get p_LM alone; the others get the kNN-LM with its constant lambda.
+
+Training uses the export's first tokens; the last `--heldout` fraction (default 20%, a
+contiguous tail, so no sentence is on both sides) is never trained on, and the curve is
+measured there: for each target skip fraction, the threshold the predictor's calibration
+gives (as `--adaptive-skip` would), the fraction actually skipped, the perplexity, and the
+perplexity of skipping as many tokens at random (seeded). Deterministic for a seed.
+"""
+
+import argparse
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .. import provenance
+from ..errors import ConfigError
+from ..retrieval.adaptive import ARCHS, CALIBRATION_POINTS, FEATURE_FLOOR, Predictor, build_net, check_skip
+from ..scoring import check_lambda, check_temperature, interpolate
+from .export import load_export, lp_knn_at, same_temperature
+from .rescoring import run_command, write_outputs
+
+SKIPS = [i / 10 for i in range(10)]
+IDENTITY_FIELDS = ("datastore", "datastore_fingerprint", "dim", "dict_size", "dict_fingerprint",
+                   "model_fingerprint", "split", "index")
+
+
+def training_data(export, lmbda=None, temperature=None, tune_json=None):
+    """(features (N, F), lp_lm (N,), lp_knn (N,) at T, lambda, T) from an export with features.
+
+    lambda and T: as given, else the tune JSON's best point, else the run's own."""
+    if not export.has_features:
+        raise ConfigError(
+            f"export {export.path} has no LM features (features.npy): it was written before adaptive "
+            f"retrieval existed. Export again (fairseq-eval-lm ... --knnlm --knnlm-dump-probs DIR)")
+    if export.count == 0:
+        raise ConfigError(f"export {export.path} holds no tokens")
+    if tune_json is not None:
+        from ..artefacts import read_json
+
+        best = read_json(tune_json, f"tune result {tune_json}")
+        try:
+            lmbda = float(best["best_lambda"]) if lmbda is None else lmbda
+            temperature = float(best["best_temperature"]) if temperature is None else temperature
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{tune_json} is not a knnlm-tune --json result (no best_lambda/best_temperature)") from None
+    lmbda = float(export.meta["lmbda"]) if lmbda is None else float(lmbda)
+    temperature = float(export.meta["temperature"]) if temperature is None else float(temperature)
+    check_lambda(lmbda)
+    check_temperature(temperature, "--knn-temp")
+    if same_temperature(temperature, export.meta["temperature"]):
+        lp_knn = np.array(export.lp_knn, dtype=np.float32)
+    else:
+        lp_knn = lp_knn_at(export, temperature)
+    return (np.array(export.features, dtype=np.float32), np.array(export.lp_lm, dtype=np.float32),
+            lp_knn, lmbda, temperature)
+
+
+def mixture_nll(logits, lp_lm, lp_knn):
+    """-log(lambda p_kNN + (1 - lambda) p_LM) per token, lambda = sigmoid(logits)."""
+    both = torch.stack([torch.nn.functional.logsigmoid(logits) + lp_knn,
+                        torch.nn.functional.logsigmoid(-logits) + lp_lm], dim=-1)
+    return -torch.logsumexp(both, dim=-1)
+
+
+def fit(features, lp_lm, lp_knn, *, hidden=(32, 32), epochs=20, lr=3e-3, batch_size=1024, seed=0,
+        weight_decay=0.0, progress=True):
+    """Train the network on (N, F) features: returns (net, mean, std). Seeded, deterministic.
+
+    One thread: the network is tiny, and on a busy host more threads only wait on each other
+    (measured 15x slower with 2 threads under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit(features, lp_lm, lp_knn, hidden=hidden, epochs=epochs, lr=lr, batch_size=batch_size,
+                    seed=seed, weight_decay=weight_decay, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(features, lp_lm, lp_knn, *, hidden, epochs, lr, batch_size, seed, weight_decay, progress):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x = torch.from_numpy(np.maximum(features, FEATURE_FLOOR).astype(np.float32))
+    mean = x.mean(0)
+    std = x.std(0).clamp(min=1e-6) if len(x) > 1 else torch.ones(x.shape[1])
+    x = (x - mean) / std
+    a, b = torch.from_numpy(lp_lm), torch.from_numpy(lp_knn)
+    net = build_net(x.shape[1], list(hidden))
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = max(1, math.ceil(len(x) / batch_size))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=epochs * steps, desc="knnlm-adaptive train", unit="step", file=sys.stderr,
+                   mininterval=1.0)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for s in range(steps):
+            i = order[s * batch_size:(s + 1) * batch_size]
+            loss = mixture_nll(net(x[i]).squeeze(-1), a[i], b[i]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    return net.eval(), mean, std
+
+
+def _ppl(lp):
+    return math.exp(-float(lp.double().mean()))
+
+
+def curve(predictor, features, lp_lm, lp_knn, lmbda, skips=SKIPS, seed=0):
+    """Rows of the curve on these tokens: for each target skip fraction, the predictor's
+    threshold (as --adaptive-skip F sets it), the fraction skipped, ppl with the kNN-LM's
+    constant lambda on the kept tokens, ppl when as many tokens are skipped at random, and ppl
+    with the predicted lambda on the kept tokens (the paper's variant; not what eval does)."""
+    logits = predictor.logits(torch.from_numpy(features))
+    a, b = torch.from_numpy(lp_lm), torch.from_numpy(lp_knn)
+    full = interpolate(a, b, lmbda)
+    own = -mixture_nll(logits, a, b)
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(a)))
+    rows = []
+    for f in skips:
+        check_skip(f, "a skip fraction")
+        keep = logits >= predictor.threshold_for_skip(f)
+        skipped = 1.0 - float(keep.float().mean())
+        rand = torch.ones(len(a), dtype=torch.bool)
+        rand[perm[:int(round(skipped * len(a)))]] = False
+        rows.append({"skip_target": f, "threshold_lambda": float(torch.sigmoid(torch.tensor(predictor.threshold_for_skip(f)))),
+                     "skipped": skipped, "ppl": _ppl(torch.where(keep, full, a)),
+                     "ppl_random": _ppl(torch.where(rand, full, a)),
+                     "ppl_predicted_lambda": _ppl(torch.where(keep, own, a))})
+    return {"tokens": len(a), "base_ppl": _ppl(a), "knnlm_ppl": _ppl(full), "rows": rows}
+
+
+def report(result, where):
+    c = result
+    lines = [f"{where}: {c['tokens']:,} tokens, base LM ppl {c['base_ppl']:.4f}, full kNN-LM ppl {c['knnlm_ppl']:.4f}",
+             "",
+             "| skip target | threshold (lambda) | skipped | ppl | vs full kNN-LM | random skipping ppl | ppl, predicted lambda |",
+             "|---|---|---|---|---|---|---|"]
+    for r in c["rows"]:
+        lines.append(f"| {100 * r['skip_target']:.0f}% | {r['threshold_lambda']:.4g} | {100 * r['skipped']:.1f}% | "
+                     f"{r['ppl']:.4f} | {100 * (r['ppl'] / c['knnlm_ppl'] - 1):+.2f}% | {r['ppl_random']:.4f} | "
+                     f"{r['ppl_predicted_lambda']:.4f} |")
+    lines.append("")
+    lines.append("ppl: skipped tokens get p_LM alone, the others the kNN-LM at its constant lambda (what "
+                 "--adaptive-skip does); the last column uses the predicted lambda instead (not in eval).")
+    return "\n".join(lines)
+
+
+def plot(result, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    x = [100 * r["skipped"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [r["ppl"] for r in rows], "o-", label="adaptive (learned)")
+    ax.plot(x, [r["ppl_random"] for r in rows], "s--", label="random skipping")
+    ax.axhline(result["knnlm_ppl"], color="g", ls=":", label=f"full kNN-LM ({result['knnlm_ppl']:.3f})")
+    ax.axhline(result["base_ppl"], color="r", ls=":", label=f"base LM ({result['base_ppl']:.3f})")
+    ax.set_xlabel("tokens not searched (%)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _hidden(arch, text):
+    if arch == "linear":
+        return []
+    try:
+        hidden = [int(h) for h in text.split(",") if h.strip()]
+    except ValueError:
+        hidden = None
+    if not hidden or min(hidden) < 1:
+        raise ConfigError(f"--hidden must be a comma list of layer widths >= 1, got {text!r}")
+    return hidden
+
+
+def train(args):
+    export = load_export(args.export_dir)
+    features, lp_lm, lp_knn, lmbda, temperature = training_data(export, args.lmbda, args.knn_temp, args.tune_json)
+    if not 0 < args.heldout < 1:
+        raise ConfigError(f"--heldout is the fraction of the export kept out of training, in (0, 1), got {args.heldout}")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    n = export.count
+    cut = n - int(round(args.heldout * n))
+    if cut < 1 or cut >= n:
+        raise ConfigError(f"export {export.path} has {n} tokens: too few to hold out {args.heldout:g} of them")
+    hidden = _hidden(args.arch, args.hidden)
+    t0 = time.time()
+    net, mean, std = fit(features[:cut], lp_lm[:cut], lp_knn[:cut], hidden=hidden, epochs=args.epochs, lr=args.lr,
+                         batch_size=args.batch_size, seed=args.seed, weight_decay=args.weight_decay)
+    with torch.no_grad():
+        x = (torch.from_numpy(np.maximum(features, FEATURE_FLOOR)) - mean) / std
+        logits = net(x).squeeze(-1).numpy().astype(np.float64)
+    calibration = np.quantile(logits, np.linspace(0.0, 1.0, CALIBRATION_POINTS))
+    info = {k: export.meta.get(k) for k in IDENTITY_FIELDS}
+    info.update(export=export.path, lmbda=lmbda, temperature=temperature, arch=args.arch,
+                training={"tokens": cut, "heldout_tokens": n - cut,
+                          "heldout": f"the last {100 * args.heldout:g}% of the export's tokens (rows {cut}..{n - 1})",
+                          "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+                          "weight_decay": args.weight_decay, "seconds": round(time.time() - t0, 2)},
+                calibration_on="every token of the export", created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                versions=provenance.versions())
+    top_k = len(export.feature_names) - 1
+    predictor = Predictor.from_net(net, hidden=hidden, mean=mean.tolist(), std=std.tolist(), top_k=top_k,
+                                   calibration=calibration, info=info)
+    held = curve(predictor, features[cut:], lp_lm[cut:], lp_knn[cut:], lmbda, seed=args.seed)
+    predictor.meta["heldout_curve"] = held  # informative, outside the checksum
+    predictor.save(args.out, overwrite=args.overwrite)
+    print(f"trained on {cut:,} tokens of {export.path} (lambda {lmbda:g}, T {temperature:g}, {args.arch} "
+          f"{hidden}); wrote {args.out}")
+    print(report(held, f"held out (the last {100 * args.heldout:g}% of the export)"))
+    write_outputs(None, None, args.plot, lambda p: plot(held, p, f"adaptive retrieval, held-out part of {export.path}"))
+
+
+def evaluate(args):
+    predictor = Predictor.load(args.predictor)
+    export = load_export(args.export_dir)
+    lmbda = predictor.meta["lmbda"] if args.lmbda is None else args.lmbda
+    temperature = predictor.meta["temperature"] if args.knn_temp is None else args.knn_temp
+    features, lp_lm, lp_knn, lmbda, temperature = training_data(export, lmbda, temperature)
+    if export.feature_names != predictor.feature_names:
+        raise ConfigError(f"export {export.path} holds features {export.feature_names}, the predictor reads "
+                          f"{predictor.feature_names}")
+    ds_fp = export.meta.get("datastore_fingerprint")
+    if ds_fp is not None and predictor.meta.get("datastore_fingerprint") not in (None, ds_fp):
+        from ..errors import MismatchError
+
+        raise MismatchError(f"predictor {args.predictor} was trained with datastore {predictor.meta.get('datastore')}, "
+                            f"export {export.path} was scored with {export.meta.get('datastore')}")
+    predictor.check_compatible(identity={k: export.meta.get(k) for k in ("dict_fingerprint", "model_fingerprint")})
+    result = curve(predictor, features, lp_lm, lp_knn, lmbda, seed=args.seed)
+    print(report(result, f"{export.path} (lambda {lmbda:g}, T {temperature:g})"))
+    write_outputs(args.json, lambda: result, args.plot, lambda p: plot(result, p, f"adaptive retrieval, {export.path}"))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="knnlm-adaptive",
+        description="Adaptive retrieval (He et al. 2021): train the predictor of where p_kNN helps on a "
+                    "per-token export with LM features, and print skipped fraction vs perplexity.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a predictor on an export (its last --heldout part measures the curve)")
+    t.add_argument("export_dir", metavar="EXPORT_DIR")
+    t.add_argument("--out", required=True, metavar="PREDICTOR", help="the predictor file to write (JSON)")
+    t.add_argument("--arch", choices=ARCHS, default="mlp", help="mlp (default) or linear (logistic regression)")
+    t.add_argument("--hidden", default="32,32", help="--arch mlp: hidden layer widths (default %(default)s)")
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--batch-size", type=int, default=1024)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--heldout", type=float, default=0.2,
+                   help="fraction of the export, at its end, kept out of training to measure the curve (default %(default)s)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing predictor file")
+    c = sub.add_parser("curve", help="the curve of a trained predictor on a whole export")
+    c.add_argument("export_dir", metavar="EXPORT_DIR")
+    c.add_argument("--predictor", required=True)
+    c.add_argument("--json", metavar="JSON", help="write the curve")
+    for q in (t, c):
+        q.add_argument("--lmbda", type=float, help="the kNN-LM's lambda (default: --tune-json's, else the export's run)")
+        q.add_argument("--knn-temp", type=float, help="the kNN-LM's temperature (default: --tune-json's, else the export's run)")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--plot", metavar="PNG", help="write skipped fraction vs perplexity")
+    t.add_argument("--tune-json", metavar="JSON", help="take lambda and T from a knnlm-tune --json result (best point)")
+    return p
+
+
+def _run(args):
+    (train if args.command == "train" else evaluate)(args)
+
+
+def main(argv=None):
+    return run_command("knnlm-adaptive", build_parser(), _run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

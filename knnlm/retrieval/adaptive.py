@@ -1,0 +1,283 @@
+"""Adaptive retrieval (He, Neubig, Berg-Kirkpatrick, EMNLP 2021, "Efficient Nearest Neighbor
+Language Models", section 4): search only for the tokens where p_kNN is predicted to help.
+
+A small network (`Predictor`, trained by `knnlm-adaptive train` on a held-out export) reads the
+LM's own features of each token (`knnlm.features`: entropy and top log-probabilities of p_LM)
+and predicts the weight lambda that maximizes log(lambda p_kNN + (1 - lambda) p_LM) for that
+token. Tokens whose predicted lambda falls below a threshold are not searched and get p_LM
+alone; the others are searched by the base strategy in one call with only their queries, and
+scored exactly as the plain kNN-LM scores them (its constant lambda).
+
+The threshold comes from a target skip fraction (`skip=F`: the F-quantile of the predictions
+on the export the predictor was calibrated on) or is given as a lambda (`threshold=X`). With
+nothing skipped (skip 0, or a threshold of 0) every token is searched in one base call and the
+result is the plain kNN-LM's, bit for bit.
+
+    retriever = AdaptiveRetriever(FaissRetriever(index, ds, k=1024), "pred.json", skip=0.5)
+    knn = KNNLM(retriever, lmbda=0.25, temperature=1.0)
+    knn.score(queries, targets, lp_lm, state=lm_features(log_probs, retriever.top_k))
+
+The predictor file is JSON, self-describing: the feature names, the normalization, the
+weights (with a checksum), the calibration quantiles, and the fingerprints of the datastore
+and model whose export trained it (another datastore or model is refused by name).
+"""
+
+import hashlib
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+from ..artefacts import read_json, write_json_atomic
+from ..errors import ConfigError, CorruptError, KNNLMError, MismatchError
+from ..features import feature_names
+from .base import Neighbors, Retriever
+
+FORMAT = "knnlm-adaptive-predictor"
+FORMAT_VERSION = 1
+# Log-probabilities below this (-inf where the LM gives a token 0) are clamped before the network.
+FEATURE_FLOOR = -100.0
+# Quantiles of the predictions kept for calibration: 0, 0.1%, ..., 100%.
+CALIBRATION_POINTS = 1001
+ARCHS = ("mlp", "linear")
+
+
+def build_net(n_in, hidden):
+    """Linear -> ReLU ... -> Linear to one logit; `hidden` empty: logistic regression."""
+    layers, width = [], n_in
+    for h in hidden:
+        layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+        width = h
+    layers.append(torch.nn.Linear(width, 1))
+    return torch.nn.Sequential(*layers)
+
+
+def _checksum(payload):
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _payload(meta):
+    """The fields a checksum covers: everything that changes a prediction or a threshold."""
+    return {k: meta[k] for k in ("feature_names", "hidden", "mean", "std", "params", "calibration")}
+
+
+class Predictor:
+    """The trained network and what it needs: feature names, normalization, calibration.
+
+    `logits(features)` -> (N,) float32: logit of the predicted lambda (higher: p_kNN helps more).
+    """
+
+    def __init__(self, meta, net, path=None):
+        self.meta, self.net, self.path = meta, net.eval(), path
+        self.feature_names = list(meta["feature_names"])
+        self.top_k = int(meta["top_k"])
+        self.mean = torch.tensor(meta["mean"], dtype=torch.float32)
+        self.std = torch.tensor(meta["std"], dtype=torch.float32)
+        self.calibration = np.asarray(meta["calibration"], dtype=np.float64)
+
+    # ---- building and saving ----
+    @classmethod
+    def from_net(cls, net, *, hidden, mean, std, top_k, calibration, info):
+        """A predictor from a trained net; `info` adds the provenance (export, fingerprints, ...)."""
+        params = {k: v.detach().cpu().double().tolist() for k, v in net.state_dict().items()}
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "feature_names": feature_names(top_k),
+                "top_k": int(top_k), "hidden": [int(h) for h in hidden], "mean": [float(x) for x in mean],
+                "std": [float(x) for x in std], "params": params,
+                "calibration": [float(x) for x in calibration], **info}
+        meta["checksum"] = _checksum(_payload(meta))
+        return cls(meta, net)
+
+    def save(self, path, overwrite=False):
+        if os.path.exists(path) and not overwrite:
+            raise KNNLMError(f"predictor {path} already exists; pass --overwrite to replace it or choose another --out")
+        write_json_atomic(path, self.meta)
+        self.path = path
+
+    @classmethod
+    def load(cls, path):
+        """Read and check a predictor file; a damaged or foreign one is refused by name."""
+        if not os.path.isfile(path):
+            raise KNNLMError(f"no adaptive-retrieval predictor at {path} (written by knnlm-adaptive train)")
+        meta = read_json(path, f"predictor {path}")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise CorruptError(f"{path} is not an adaptive-retrieval predictor (format {found!r}); "
+                               f"write one with knnlm-adaptive train")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CorruptError(f"predictor {path} has format version {meta.get('format_version')}; "
+                               f"this code reads version {FORMAT_VERSION}")
+        try:
+            if meta.get("checksum") != _checksum(_payload(meta)):
+                raise CorruptError(f"predictor {path} fails its checksum: its weights, normalization or "
+                                   f"calibration were changed or damaged. Train it again")
+            top_k = int(meta["top_k"])
+            if meta["feature_names"] != feature_names(top_k):
+                raise CorruptError(f"predictor {path} expects features {meta['feature_names']}, which this "
+                                   f"code does not compute; train it again")
+            n_in = len(meta["feature_names"])
+            if len(meta["mean"]) != n_in or len(meta["std"]) != n_in or len(meta["calibration"]) < 2:
+                raise CorruptError(f"predictor {path}: its normalization or calibration has the wrong length")
+            net = build_net(n_in, meta["hidden"])
+            state = {k: torch.tensor(v, dtype=torch.float32) for k, v in meta["params"].items()}
+            net.load_state_dict(state)
+        except CorruptError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CorruptError(f"predictor {path} is damaged ({e.__class__.__name__}: {e}); train it again") from None
+        return cls(meta, net, path)
+
+    # ---- using it ----
+    @torch.no_grad()
+    def logits(self, features):
+        """(N, F) LM features (`knnlm.features.lm_features`) -> (N,) float32 logits, on the CPU."""
+        x = torch.as_tensor(features).detach().to("cpu", torch.float32)
+        if x.ndim != 2 or x.shape[1] != len(self.feature_names):
+            raise ConfigError(f"adaptive retrieval: the predictor takes {len(self.feature_names)} features per "
+                              f"token ({', '.join(self.feature_names)}), got an array of shape {tuple(x.shape)}")
+        x = (x.clamp(min=FEATURE_FLOOR) - self.mean) / self.std
+        return self.net(x).squeeze(-1)
+
+    def lmbda(self, features):
+        """The predicted per-token lambda, (N,) in [0, 1]."""
+        return torch.sigmoid(self.logits(features))
+
+    def threshold_for_skip(self, skip):
+        """The logit below which a token is skipped so that a fraction `skip` of the calibration
+        tokens is; skip 0 skips nothing (-inf), whatever a new token scores."""
+        check_skip(skip)
+        if skip == 0:
+            return -math.inf
+        grid = np.linspace(0.0, 1.0, len(self.calibration))
+        return float(np.interp(skip, grid, self.calibration))
+
+    def check_compatible(self, *, datastore=None, identity=None, allow_model_mismatch=False):
+        """Refuse, by name, a predictor trained on another datastore's or another model's export."""
+        m, where = self.meta, self.path or "the predictor"
+        if datastore is not None and m.get("datastore_fingerprint") not in (None, datastore.fingerprint):
+            raise MismatchError(
+                f"predictor {where} was trained on an export scored with datastore {m.get('datastore')} "
+                f"(fingerprint {m.get('datastore_fingerprint')}), not {datastore.prefix} "
+                f"({datastore.fingerprint}): its predictions of where p_kNN helps belong to that datastore. "
+                f"Export with this datastore and train again")
+        if identity is None:
+            return
+        ident = identity if isinstance(identity, dict) else identity.as_dict()
+        if m.get("dict_fingerprint") is not None and m["dict_fingerprint"] != ident.get("dict_fingerprint"):
+            raise MismatchError(f"predictor {where} was trained with another dictionary (fingerprint "
+                                f"{m['dict_fingerprint']}) than this model's ({ident.get('dict_fingerprint')})")
+        if (m.get("model_fingerprint") is not None and ident.get("model_fingerprint") is not None
+                and m["model_fingerprint"] != ident["model_fingerprint"] and not allow_model_mismatch):
+            raise MismatchError(f"predictor {where} was trained on the features of other model weights "
+                                f"(fingerprint {m['model_fingerprint']}) than the model scoring now "
+                                f"({ident['model_fingerprint']}); train it on this model's export")
+
+
+def check_skip(skip, name="--adaptive-skip"):
+    if isinstance(skip, bool) or not isinstance(skip, (int, float)) or not 0 <= skip < 1:
+        raise ConfigError(f"{name} is the fraction of tokens not searched, in [0, 1), got {skip!r}")
+
+
+def check_threshold(threshold, name="--adaptive-threshold"):
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise ConfigError(f"{name} is a predicted lambda in [0, 1] (tokens below it are not searched), got {threshold!r}")
+
+
+def logit(p):
+    """log(p / (1 - p)), -inf at 0 and inf at 1."""
+    if p <= 0:
+        return -math.inf
+    if p >= 1:
+        return math.inf
+    return math.log(p) - math.log1p(-p)
+
+
+class AdaptiveRetriever(Retriever):
+    """`base` (FaissRetriever, ExactRetriever, ...) searches only the tokens the predictor keeps.
+
+    predictor: a `Predictor` or the path of one. Exactly one of skip (target fraction of tokens
+    not searched, in [0, 1)) and threshold (a predicted lambda in [0, 1]: tokens below it are
+    not searched); neither means skip 0. `retrieve(queries, state=features)`: state is the
+    (N, F) LM features of the queries (`knnlm.features.lm_features(log_probs, self.top_k)`).
+    """
+
+    needs_lm_features = True
+
+    def __init__(self, base, predictor, *, skip=None, threshold=None):
+        if skip is not None and threshold is not None:
+            raise ConfigError("adaptive retrieval takes a target skip fraction or a threshold, not both: "
+                              "drop --adaptive-skip or --adaptive-threshold")
+        self.base = base
+        self.datastore, self.k, self.sim_func = base.datastore, base.k, base.sim_func
+        self.predictor = predictor if isinstance(predictor, Predictor) else Predictor.load(predictor)
+        self.predictor.check_compatible(datastore=self.datastore)
+        if threshold is not None:
+            check_threshold(threshold)
+            self.setting, self.cut = f"threshold {threshold:g}", logit(float(threshold))
+        else:
+            skip = 0.0 if skip is None else skip
+            check_skip(skip)
+            self.setting, self.cut = f"skip {skip:g}", self.predictor.threshold_for_skip(float(skip))
+        self.tokens = 0
+        self.searched = 0
+        self.last_kept = None  # which queries of the last call were searched
+
+    @property
+    def top_k(self):
+        return self.predictor.top_k
+
+    @property
+    def search_name(self):
+        return getattr(self.base, "search_name", None)
+
+    def summary(self):
+        saved = 1.0 - self.searched / self.tokens if self.tokens else 0.0
+        return {"tokens": self.tokens, "searched": self.searched, "searches_saved": saved}
+
+    def describe(self):
+        s = self.summary()
+        return f"adaptive {self.setting}: {100 * s['searches_saved']:.1f}% of {s['tokens']:,} searches saved"
+
+    def keep(self, features):
+        """(N,) bool on the CPU: which tokens are searched (predicted logit at or above the cut)."""
+        return self.predictor.logits(features) >= self.cut
+
+    def retrieve(self, queries, state=None, *, nearest_first=True):
+        if state is None:
+            raise ConfigError("adaptive retrieval decides from the LM's features of each token: pass "
+                              "state=knnlm.features.lm_features(log_probs, retriever.top_k)")
+        q = queries if torch.is_tensor(queries) else torch.as_tensor(np.asarray(queries))
+        n = len(q)
+        if len(state) != n:
+            raise ValueError(f"adaptive retrieval: {len(state)} feature rows for {n} queries")
+        keep = self.keep(state)
+        self.last_kept = keep
+        self.tokens += n
+        kept = int(keep.sum())
+        self.searched += kept
+        if kept == n:  # nothing skipped: the base's own answer, untouched
+            return self.base.retrieve(q, nearest_first=nearest_first)
+        device = q.device
+        rows = keep.nonzero().squeeze(1)
+        sub = self.base.retrieve(q[rows.to(device)], nearest_first=nearest_first) if kept else None
+        width = sub.distances.shape[1] if sub is not None else self.k
+        at = rows.to(device)
+        out = Neighbors(
+            distances=torch.zeros((n, width), dtype=torch.float32, device=device),
+            values=torch.zeros((n, width), dtype=torch.int64, device=device),
+            valid=torch.zeros((n, width), dtype=torch.bool, device=device),
+            ids=(torch.full((n, width), -1, dtype=torch.int64, device=device)
+                 if sub is None or sub.ids is not None else None),
+            weights=(torch.ones((n, width), dtype=torch.float32, device=device)
+                     if sub is not None and sub.weights is not None else None),
+            retrieved=keep.to(device))
+        if sub is not None:
+            out.distances[at] = sub.distances.to(device, torch.float32)
+            out.values[at] = sub.values.to(device)
+            out.valid[at] = sub.valid.to(device)
+            if sub.ids is not None:
+                out.ids[at] = sub.ids.to(device)
+            if sub.weights is not None:
+                out.weights[at] = sub.weights.to(device, torch.float32)
+        return out
