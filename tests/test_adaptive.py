@@ -298,3 +298,37 @@ def test_through_fairseq_eval_lm(ev, tmp_path, capsys):
                       ("export", "ConfigError: --adaptive-retrieval leaves tokens unsearched"),
                       ("other model", "MismatchError: predictor")):
         assert res[name].returncode != 0 and msg in res[name].stderr, (name, res[name].stderr[-1500:])
+
+
+# ----------------------------------------------------------------------------- knnlm-hf eval
+def test_through_knnlm_hf_eval(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from knnlm.hf.cli import main as hf
+    from tests.helpers import build_index
+    from tests.test_hf import WORDS, make_tokenizer, text, tiny
+
+    tok = make_tokenizer(WORDS)
+    tiny("gpt2", len(tok), seed=0).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "train.txt").write_text(text(40, 1))
+    (tmp_path / "valid.txt").write_text(text(12, 2))
+    model = ["--model", str(tmp_path / "model"), "--max-length", "20", "--stride", "10"]
+    assert hf(["dump", *model, "--text", str(tmp_path / "train.txt"), "--dstore-mmap", str(tmp_path / "ds")]) == 0
+    build_index(str(tmp_path / "ds"), str(tmp_path / "ds.index"), "Flat")
+    knn = ["eval", *model, "--text", str(tmp_path / "valid.txt"), "--knnlm", "--dstore-filename", str(tmp_path / "ds"),
+           "--indexfile", str(tmp_path / "ds.index"), "--k", "8", "--lmbda", "0.3", "--knn-temp", "2.0"]
+    assert hf([*knn, "--knnlm-dump-probs", str(tmp_path / "export")]) == 0
+    plain = capsys.readouterr().out
+    e = load_export(str(tmp_path / "export"))
+    assert e.features.shape == (e.count, 9) and np.all(e.features[:, 1] >= e.lp_lm - 1e-5)
+    assert trainer.main(["train", str(tmp_path / "export"), "--out", str(tmp_path / "pred.json"), "--epochs", "3"]) == 0
+    capsys.readouterr()
+    assert hf([*knn, "--adaptive-retrieval", str(tmp_path / "pred.json"), "--adaptive-skip", "0"]) == 0
+    zero = capsys.readouterr().out
+    assert knn_summary(zero) == knn_summary(plain) and "adaptive skip 0: 0.0% of" in zero
+    assert hf([*knn, "--adaptive-retrieval", str(tmp_path / "pred.json"), "--adaptive-skip", "0.5"]) == 0
+    half = capsys.readouterr().out
+    pct = float(half.split("adaptive skip 0.5: ")[1].split("%")[0])
+    assert 35 < pct < 65 and knn_summary(half)[0] == knn_summary(plain)[0]
+    assert hf([*knn, "--adaptive-skip", "0.5"]) == 2
+    assert "--adaptive-skip is an option of adaptive retrieval" in capsys.readouterr().err

@@ -26,6 +26,7 @@ import torch
 
 from knnlm import KNNLM, DumpSession, FaissRetriever, Tally, open_datastore
 from knnlm.errors import ConfigError, KNNLMError
+from knnlm.features import lm_features
 from knnlm.model import summary_line
 
 from .hooks import break_into
@@ -100,6 +101,16 @@ def validate_knn(args):
     """Refuse impossible kNN option combinations before the model is loaded."""
     if getattr(args, "knnlm_dump_probs", None) and not args.knnlm:
         raise ConfigError("--knnlm-dump-probs exports a kNN-LM evaluation: add --knnlm")
+    adaptive = getattr(args, "adaptive_retrieval", None)
+    skip, threshold = getattr(args, "adaptive_skip", None), getattr(args, "adaptive_threshold", None)
+    if not adaptive and (skip is not None or threshold is not None):
+        flag = "--adaptive-skip" if skip is not None else "--adaptive-threshold"
+        raise ConfigError(f"{flag} is an option of adaptive retrieval: add --adaptive-retrieval PREDICTOR")
+    if adaptive and not args.knnlm:
+        raise ConfigError("--adaptive-retrieval changes how --knnlm retrieves: add --knnlm")
+    if adaptive and getattr(args, "knnlm_dump_probs", None):
+        raise ConfigError("--adaptive-retrieval leaves tokens unsearched, but an export records every token's "
+                          "neighbors for re-scoring: drop --knnlm-dump-probs (export a plain --knnlm run)")
     if not args.knnlm:
         return
     if not args.dstore_filename or not args.indexfile:
@@ -114,12 +125,20 @@ def build_knnlm(args):
     store = open_datastore(args.dstore_filename, in_memory=args.move_dstore_to_mem)
     retriever = FaissRetriever(args.indexfile, store, k=args.k, nprobe=args.probe, sim_func=args.knn_sim_func,
                                gpu=args.knn_gpu, k_factor=args.knn_k_factor)
+    if getattr(args, "adaptive_retrieval", None):
+        from knnlm import AdaptiveRetriever
+
+        retriever = AdaptiveRetriever(retriever, args.adaptive_retrieval, skip=args.adaptive_skip,
+                                      threshold=args.adaptive_threshold)
     return KNNLM(retriever, lmbda=args.lmbda, temperature=args.knn_temp)
 
 
 def check_datastore(args, knn, identity):
     knn.retriever.datastore.check_compatible(keytype=args.knn_keytype, allow_model_mismatch=args.knn_allow_model_mismatch,
                                              **identity.as_dict())
+    predictor = getattr(knn.retriever, "predictor", None)
+    if predictor is not None:
+        predictor.check_compatible(identity=identity, allow_model_mismatch=args.knn_allow_model_mismatch)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -162,14 +181,20 @@ def cmd_eval(args):
     ids = read_tokens(args.text, tokenizer)
     wins, max_length, stride = text_windows(args, model, len(ids))
     export = None
+    # The LM's per-token features (entropy, top log-probs): for an export, or adaptive retrieval.
+    adaptive = knn is not None and getattr(knn.retriever, "needs_lm_features", False)
+    top_k = knn.retriever.top_k if adaptive else None
     if args.knnlm_dump_probs:
+        from knnlm.features import DEFAULT_TOP_K, feature_names
         from knnlm.offline.export import ExportWriter
+
+        top_k = DEFAULT_TOP_K
 
         store = knn.retriever.datastore
         kept = args.k if args.knnlm_dump_neighbors < 0 else min(args.knnlm_dump_neighbors, args.k)
         export = ExportWriter(
             args.knnlm_dump_probs, kept, sim_func=args.knn_sim_func, temperature=args.knn_temp, lmbda=args.lmbda,
-            with_ids=args.knnlm_dump_ids, overwrite=args.overwrite,
+            with_ids=args.knnlm_dump_ids, overwrite=args.overwrite, feature_names=feature_names(top_k),
             meta={"frontend": PROG, "model": args.model, "text": os.path.abspath(args.text), "max_length": max_length,
                   "stride": stride, "datastore": store.prefix, "datastore_fingerprint": store.fingerprint,
                   "index": args.indexfile, **identity.as_dict()},
@@ -177,15 +202,18 @@ def cmd_eval(args):
     tally = knn.tally if knn is not None else Tally()
     capture = break_into(model, args.knn_keytype) if knn is not None else None
     try:
-        for r in run_windows(model, ids, wins, capture, batch_size=args.batch_size, device=device(args)):
+        for r in run_windows(model, ids, wins, capture, batch_size=args.batch_size, device=device(args),
+                             with_logits=top_k is not None):
             if knn is None:
                 tally.add(r["lp_lm"], r["lp_lm"])
                 continue
-            scored = knn.score(r["keys"], r["targets"], r["lp_lm"], nearest_first=export is not None)
+            features = lm_features(r.pop("lm_log_probs"), top_k) if top_k is not None else None
+            scored = knn.score(r["keys"], r["targets"], r["lp_lm"], nearest_first=export is not None,
+                               state=features if adaptive else None)
             if export is not None:
                 n = scored.neighbors
                 export.add(r["lp_lm"], scored.lp_knn, r["targets"], dists=n.distances, ids=n.ids, vals=n.values,
-                           valid=n.valid)
+                           valid=n.valid, features=features)
         if export is not None:
             export.finalize()
     except BaseException:
@@ -386,6 +414,12 @@ def build_parser():
     s.add_argument("--knnlm-dump-neighbors", type=int, default=-1, help="neighbors per token kept in the export (default all k)")
     s.add_argument("--knnlm-dump-ids", action="store_true", help="also export neighbor ids and values")
     s.add_argument("--overwrite", action="store_true", help="replace a complete export")
+    s.add_argument("--adaptive-retrieval", metavar="PREDICTOR",
+                   help="adaptive retrieval (He et al. 2021): a predictor from knnlm-adaptive train; the tokens of "
+                        "lowest predicted lambda are not searched (p_LM alone)")
+    s.add_argument("--adaptive-skip", type=float, help="--adaptive-retrieval: target fraction of tokens not searched, in [0, 1)")
+    s.add_argument("--adaptive-threshold", type=float,
+                   help="--adaptive-retrieval: instead, skip the tokens whose predicted lambda is below this")
     s.add_argument("--json", help="write the summary as JSON here")
     s.set_defaults(run=cmd_eval)
 
