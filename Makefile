@@ -1,4 +1,5 @@
-# One entry point: `make demo` runs the main job, `make test` the tests, `make bench` the benchmark.
+# One entry point: `make demo` runs the main job, `make test` the tests, `make bench` the benchmark,
+# `make frontier` the efficient methods' speed/perplexity frontier.
 # Every target creates the virtual environment first if it is missing.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed
 # FAISS=cpu (default) | gpu-cu12 | gpu-cu13 | auto (from the CUDA torch reports; gpu = gpu-cu12)
 FAISS ?= cpu
 
-.PHONY: install test demo analyses bench clean
+.PHONY: install test demo analyses bench frontier clean
 
 install: $(STAMP)
 
@@ -42,6 +43,10 @@ analyses: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(ARGS)
+
+# The efficient kNN-LM methods side by side on the demo's outputs (run `make demo` first).
+frontier: $(STAMP)
+	$(PY) benchmarks/frontier.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo_runs bench_runs

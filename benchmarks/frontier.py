@@ -1,0 +1,621 @@
+"""`make frontier`: the speed/perplexity frontier of the efficient kNN-LM methods (issue #19).
+
+    .venv/bin/python benchmarks/frontier.py [--quick] [--rounds 2] [--docs docs/frontier]
+
+On the demo's outputs (`make demo`: demo_runs/austen's model, datastore, index and tuned lambda
+and T), on the whole validation split (--quick: a ~10K-token slice, for choosing settings):
+
+  1. prepares once, stamped and reused, under --workdir (bench_runs/frontier): the fast-scan
+     index `make bench` uses (IVF{n},PQ{2m}x4fs, searched with --knn-k-factor 2), a PCA datastore
+     at half the key dimension (knnlm-reduce) with its indexes, a pruned datastore (knnlm-prune,
+     greedy merging) with its indexes, and, when adaptive retrieval is installed
+     (knnlm-adaptive), a predictor trained on the per-token export of the *test* split
+     (Persuasion): held out, since the frontier scores valid;
+  2. runs every configuration once per round, rounds interleaved (plain eval, full kNN-LM,
+     fast-scan, RetoMaton, adaptive retrieval, PCA, pruned, and combinations), and pairs each
+     run with the plain eval of its own round: time / plain eval is the median of those ratios;
+  3. prints a markdown table (perplexity, share of the kNN-LM gain kept, time / plain eval,
+     searches done, datastore and index bytes), the per-method target lines of issue #19 and the
+     headline; writes them with a plot of perplexity vs time ratio to the workdir and, with
+     --docs DIR, to DIR (results.md, frontier.png).
+
+Times are fairseq-eval-lm's own `Evaluated N tokens in T s` (the scoring loop; loading
+excluded), parsed and launched with benchmarks/run.py's helpers (peak RSS from os.wait4 of each
+child). The host is shared: the load average is printed with every run.
+"""
+
+import argparse
+import copy
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def _load_bench():
+    """benchmarks/run.py (make bench) as a module: its runner, parsers, setup and table helpers."""
+    name = "knnlm_bench_run"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / "run.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+bench = _load_bench()
+log = bench.log
+
+GAIN_SHARE = 0.9  # the headline's "at >= 90% of the kNN-LM gain"
+RETO_PPL_TARGET, RETO_SAVED_TARGET = 0.5, 0.5  # issue #19's targets: +0.5% perplexity, 50% saved
+ADAPTIVE_PPL_TARGET, ADAPTIVE_SKIP_TARGET = 1.0, 0.5
+REDUCED_PPL_TARGET, PRUNED_SHARE_TARGET = 1.0, 0.6
+HEADLINE_TARGET, HEADLINE_AIM = 1.5, 1.3
+
+SEARCHES_SAVED = re.compile(r"([\d.]+)% of ([\d,]+) searches saved")
+
+
+# --------------------------------------------------------------------------- rows and selection
+
+@dataclasses.dataclass
+class Row:
+    """One configuration's measurements. `times`: its eval seconds per round; `ratios`: each over
+    the plain eval of the same round."""
+
+    key: str
+    name: str
+    family: str  # plain | knnlm | fastscan | retomaton | adaptive | pca | pruned
+    tags: tuple = ()
+    ppl: float = float("nan")
+    times: list = dataclasses.field(default_factory=list)
+    ratios: list = dataclasses.field(default_factory=list)
+    searched: float = None  # share of scored tokens that paid a search (None: no kNN-LM)
+    dstore_bytes: int = None
+    index_bytes: int = None
+    entries: int = None
+    rss: int = 0
+    base_ppl: float = None
+
+    @property
+    def ratio(self):
+        return statistics.median(self.ratios) if self.ratios else float("nan")
+
+
+def paired_ratios(times, plain_times):
+    """Each run over the plain run of its own round (rounds in order)."""
+    if len(times) != len(plain_times):
+        raise ValueError(f"{len(times)} runs for {len(plain_times)} plain runs: rounds must pair up")
+    return [t / p for t, p in zip(times, plain_times)]
+
+
+def gain_kept(row, base_ppl, full_ppl):
+    """The share of the full kNN-LM's gain (base ppl - kNN-LM ppl) this row keeps."""
+    gain = base_ppl - full_ppl
+    return (base_ppl - row.ppl) / gain if gain > 0 else float("nan")
+
+
+def select_headline(rows, base_ppl, full_ppl, share=GAIN_SHARE):
+    """The fastest row (paired median) that keeps >= share of the full kNN-LM gain; None if none does."""
+    if not base_ppl - full_ppl > 0:
+        return None
+    ok = [r for r in rows if r.family != "plain" and r.ratios and gain_kept(r, base_ppl, full_ppl) >= share - 1e-12]
+    return min(ok, key=lambda r: (r.ratio, r.ppl)) if ok else None
+
+
+def headline_line(best, base_ppl, full_ppl, share=GAIN_SHARE):
+    if best is None:
+        return (f"efficient kNN-LM / plain eval at >= {share:.0%} of the kNN-LM gain: none (no configuration kept "
+                f"{share:.0%} of the gain; kNN-LM ppl {full_ppl:.2f}, base LM ppl {base_ppl:.2f})")
+    return (f"efficient kNN-LM / plain eval at >= {share:.0%} of the kNN-LM gain: {best.ratio:.2f}x "
+            f"({best.name}: ppl {best.ppl:.2f}, kNN-LM ppl {full_ppl:.2f}, base LM ppl {base_ppl:.2f})")
+
+
+def pct_over(ppl, ref):
+    return 100.0 * (ppl / ref - 1.0)
+
+
+def _met(ok):
+    return "met" if ok else "NOT met"
+
+
+def _best_saving(rows, full_ppl, max_pct):
+    """Among rows, the one skipping most searches within +max_pct% perplexity of the full kNN-LM;
+    if none is within it, the one closest to it. (row, within)."""
+    within = [r for r in rows if pct_over(r.ppl, full_ppl) <= max_pct + 1e-12]
+    if within:
+        return min(within, key=lambda r: (r.searched, r.ratio)), True
+    return min(rows, key=lambda r: pct_over(r.ppl, full_ppl)), False
+
+
+def target_lines(rows, full, share=GAIN_SHARE, best=None, base_ppl=None):
+    """Issue #19's per-method targets, computed from the rows: each names the row it is about."""
+    out = []
+    full_ppl = full.ppl
+    reto = [r for r in rows if r.family == "retomaton" and r.searched is not None]
+    if reto:
+        r, within = _best_saving(reto, full_ppl, RETO_PPL_TARGET)
+        saved = 1.0 - r.searched
+        out.append(f"RetoMaton: {100 * saved:.1f}% of searches saved at {pct_over(r.ppl, full_ppl):+.2f}% perplexity "
+                   f"({r.name}; target >= {RETO_SAVED_TARGET:.0%} saved at <= +{RETO_PPL_TARGET}%: "
+                   f"{_met(within and saved >= RETO_SAVED_TARGET)})")
+    else:
+        out.append("RetoMaton: not measured")
+    ada = [r for r in rows if r.family == "adaptive" and r.searched is not None]
+    if ada:
+        r, within = _best_saving(ada, full_ppl, ADAPTIVE_PPL_TARGET)
+        skipped = 1.0 - r.searched
+        out.append(f"Adaptive retrieval: {100 * skipped:.1f}% of tokens not searched at "
+                   f"{pct_over(r.ppl, full_ppl):+.2f}% perplexity ({r.name}; target >= {ADAPTIVE_SKIP_TARGET:.0%} at "
+                   f"<= +{ADAPTIVE_PPL_TARGET}%: {_met(within and skipped >= ADAPTIVE_SKIP_TARGET)})")
+    else:
+        out.append("Adaptive retrieval: not measured (knnlm-adaptive / --adaptive-retrieval not installed)")
+    for fam, what in (("pca", "PCA to half the dimension"), ("pruned", "Pruning")):
+        cands = [r for r in rows if r.family == fam and "adaptive" not in r.tags]
+        if not cands:
+            out.append(f"{what}: not measured")
+            continue
+        r = min(cands, key=lambda r: pct_over(r.ppl, full_ppl))
+        pct = pct_over(r.ppl, full_ppl)
+        size = ""
+        ok = pct <= REDUCED_PPL_TARGET + 1e-12
+        if fam == "pruned" and r.entries and full.entries:
+            kept = r.entries / full.entries
+            size = f" with {100 * kept:.1f}% of the entries"
+            ok = ok and kept <= PRUNED_SHARE_TARGET + 1e-12
+        bytes_part = (f", datastore {100 * r.dstore_bytes / full.dstore_bytes:.0f}% of the full one's bytes, index "
+                      f"{100 * r.index_bytes / full.index_bytes:.0f}%" if r.dstore_bytes and full.dstore_bytes
+                      and r.index_bytes and full.index_bytes else "")
+        target = (f"<= {PRUNED_SHARE_TARGET:.0%} of the entries at <= +{REDUCED_PPL_TARGET}%" if fam == "pruned"
+                  else f"<= +{REDUCED_PPL_TARGET}%")
+        out.append(f"{what}{size}: {pct:+.2f}% perplexity, {r.ratio:.2f}x plain eval (full kNN-LM {full.ratio:.2f}x)"
+                   f"{bytes_part} ({r.name}; target {target}: {_met(ok)})")
+    if best is not None:
+        out.append(f"Headline: {best.ratio:.2f}x plain eval at >= {share:.0%} of the gain (target <= {HEADLINE_TARGET}x: "
+                   f"{_met(best.ratio <= HEADLINE_TARGET)}; aim {HEADLINE_AIM}x: {_met(best.ratio <= HEADLINE_AIM)})")
+    else:
+        out.append(f"Headline: no configuration kept {share:.0%} of the gain (target <= {HEADLINE_TARGET}x: NOT met)")
+    return out
+
+
+def table_rows(rows, base_ppl, full_ppl):
+    out = []
+    for r in rows:
+        kept = "-" if r.family == "plain" else f"{100 * gain_kept(r, base_ppl, full_ppl):.0f}%"
+        out.append([
+            r.name, f"{r.ppl:.2f}", kept, f"{r.ratio:.2f}x", " / ".join(f"{x:.2f}" for x in r.ratios),
+            f"{statistics.median(r.times):.1f}" if r.times else "-",
+            "-" if r.searched is None else f"{100 * r.searched:.1f}%",
+            "-" if r.entries is None else f"{r.entries:,}",
+            bench.fmt_bytes(r.dstore_bytes), bench.fmt_bytes(r.index_bytes),
+        ])
+    return out
+
+
+TABLE_HEADER = ["configuration", "perplexity", "gain kept", "time / plain (paired median)", "per round",
+                "eval s (median)", "searches done", "entries", "datastore bytes", "index bytes"]
+
+
+def plot(rows, base_ppl, full_ppl, best, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    colors = {"plain": "black", "knnlm": "tab:red", "fastscan": "tab:orange", "retomaton": "tab:blue",
+              "adaptive": "tab:green", "pca": "tab:purple", "pruned": "tab:brown"}
+    for r in rows:
+        ax.scatter(r.ratio, r.ppl, color=colors.get(r.family, "gray"), s=60 if r is best else 30,
+                   edgecolor="black" if r is best else "none", zorder=3)
+        ax.annotate(r.name, (r.ratio, r.ppl), fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+    ax.axhline(base_ppl, color="black", lw=0.8, ls=":", label=f"base LM {base_ppl:.2f}")
+    ax.axhline(full_ppl, color="tab:red", lw=0.8, ls=":", label=f"kNN-LM {full_ppl:.2f}")
+    ax.axhline(base_ppl - GAIN_SHARE * (base_ppl - full_ppl), color="gray", lw=0.8, ls="--",
+               label=f"{GAIN_SHARE:.0%} of the kNN-LM gain")
+    for fam, c in colors.items():
+        if any(r.family == fam for r in rows):
+            ax.scatter([], [], color=c, label=fam)
+    ax.set_xlabel("eval time / plain eval (paired median over rounds)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    tmp = Path(f"{path}.tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- preparation
+
+def dstore_files(prefix):
+    """The files whose bytes a datastore costs: keys, values, weights (pruned), transform (reduced)."""
+    from knnlm.store.datastore import Datastore
+
+    ds = Datastore.open(str(prefix))
+    d = Path(prefix).parent
+    files = [Path(f"{prefix}_keys.npy"), Path(f"{prefix}_vals.npy")]
+    for field in ("weights_file",):
+        if ds.meta.get(field):
+            files.append(d / ds.meta[field])
+    if ds.meta.get("transform"):
+        files.append(d / ds.meta["transform"]["file"])
+    return ds, sum(f.stat().st_size for f in files if f.exists())
+
+
+def index_bytes(path):
+    p = Path(path)
+    return p.stat().st_size + (Path(f"{p}.ivfdata").stat().st_size if Path(f"{p}.ivfdata").exists() else 0)
+
+
+class Prepared:
+    """Stamped artefacts under the workdir: built once, reused while their inputs are unchanged."""
+
+    def __init__(self, setup, work, logs, demo_dir):
+        from knnlm.store.datastore import Datastore
+
+        self.setup, self.work, self.logs = setup, Path(work), Path(logs)
+        self.full_data, self.demo_dir = setup.data, demo_dir
+        self.adaptive_curves = {}
+        self._memo = {}
+
+    def once(self, key, make):
+        """Each artefact is prepared at most once per run, and only if a chosen row needs it."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+        self.base = Datastore.open(setup.dstore)
+        self.index_meta = json.loads(Path(f"{setup.index}.meta.json").read_text())
+        self.nc, self.m = int(self.index_meta["ncentroids"]), int(self.index_meta["code_size"])
+        self.n_train = int(self.index_meta.get("n_train", 200_000))
+        self.seed = int(self.index_meta.get("seed", 1))
+
+    def _step(self, what, stamp_path, stamp, ready, make):
+        if ready() and bench._stamped(stamp_path, stamp):
+            log(f"[prepare] {what}: reused")
+            return
+        log(f"[prepare] {what} ...  (load {_load()})")
+        t0 = time.perf_counter()
+        make()
+        Path(stamp_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(stamp_path).write_text(json.dumps(stamp))
+        log(f"          done in {time.perf_counter() - t0:.0f} s")
+
+    def index(self, prefix, path, factory, name):
+        from knnlm.store.datastore import Datastore
+
+        fp = Datastore.open(str(prefix)).fingerprint
+        stamp = {"datastore": fp, "factory": factory, "n_train": self.n_train, "seed": self.seed}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._step(f"{factory} index of {name}", f"{path}.frontier_stamp.json", stamp,
+                   lambda: bench._complete(f"{path}.meta.json"),
+                   lambda: bench.run_tool(["knnlm-build-index", f"dstore_mmap={prefix}", f"faiss_index={path}",
+                                           f"factory='{factory}'", f"num_keys_to_train={self.n_train}",
+                                           f"seed={self.seed}", "overwrite=true"],
+                                          self.logs / f"build_{path.stem}.log"))
+        return str(path)
+
+    def fastscan(self):
+        """The fast-scan index make bench uses: same code bytes per key, 4-bit sub-quantizers."""
+        factory = f"IVF{self.nc},PQ{2 * self.m}x4fs"
+        return factory, self.index(self.setup.dstore, self.work / "fastscan" / "train_fastscan.index", factory,
+                                   "the demo's datastore")
+
+    def pca(self, dim):
+        out = self.work / f"pca{dim}" / "dstore"
+        stamp = {"source": self.base.fingerprint, "dim": dim, "n_train": self.n_train, "seed": self.seed}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self._step(f"PCA datastore {self.base.dim} -> {dim} (knnlm-reduce)", f"{out}_frontier_stamp.json", stamp,
+                   lambda: bench._complete(f"{out}_meta.json"),
+                   lambda: bench.run_tool(["knnlm-reduce", self.setup.dstore, out, "--dim", dim, "--method", "pca",
+                                           "--num-keys-to-train", self.n_train, "--seed", self.seed, "--overwrite"],
+                                          self.logs / "reduce.log"))
+        # The demo's index shape with the code bytes halved with the dimension, and its fast-scan twin.
+        m = max(1, self.m * dim // self.base.dim)
+        paper = self.index(out, out.parent / "dstore_paper.index", f"IVF{self.nc},PQ{m}", f"the PCA-{dim} datastore")
+        fast = self.index(out, out.parent / "dstore_fastscan.index", f"IVF{self.nc},PQ{2 * m}x4fs",
+                          f"the PCA-{dim} datastore")
+        return str(out), paper, fast
+
+    def pruned(self, k, search_index):
+        out = self.work / f"pruned_k{k}" / "dstore"
+        stamp = {"source": self.base.fingerprint, "k": k, "seed": 1, "index": str(search_index),
+                 "index_mtime": Path(search_index).stat().st_mtime}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self._step(f"pruned datastore (knnlm-prune --k {k}, neighbors from {Path(search_index).name})",
+                   f"{out}_frontier_stamp.json", stamp, lambda: bench._complete(f"{out}_meta.json"),
+                   lambda: bench.run_tool(["knnlm-prune", self.setup.dstore, search_index, out, "--k", k,
+                                           "--seed", 1, "--probe", 32, "--overwrite"], self.logs / "prune.log"))
+        paper = self.index(out, out.parent / "dstore_paper.index", f"IVF{self.nc},PQ{self.m}", "the pruned datastore")
+        fast = self.index(out, out.parent / "dstore_fastscan.index", f"IVF{self.nc},PQ{2 * self.m}x4fs",
+                          "the pruned datastore")
+        return str(out), paper, fast
+
+    def adaptive(self, dstore, index, name, k_factor):
+        """A predictor for `dstore`, trained on the per-token export of the test split (Persuasion),
+        scored with `dstore` and `index`: held out, since the frontier scores valid. A predictor
+        belongs to one datastore (knnlm refuses it with another), so each datastore gets its own."""
+        test = copy.copy(self.setup)
+        test.split, test.data = "test", self.full_data  # the whole binarized data, not a --quick slice
+        d = self.work / "adaptive" / name
+        export, predictor = d / "test_export", d / "predictor.json"
+        from knnlm.store.datastore import Datastore
+
+        ckpt = Path(self.setup.ckpt)
+        stamp = {"dstore": Datastore.open(str(dstore)).fingerprint, "ckpt_mtime": ckpt.stat().st_mtime,
+                 "split": "test", "index": str(index), "k_factor": k_factor, "lmbda": self.setup.lmbda,
+                 "temp": self.setup.temp}
+        d.mkdir(parents=True, exist_ok=True)
+
+        def make_export():
+            shutil.rmtree(export, ignore_errors=True)
+            kf = ["--knn-k-factor", k_factor] if k_factor != 1 else []
+            bench.run_tool(test.eval_cmd(*test.knn_args(dstore=dstore, index=index), *kf, "--knnlm-dump-probs", export,
+                                         "--knnlm-dump-neighbors", 16), self.logs / f"adaptive_{name}_test_export.log")
+
+        self._step(f"held-out export of the test split (Persuasion) with LM features, {name}", d / "export_stamp.json",
+                   stamp, lambda: (export / "meta.json").exists() or export.exists(), make_export)
+        tune = Path(self.demo_dir) / "tune" / "best.json"
+        lt = (["--tune-json", tune] if tune.exists()
+              else ["--lmbda", self.setup.lmbda, "--knn-temp", self.setup.temp])
+        self._step(f"adaptive-retrieval predictor for {name} (knnlm-adaptive train, on the test export)",
+                   d / "predictor_stamp.json", dict(stamp, train=[str(x) for x in lt]), predictor.exists,
+                   lambda: bench.run_tool(["knnlm-adaptive", "train", export, "--out", predictor, *lt, "--overwrite",
+                                           "--plot", d / "curve.png"], self.logs / f"adaptive_{name}_train.log"))
+        self.adaptive_curves[name] = (self.logs / f"adaptive_{name}_train.log").read_text(errors="replace")
+        return str(predictor)
+
+
+def adaptive_available():
+    """Adaptive retrieval is switched on when its command and its eval flag are both installed."""
+    cfg = (REPO / "fairseq_plugins" / "config.py").read_text()
+    return (bench.BIN / "knnlm-adaptive").exists() and "adaptive_retrieval" in cfg
+
+
+# --------------------------------------------------------------------------- configurations
+
+@dataclasses.dataclass
+class Config:
+    key: str
+    name: str
+    family: str
+    tags: tuple
+    cmd: list
+    dstore: str = None
+    index: str = None
+
+
+def configurations(a, setup, prep, adaptive_ok):
+    """Every configuration the frontier may run, in the fixed order of a round; `a.configs` picks.
+    Each is made (and what it needs prepared) only when picked."""
+    kf = ["--knn-k-factor", bench.FAST_K_FACTOR]
+    kfv = bench.FAST_K_FACTOR
+    dim = prep.base.dim // 2
+
+    fast = lambda: prep.once("fast", prep.fastscan)[1]  # noqa: E731
+    pca = lambda: prep.once("pca", lambda: prep.pca(dim))  # noqa: E731
+    pruned = lambda: prep.once("pruned", lambda: prep.pruned(a.prune_k, fast()))  # noqa: E731
+
+    def predictor(which):
+        if which == "pca":
+            return prep.once("ada-pca", lambda: prep.adaptive(pca()[0], pca()[2], "pca", kfv))
+        return prep.once("ada", lambda: prep.adaptive(setup.dstore, fast(), "demo", kfv))
+
+    def knn(name, key, family, tags, dstore, index, *extra):
+        return Config(key, name, family, tags, setup.eval_cmd(*setup.knn_args(dstore=dstore, index=index), *extra),
+                      dstore, index)
+
+    fast_factory = f"IVF{prep.nc},PQ{2 * prep.m}x4fs"
+    menu = [("plain", lambda: Config("plain", "plain eval (stock fairseq)", "plain", (), setup.eval_cmd(plain=True))),
+            ("knnlm", lambda: knn(f"kNN-LM ({prep.index_meta['factory']}, the demo's index)", "knnlm", "knnlm", (),
+                                  setup.dstore, setup.index)),
+            ("fast", lambda: knn(f"fast-scan ({fast_factory}, k-factor {kfv:g})", "fast", "fastscan", ("fastscan",),
+                                 setup.dstore, fast(), *kf))]
+    for n in a.reto_min_pointers:
+        reto = ["--retomaton", "--retomaton-min-pointers", n]
+        menu += [(f"reto{n}", lambda n=n, reto=reto: knn(f"RetoMaton min-pointers {n}", f"reto{n}", "retomaton",
+                                                         ("retomaton",), setup.dstore, setup.index, *reto)),
+                 (f"reto{n}+fast", lambda n=n, reto=reto: knn(f"RetoMaton min-pointers {n} + fast-scan", f"reto{n}+fast",
+                                                              "retomaton", ("retomaton", "fastscan"), setup.dstore,
+                                                              fast(), *kf, *reto))]
+    menu += [("pca", lambda: knn(f"PCA {prep.base.dim}->{dim} (IVF{prep.nc},PQ{prep.m * dim // prep.base.dim})", "pca",
+                                 "pca", ("pca",), pca()[0], pca()[1])),
+             ("pca+fast", lambda: knn(f"PCA {prep.base.dim}->{dim} + fast-scan", "pca+fast", "pca", ("pca", "fastscan"),
+                                      pca()[0], pca()[2], *kf)),
+             ("pruned", lambda: knn(f"pruned (greedy merge, k={a.prune_k})", "pruned", "pruned", ("pruned",),
+                                    pruned()[0], pruned()[1])),
+             ("pruned+fast", lambda: knn(f"pruned (greedy merge, k={a.prune_k}) + fast-scan", "pruned+fast", "pruned",
+                                         ("pruned", "fastscan"), pruned()[0], pruned()[2], *kf))]
+    for n in a.reto_min_pointers:
+        reto = ["--retomaton", "--retomaton-min-pointers", n]
+        menu.append((f"reto{n}+pca+fast", lambda n=n, reto=reto: knn(
+            f"RetoMaton min-pointers {n} + PCA + fast-scan", f"reto{n}+pca+fast", "retomaton",
+            ("retomaton", "pca", "fastscan"), pca()[0], pca()[2], *kf, *reto)))
+    if adaptive_ok:
+        for f in a.adaptive_skips:
+            ada = lambda which: ["--adaptive-retrieval", predictor(which), "--adaptive-skip", f]  # noqa: E731
+            menu += [(f"ada{f:g}", lambda f=f, ada=ada: knn(f"adaptive skip {f:g}", f"ada{f:g}", "adaptive",
+                                                            ("adaptive",), setup.dstore, setup.index, *ada("demo"))),
+                     (f"ada{f:g}+fast", lambda f=f, ada=ada: knn(f"adaptive skip {f:g} + fast-scan", f"ada{f:g}+fast",
+                                                                 "adaptive", ("adaptive", "fastscan"), setup.dstore,
+                                                                 fast(), *kf, *ada("demo"))),
+                     (f"ada{f:g}+pca+fast", lambda f=f, ada=ada: knn(
+                         f"adaptive skip {f:g} + PCA + fast-scan", f"ada{f:g}+pca+fast", "adaptive",
+                         ("adaptive", "pca", "fastscan"), pca()[0], pca()[2], *kf, *ada("pca")))]
+    keys = [k for k, _ in menu]
+    want = set(a.configs or keys) | {"plain", "knnlm"}  # the ratios and the gain need these two
+    unknown = want - set(keys)
+    if unknown:
+        raise SystemExit(f"--configs: unknown {sorted(unknown)}; known: {keys}")
+    return [make() for k, make in menu if k in want]
+
+
+def searched_share(out, family):
+    """Share of scored tokens that paid a search, from the run's kNN-LM summary line."""
+    if family == "plain":
+        return None
+    m = SEARCHES_SAVED.findall(out)  # RetoMaton's and adaptive retrieval's summaries
+    if m:
+        return 1.0 - float(m[-1][0]) / 100.0
+    if family in ("retomaton", "adaptive"):
+        raise bench.ToolError(f"{family} printed no 'P% of N searches saved':\n" + out[-2000:])
+    return 1.0
+
+
+def _load():
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="the efficient kNN-LM frontier (make frontier)")
+    p.add_argument("--quick", action="store_true", help="a ~10K-token slice of valid, to choose settings")
+    p.add_argument("--quick-tokens", type=int, default=10_000)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each runs every configuration once)")
+    p.add_argument("--demo-dir", default=str(REPO / "demo_runs" / "austen"))
+    p.add_argument("--workdir", default=str(REPO / "bench_runs" / "frontier"))
+    p.add_argument("--docs", help="also write results.md and frontier.png here (the final run: docs/frontier)")
+    p.add_argument("--configs", nargs="+", help="run only these configurations (keys; plain and knnlm always)")
+    p.add_argument("--reto-min-pointers", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--adaptive-skips", type=float, nargs="+", default=[0.5, 0.7])
+    p.add_argument("--prune-k", type=int, default=5, help="knnlm-prune --k (neighbors each entry may absorb)")
+    p.add_argument("--prepare-only", action="store_true", help="build the artefacts and list the configurations")
+    a = p.parse_args(argv)
+
+    t_start = time.perf_counter()
+    work = Path(a.workdir)
+    logs = work / "logs"
+    info = bench.machine()
+    load0 = os.getloadavg()
+    log(f"kNN-LM frontier{' (--quick)' if a.quick else ''}: {info['cpu']}, {info['cores']} cores, {info['memory']}; "
+        f"load average at start {_load()} (this machine is shared)")
+    setup = bench.demo_setup(a.demo_dir)
+    if setup is None:
+        raise SystemExit(f"no complete demo outputs in {a.demo_dir}: run `make demo` first (the frontier reuses its "
+                         f"model, datastore, index and tuned lambda/T)")
+    prep = Prepared(setup, work, logs, a.demo_dir)
+    log(f"[inputs] {setup.source}: datastore {prep.base.size:,} x {prep.base.dim}, index {prep.index_meta['factory']}, "
+        f"lambda {setup.lmbda}, T {setup.temp}")
+    adaptive_ok = adaptive_available()
+    if not adaptive_ok:
+        log("[inputs] adaptive retrieval is not installed (no knnlm-adaptive / --adaptive-retrieval): its rows are left out")
+    if a.quick:  # before the commands are made: they evaluate setup.data
+        n = bench.quick_split(setup, work, a.quick_tokens)
+        log(f"[inputs] --quick: the first ~{n:,} tokens of the validation split")
+    configs = configurations(a, setup, prep, adaptive_ok)  # prepares what they need
+    log(f"[configurations] {len(configs)}: " + ", ".join(c.key for c in configs))
+    if a.prepare_only:
+        return 0
+
+    rows = {c.key: Row(c.key, c.name, c.family, c.tags) for c in configs}
+    for c in configs:
+        r = rows[c.key]
+        if c.dstore:
+            ds, r.dstore_bytes = dstore_files(c.dstore)
+            r.entries, r.index_bytes = ds.size, index_bytes(c.index)
+    n_runs, done, spent = a.rounds * len(configs), 0, 0.0
+    for rnd in range(a.rounds):
+        for c in configs:
+            t0 = time.perf_counter()
+            load = _load()
+            wall, rss, out = bench.run_tool(c.cmd, logs / f"{re.sub(r'[^A-Za-z0-9]+', '_', c.key)}_r{rnd + 1}.log")
+            ev = bench.parse_eval(out)
+            r = rows[c.key]
+            r.times.append(ev["seconds"])
+            r.rss = max(r.rss, rss)
+            if "ppl" in ev:
+                if r.times[:-1] and abs(ev["ppl"] - r.ppl) > 1e-6:
+                    log(f"      note: perplexity {ev['ppl']} differs from round 1's {r.ppl}")
+                r.ppl = ev["ppl"]
+            r.base_ppl = ev.get("base_ppl", r.base_ppl)
+            r.searched = searched_share(out, c.family)
+            done += 1
+            spent += time.perf_counter() - t0
+            eta = spent / done * (n_runs - done)
+            log(f"[round {rnd + 1}/{a.rounds}] {c.name}: {ev['tokens']:,} tokens in {ev['seconds']:.1f} s "
+                f"(wall {wall:.1f} s), ppl {r.ppl:.2f}"
+                + ("" if r.searched is None else f", searches {100 * r.searched:.1f}%")
+                + f"; load {load} -> {_load()}; {done}/{n_runs} runs, ETA {eta / 60:.1f} min")
+    plain = rows["plain"]
+    for r in rows.values():
+        r.ratios = paired_ratios(r.times, plain.times)
+    full = rows["knnlm"]
+    base_ppl = full.base_ppl if full.base_ppl is not None else plain.ppl
+    rows_l = list(rows.values())
+    best = select_headline(rows_l, base_ppl, full.ppl)
+    headline = headline_line(best, base_ppl, full.ppl)
+    targets = target_lines(rows_l, full, best=best, base_ppl=base_ppl)
+    load1 = os.getloadavg()
+    total = time.perf_counter() - t_start
+
+    tokens = bench.parse_eval((logs / "plain_r1.log").read_text())["tokens"]
+    split = f"{tokens:,} tokens of the validation split" + (" (--quick slice)" if a.quick else " (all of it)")
+    head = (f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, GPU: {info['gpu']}; torch "
+            f"{info['torch']}, faiss {info['faiss']}, fairseq {info['fairseq']}. Load average (1/5/15 min) at start "
+            f"{load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, at end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} "
+            f"(shared host: above {info['cores']} means other work shared the cores).\n"
+            f"Inputs: {setup.source}; datastore {prep.base.size:,} x {prep.base.dim}, index {prep.index_meta['factory']}, "
+            f"k {bench.K}, nprobe {bench.PROBE}, exact recomputed distances, lambda {setup.lmbda}, T {setup.temp}; "
+            f"evaluation on {split}, context window {setup.context_window}, {setup.max_tokens} tokens per batch.\n"
+            f"{a.rounds} interleaved rounds, every configuration once per round in the table's order; time / plain "
+            f"is the median over rounds of each run's eval seconds (fairseq-eval-lm's own) over the plain eval of its "
+            f"round. Gain kept: (base ppl - ppl) / (base ppl - full kNN-LM ppl). Searches done: the share of "
+            f"scored tokens that paid a FAISS search. Datastore bytes: keys + values (+ weights, + PCA transform). "
+            f"Frontier wall time {total / 60:.1f} min.")
+    if adaptive_ok:
+        head += ("\nAdaptive retrieval's predictor was trained on the per-token export of the test split "
+                 "(Persuasion), never on valid, which the frontier scores.")
+    rows_md = table_rows(rows_l, base_ppl, full.ppl)
+    log("\n" + "=" * 100)
+    log(head)
+    log("")
+    log(bench.md_table(TABLE_HEADER, rows_md))
+    log("")
+    for t in targets:
+        log(t)
+    log("")
+    log(headline)
+    work.mkdir(parents=True, exist_ok=True)
+    stem = "frontier_quick" if a.quick else "frontier"
+    title = (f"kNN-LM frontier, {split}; load {load0[0]:.1f} -> {load1[0]:.1f}")
+    md = ["# The efficient kNN-LM frontier" + (" (--quick)" if a.quick else ""), "",
+          f"`.venv/bin/python benchmarks/frontier.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+          head.replace("\n", "  \n"), "", bench.md_table(TABLE_HEADER, rows_md), "", "Targets of issue #19:", ""]
+    md += [f"    {t}" for t in targets] + ["", "Headline:", "", f"    {headline}", "", f"![perplexity vs time]({stem}.png)", ""]
+    for name, curve in prep.adaptive_curves.items():
+        md += [f"Adaptive retrieval's predictor for the {name} datastore, trained on the test split's export "
+               f"(knnlm-adaptive train's own output, last lines):", "", "```",
+               "\n".join(curve.strip().splitlines()[-16:]), "```", ""]
+    data = {"rows": [dataclasses.asdict(r) | {"ratio": r.ratio} for r in rows_l], "base_ppl": base_ppl,
+            "full_ppl": full.ppl, "headline": headline, "targets": targets, "load_start": load0, "load_end": load1,
+            "machine": info, "split": split}
+    from knnlm.artefacts import write_json_atomic
+
+    outs = [work] + ([Path(a.docs)] if a.docs else [])
+    for d in outs:
+        d.mkdir(parents=True, exist_ok=True)
+        name = "results" if d != work else stem
+        text = "\n".join(md).replace(f"({stem}.png)", f"({'frontier' if d != work else stem}.png)")
+        tmp = d / f".{name}.md.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, d / f"{name}.md")
+        plot(rows_l, base_ppl, full.ppl, best, d / f"{'frontier' if d != work else stem}.png", title)
+        write_json_atomic(str(d / f"{name}.json"), data)
+        log(f"written to {d / (name + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""benchmarks/frontier.py (make frontier): the paired ratios, the headline's row selection, the
+target lines and the table, on made-up timings and perplexities whose answers are worked out by
+hand in the comments below (not by the code under test)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def fr():
+    spec = importlib.util.spec_from_file_location("frontier_under_test", REPO / "benchmarks" / "frontier.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+PLAIN = [10.0, 20.0]  # plain eval seconds, rounds 1 and 2
+
+
+def made_up(fr):
+    """Base LM ppl 120, full kNN-LM ppl 100: the gain is 20, 90% of it is 18 (ppl <= 102)."""
+    def row(key, name, family, times, ppl, searched=None, entries=None, dbytes=None, ibytes=None, tags=()):
+        r = fr.Row(key, name, family, tags, ppl=ppl, times=times, searched=searched, entries=entries,
+                   dstore_bytes=dbytes, index_bytes=ibytes)
+        r.ratios = fr.paired_ratios(times, PLAIN)
+        return r
+
+    return [
+        row("plain", "plain eval", "plain", [10.0, 20.0], 120.0),
+        # 30/10 = 3.0, 50/20 = 2.5: median 2.75
+        row("knnlm", "kNN-LM", "knnlm", [30.0, 50.0], 100.0, 1.0, 1000, 1_000_000, 100_000),
+        # 2.0, 2.2: 2.1; keeps 19.5/20 = 97.5%
+        row("fast", "fast-scan", "fastscan", [20.0, 44.0], 100.5, 1.0, 1000, 1_000_000, 100_000),
+        # 1.5, 1.3: 1.4; keeps 19/20 = 95%; 60% saved at +1.0%
+        row("reto1", "RetoMaton min-pointers 1", "retomaton", [15.0, 26.0], 101.0, 0.4),
+        # 1.8, 1.5: 1.65; keeps 98%; 45% saved at +0.4%
+        row("reto4", "RetoMaton min-pointers 4", "retomaton", [18.0, 30.0], 100.4, 0.55),
+        # 1.2, 1.1: 1.15, the fastest, but keeps 17/20 = 85% only; 70% skipped at +3%
+        row("ada", "adaptive skip 0.7", "adaptive", [12.0, 22.0], 103.0, 0.3, tags=("adaptive",)),
+        # 2.6, 2.4: 2.5; keeps exactly 18/20 = 90%: eligible; +2.0%
+        row("pca", "PCA 256->128", "pca", [26.0, 48.0], 102.0, 1.0, 1000, 500_000, 50_000, ("pca",)),
+        # 2.0, 2.5: 2.25; 500 of 1,000 entries at +0.8%
+        row("pruned", "pruned", "pruned", [20.0, 50.0], 100.8, 1.0, 500, 600_000, 60_000, ("pruned",)),
+    ]
+
+
+def test_paired_ratios_and_medians(fr):
+    rows = {r.key: r for r in made_up(fr)}
+    assert rows["knnlm"].ratios == [3.0, 2.5]
+    assert rows["knnlm"].ratio == pytest.approx(2.75)
+    assert rows["reto4"].ratio == pytest.approx(1.65)
+    assert rows["plain"].ratio == 1.0
+    # Three rounds: the middle one, not the mean (2.0, 9.0, 3.0 -> 3.0).
+    r = fr.Row("x", "x", "knnlm", ratios=fr.paired_ratios([2.0, 18.0, 3.0], [1.0, 2.0, 1.0]))
+    assert r.ratio == 3.0
+    with pytest.raises(ValueError):
+        fr.paired_ratios([1.0, 2.0], [1.0])
+
+
+def test_headline_picks_the_fastest_row_keeping_90_percent_of_the_gain(fr):
+    rows = made_up(fr)
+    best = fr.select_headline(rows, 120.0, 100.0)
+    # adaptive (1.15x) keeps 85%: out; the next fastest is RetoMaton min-pointers 1 at 1.40x (95%).
+    assert best.key == "reto1"
+    assert fr.headline_line(best, 120.0, 100.0) == (
+        "efficient kNN-LM / plain eval at >= 90% of the kNN-LM gain: 1.40x "
+        "(RetoMaton min-pointers 1: ppl 101.00, kNN-LM ppl 100.00, base LM ppl 120.00)")
+    # Exactly 90% counts: with only kNN-LM (2.75x) and PCA (2.5x, keeps exactly 90%) left, PCA wins.
+    keep = [r for r in rows if r.key not in ("reto1", "reto4", "ada", "fast", "pruned")]
+    assert fr.select_headline(keep, 120.0, 100.0).key == "pca"
+    # Nothing but plain eval: no row; no gain at all: no row.
+    assert fr.select_headline(rows[:1], 120.0, 100.0) is None
+    assert fr.select_headline(rows, 100.0, 100.0) is None
+    assert "none" in fr.headline_line(None, 120.0, 100.0)
+
+
+def test_target_lines(fr):
+    rows = made_up(fr)
+    full = rows[1]
+    best = fr.select_headline(rows, 120.0, 100.0)
+    lines = fr.target_lines(rows, full, best=best, base_ppl=120.0)
+    # RetoMaton within +0.5%: only min-pointers 4 (+0.4%), 45% saved: under the 50% target.
+    assert lines[0] == ("RetoMaton: 45.0% of searches saved at +0.40% perplexity "
+                        "(RetoMaton min-pointers 4; target >= 50% saved at <= +0.5%: NOT met)")
+    # Adaptive: none within +1%, the closest one is reported (70% skipped at +3%).
+    assert lines[1] == ("Adaptive retrieval: 70.0% of tokens not searched at +3.00% perplexity "
+                        "(adaptive skip 0.7; target >= 50% at <= +1.0%: NOT met)")
+    # PCA: +2% > 1%; 500,000 / 1,000,000 bytes = 50%, 50,000 / 100,000 = 50%; 2.50x vs 2.75x.
+    assert lines[2] == ("PCA to half the dimension: +2.00% perplexity, 2.50x plain eval (full kNN-LM 2.75x), "
+                        "datastore 50% of the full one's bytes, index 50% (PCA 256->128; target <= +1.0%: NOT met)")
+    # Pruned: 500 of 1,000 entries (50% <= 60%) at +0.8% (<= 1%): met; 60% of the bytes.
+    assert lines[3] == ("Pruning with 50.0% of the entries: +0.80% perplexity, 2.25x plain eval (full kNN-LM 2.75x), "
+                        "datastore 60% of the full one's bytes, index 60% (pruned; target <= 60% of the entries "
+                        "at <= +1.0%: met)")
+    assert lines[4] == "Headline: 1.40x plain eval at >= 90% of the gain (target <= 1.5x: met; aim 1.3x: NOT met)"
+    # RetoMaton 60% saved at +0.3%: met.
+    rows[3].ppl = 100.3
+    assert fr.target_lines(rows, full)[0].startswith("RetoMaton: 60.0% of searches saved at +0.30% perplexity")
+    assert fr.target_lines(rows, full)[0].endswith(": met)")
+
+
+def test_searches_done_from_the_summary_line(fr):
+    line = ("kNN-LM: 1,000 tokens, base LM perplexity 120.0000, kNN-LM perplexity 100.0000 (k=1024, lambda=0.25, "
+            "T=1.0, l2; retomaton min-pointers 1: 62.5% of 1,000 searches saved)")
+    assert fr.searched_share(line, "retomaton") == pytest.approx(0.375)
+    assert fr.searched_share("kNN-LM: ... (k=1024, lambda=0.25, T=1.0, l2)", "knnlm") == 1.0
+    assert fr.searched_share("anything", "plain") is None
+
+
+def test_table_and_plot(fr, tmp_path):
+    rows = made_up(fr)
+    table = fr.bench.md_table(fr.TABLE_HEADER, fr.table_rows(rows, 120.0, 100.0))
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(rows)
+    # RetoMaton min-pointers 1: ppl, 95% of the gain, 1.40x, rounds 1.50 / 1.30, median eval 20.5 s, 40% searched.
+    assert "| RetoMaton min-pointers 1 | 101.00 | 95% | 1.40x | 1.50 / 1.30 | 20.5 | 40.0% |" in table
+    assert "| plain eval | 120.00 | - | 1.00x |" in table
+    best = fr.select_headline(rows, 120.0, 100.0)
+    fr.plot(rows, 120.0, 100.0, best, tmp_path / "f.png", "test")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
