@@ -110,50 +110,66 @@ class RetoMatonRetriever(Retriever):
         if sum(lengths) != len(q):
             raise ValueError(f"streams of lengths summing to {sum(lengths)} for {len(q)} queries")
         targets = streams.targets.to("cpu").long()
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        n_streams, n = len(lengths), len(q)
+        len_t = torch.tensor(lengths, dtype=torch.int64)
+        starts = torch.zeros(n_streams, dtype=torch.int64)
+        if n_streams:
+            starts[1:] = torch.cumsum(len_t, 0)[:-1]
         width = max(self.k, self.max_pointers)
-        n = len(q)
         dists = torch.full((n, width), float("nan"), dtype=torch.float32)
         vals = torch.full((n, width), -1, dtype=torch.int64)
         ids = torch.full((n, width), -1, dtype=torch.int64)
-        # Candidates of each stream for its next token: datastore rows, nearest first.
-        cands = [torch.empty(0, dtype=torch.int64) for _ in lengths]
+        # Candidates of each stream for its next token: datastore rows, nearest first, -1 after
+        # the first `count`. All streams of a position are handled as one block (no per-stream loop).
+        cands = torch.full((n_streams, self.max_pointers), -1, dtype=torch.int64)
+        count = torch.zeros(n_streams, dtype=torch.int64)
         self.last_searched = torch.zeros(n, dtype=torch.bool)  # which queries of this call were searched
         for pos in range(max(lengths, default=0)):
-            live = [s for s, n_s in enumerate(lengths) if pos < n_s]
-            rows = torch.tensor([int(starts[s]) + pos for s in live], dtype=torch.int64)
-            follow = [s for s in live if len(cands[s]) >= self.min_pointers]
-            search = [s for s in live if len(cands[s]) < self.min_pointers]
-            found = {}
-            if search:
-                r = torch.tensor([int(starts[s]) + pos for s in search], dtype=torch.int64)
-                nb = self.base.retrieve(q[r], nearest_first=True)  # nearest first: candidates keep the order
-                for j, s in enumerate(search):
-                    keep = nb.valid[j].cpu()
-                    found[s] = (nb.ids[j].cpu()[keep], nb.distances[j].cpu().float()[keep], nb.values[j].cpu()[keep])
-            if follow:
-                width_f = max(len(cands[s]) for s in follow)
-                cid = torch.full((len(follow), width_f), -1, dtype=torch.int64)
-                for j, s in enumerate(follow):
-                    cid[j, :len(cands[s])] = cands[s]
-                r = torch.tensor([int(starts[s]) + pos for s in follow], dtype=torch.int64)
-                d = self.base.exact_distances(q[r], cid.clamp(min=0).numpy()).float().cpu()
+            live = torch.nonzero(len_t > pos).squeeze(1)  # streams in order, as the rows of the block
+            rows = starts[live] + pos
+            search = count[live] < self.min_pointers
+            b_ids = torch.full((len(live), width), -1, dtype=torch.int64)
+            b_d = torch.full((len(live), width), float("nan"), dtype=torch.float32)
+            b_v = torch.full((len(live), width), -1, dtype=torch.int64)
+            if search.any():
+                nb = self.base.retrieve(q[rows[search]], nearest_first=True)  # nearest first: candidates keep the order
+                keep = nb.valid.cpu()
+                i, d, v = nb.ids.cpu().long(), nb.distances.cpu().float(), nb.values.cpu().long()
+                if not bool(keep.all()):  # valid neighbors first, in their order
+                    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+                    keep, i, d, v = (t.gather(1, order) for t in (keep, i, d, v))
+                m = i.shape[1]
+                b_ids[search, :m] = i.masked_fill(~keep, -1)
+                b_d[search, :m] = d.masked_fill(~keep, float("nan"))
+                b_v[search, :m] = v.masked_fill(~keep, -1)
+            follow = ~search
+            if follow.any():
+                width_f = int(count[live[follow]].max())
+                cid = cands[live[follow], :width_f]
+                d = self.base.exact_distances(q[rows[follow]], cid.clamp(min=0).numpy()).float().cpu()
                 v = torch.from_numpy(np.asarray(self.datastore.gather_vals(cid.clamp(min=0).numpy())).astype(np.int64))
-                for j, s in enumerate(follow):
-                    m = len(cands[s])
-                    found[s] = (cid[j, :m], d[j, :m], v[j, :m])
-            self.searched += len(search)
-            self.last_searched[[int(starts[s]) + pos for s in search]] = True
+                pad = cid < 0
+                b_ids[follow, :width_f] = cid
+                b_d[follow, :width_f] = d.masked_fill(pad, float("nan"))
+                b_v[follow, :width_f] = v.masked_fill(pad, -1)
+            n_search = int(search.sum())
+            self.searched += n_search
+            self.last_searched[rows[search]] = True
             self.tokens += len(live)
-            for s, row in zip(live, rows.tolist()):
-                i, d, v = found[s]
-                m = len(i)
-                ids[row, :m], dists[row, :m], vals[row, :m] = i, d, v
-                # Pointers of the neighbors that carry the real next token, nearest first.
-                order = torch.argsort(-d if self.sim_func == "dot" else d, stable=True)
-                i, v = i[order], v[order]
-                ok = (v == targets[row]) & self.follows[i]
-                cands[s] = (i[ok] + 1)[:self.max_pointers]
+            ids[rows], dists[rows], vals[rows] = b_ids, b_d, b_v
+            # Pointers of the neighbors that carry the real next token, nearest first (a stable
+            # sort; the empty slots, at the end of each row, sort last).
+            ok = b_ids >= 0
+            key = (-b_d if self.sim_func == "dot" else b_d).masked_fill(~ok, float("inf"))
+            order = torch.argsort(key, dim=1, stable=True)
+            i, v, ok = b_ids.gather(1, order), b_v.gather(1, order), ok.gather(1, order)
+            ok &= (v == targets[rows].unsqueeze(1)) & self.follows[i.clamp(min=0)]
+            rank = torch.cumsum(ok, 1)
+            ok &= rank <= self.max_pointers
+            new = torch.full((len(live), self.max_pointers), -1, dtype=torch.int64)
+            r_idx, c_idx = torch.nonzero(ok, as_tuple=True)
+            new[r_idx, rank[r_idx, c_idx] - 1] = i[r_idx, c_idx] + 1
+            cands[live], count[live] = new, ok.sum(1)
         valid = ids >= 0
         return Neighbors(distances=dists.nan_to_num(0.0).to(device), values=vals.clamp(min=0).to(device),
                          valid=valid.to(device), ids=ids.to(device))
