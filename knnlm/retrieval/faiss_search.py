@@ -29,6 +29,29 @@ SORT_BLOCK_PAIRS = 1 << 21
 RECOMPUTE_BLOCKS_IN_FLIGHT = 2
 
 
+def available_memory():
+    """MemAvailable of /proc/meminfo in bytes, or None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def advise_random_beyond_memory(datastore):
+    """Memory-mapped keys larger than the memory available now cannot stay in the page cache:
+    the recompute's reads of them are random, and the kernel's read-around on each page fault
+    would read (and evict) megabytes for one 2-4 KiB key. Keys that fit keep the read-around,
+    which warms the cache far faster than single pages (benchmarks/README.md, Scale)."""
+    avail = available_memory()
+    if avail is not None and getattr(datastore, "keys_bytes", 0) > avail and datastore.advise_random():
+        logger.info("datastore %s: %.1f GiB of keys, %.1f GiB of memory available: reading keys at random "
+                    "(no read-around)", datastore.prefix, datastore.keys_bytes / 2**30, avail / 2**30)
+
+
 class FaissRetriever(Retriever):
     """Search `index` for the k nearest datastore entries of each query.
 
@@ -63,6 +86,8 @@ class FaissRetriever(Retriever):
         self.recompute = sim_func != "do_not_recomp_l2"
         self.index = index
         self._pool = None  # threads of the fused recompute, started on first use
+        if self.recompute:
+            advise_random_beyond_memory(datastore)
         set_nprobe(index, nprobe)
         if gpu:
             self.index = self._to_gpu(index)

@@ -9,9 +9,12 @@ Keys are never read into memory unless asked; `Datastore` hands out memory maps.
 """
 
 import glob
+import mmap
 import os
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -22,6 +25,40 @@ from .npy import GrowingNpy
 
 FORMAT_VERSION = 1
 NPY_MAGIC = b"\x93NUMPY"
+# Threads that read memory-mapped keys at once. Reading a key that is not in the page cache
+# blocks its thread on the disk, which serves many reads at a time: on the benchmark host's
+# virtio disk 16 threads fetched ~8x the random rows/s of one (benchmarks/README.md, Scale).
+GATHER_IO_THREADS = 16
+# Fewer rows than this per thread are read by the caller alone (cached keys gain nothing).
+GATHER_MIN_ROWS_PER_THREAD = 1024
+_io_pool = None
+_io_pool_lock = threading.Lock()
+
+
+def _gather_pool():
+    global _io_pool
+    with _io_pool_lock:
+        if _io_pool is None:
+            _io_pool = ThreadPoolExecutor(GATHER_IO_THREADS, thread_name_prefix="knnlm-gather")
+        return _io_pool
+
+
+def take_rows(keys, ids):
+    """keys[ids] for ascending `ids` from a memory map, read by up to GATHER_IO_THREADS threads
+    over contiguous runs of `ids` (numpy's take releases the GIL while it faults pages in)."""
+    threads = min(GATHER_IO_THREADS, len(ids) // GATHER_MIN_ROWS_PER_THREAD)
+    if threads < 2:
+        return np.asarray(np.take(keys, ids, axis=0))
+    out = np.empty((len(ids),) + keys.shape[1:], dtype=keys.dtype)
+    bounds = np.linspace(0, len(ids), threads + 1).astype(np.int64)
+
+    def part(i):
+        a, b = bounds[i], bounds[i + 1]
+        np.take(keys, ids[a:b], axis=0, out=out[a:b])
+
+    for _ in _gather_pool().map(part, range(threads)):
+        pass  # re-raises a part's exception here
+    return out
 
 
 def paths(prefix):
@@ -366,13 +403,28 @@ class Datastore:
         ids = np.asarray(ids).reshape(-1)
         if isinstance(self.keys, np.memmap) or not self.keys.flags.owndata:
             if len(ids) < 2 or (ids[1:] >= ids[:-1]).all():
-                return np.asarray(np.take(self.keys, ids, axis=0))  # already ascending: one read
+                return take_rows(self.keys, ids)  # already ascending
             # Equal ids read the same row, so an unstable sort gives the same result, faster.
             order = np.argsort(ids)
             out = np.empty((len(ids), self.dim), dtype=self.keys.dtype)
-            out[order] = np.take(self.keys, ids[order], axis=0)
+            out[order] = take_rows(self.keys, ids[order])
             return out
         return self.keys[ids]
+
+    @property
+    def keys_bytes(self):
+        """Bytes of keys (on disk for a memory map); 0 when opened without them."""
+        return 0 if self.keys is None else int(self.keys.nbytes)
+
+    def advise_random(self):
+        """Tell the kernel that the memory-mapped keys are read at random rows: a page fault then
+        reads its own page, not the kernel's read-around window (read_ahead_kb, 8 MiB on the
+        benchmark host) that a datastore larger than the page cache evicts unused. True if done."""
+        mm = getattr(self.keys, "_mmap", None)
+        if mm is None or not hasattr(mmap, "MADV_RANDOM"):
+            return False  # keys in memory, or a platform without madvise
+        mm.madvise(mmap.MADV_RANDOM)
+        return True
 
     def check_compatible(self, *, dim=None, keytype=None, dict_size=None, dict_fingerprint=None,
                          model_fingerprint=None, allow_model_mismatch=False):

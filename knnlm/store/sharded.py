@@ -135,6 +135,14 @@ class ShardedDatastore:
             out[sel] = self.shards[k].gather_keys(row[sel])
         return out
 
+    @property
+    def keys_bytes(self):
+        return sum(s.keys_bytes for s in self.shards)
+
+    def advise_random(self):
+        """As `Datastore.advise_random`, for every shard; True if any was memory-mapped."""
+        return any([s.advise_random() for s in self.shards])
+
     def check_compatible(self, **kwargs):
         """As `Datastore.check_compatible`, for every shard."""
         for s in self.shards:
