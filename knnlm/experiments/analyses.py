@@ -12,10 +12,16 @@ index and valid-set export:
            fractions, each indexed (knnlm-build-index) and exported
   keytype  the six key types (Table 5): dump, index, export, tune per key type, all dumped
            from the same random sample of the training text
-  simfunc  FAISS's quantized distances (do_not_recomp_l2) vs recomputed exact L2 (l2), each
-           tuned, on the full datastore and a small fraction (Xu et al. 2023, Section 5)
+  approx   exact vs approximate neighbors and scores (Xu et al. 2023, Table 3, Figure 4): per
+           datastore fraction, FAISS's neighbors with FAISS's quantized distances
+           (do_not_recomp_l2) or with recomputed exact L2 (l2), and the exact neighbors
+           (--knn-search exact) with exact L2; each tuned, and at T = 1
   domain   domain adaptation (Table 4, Figure 5 right): an LM trained on three books, a
            datastore of a book it never saw, lambda/T tuned on a held-out book, scored on another
+  beyond   a datastore beyond the training data (Section 4.2, Table 3, Figure 2): an LM trained
+           on two of the four training books (the demo's dictionary and training compute), alone,
+           with a datastore of its own training text and of all four books, vs the demo's LM
+           alone and with its datastore; valid and test
 
 Writes DEMO_WORKDIR/analyses/results.md (+ results.json) with every number, PNG plots beside
 it, every tool's output in analyses/logs/. Each stage is a knnlm.demo.Step: skipped when its
@@ -46,16 +52,28 @@ from .demo import (PLUGIN_DIR, SHOW_EVAL, Demo, DemoError, Step, _digest, fmt_se
                    parse_summary, run_tool, tool)
 
 DEFAULT_CONFIG = config_path("demo/analyses")
-ANALYSES = ("k", "lambda", "size", "keytype", "simfunc", "domain")
+ANALYSES = ("k", "lambda", "size", "keytype", "approx", "domain", "beyond")
 TITLES = {
     "shared": "shared (valid slice, full-datastore export on it)",
     "k": "1. perplexity vs k (Figure 4)",
     "lambda": "2. perplexity vs lambda and T (Figure 5)",
     "size": "3. datastore size (Figure 2a/2b)",
     "keytype": "4. key types (Table 5)",
-    "simfunc": "5. quantized vs recomputed distances",
+    "approx": "5. exact vs approximate neighbors and scores (Xu et al. 2023, Table 3, Figure 4)",
     "domain": "6. domain adaptation (Table 4, Figure 5 right)",
+    "beyond": "7. a datastore beyond the training data (Table 3, Figure 2)",
 }
+# Analysis 5's three ways to score a datastore (Xu et al. 2023's names): label, knn search, sim func.
+APPROX = {
+    "faiss": ("FAISS neighbors, FAISS scores", "faiss", "do_not_recomp_l2"),
+    "l2": ("FAISS neighbors, exact scores", "faiss", "l2"),
+    "exact": ("exact neighbors, exact scores", "exact", "l2"),
+}
+# Xu et al. 2023, Table 3 (WikiText-103, full datastore, lambda and T tuned; base LM 21.750).
+APPROX_PAPER = {"faiss": 19.174, "l2": 19.672, "exact": 19.735}
+# Khandelwal et al. 2020, Table 3 (WIKI-3B dev, test): the 100M-token LM with a 3B-token
+# datastore beats the LM trained on all 3B tokens.
+BEYOND_PAPER = {"a": (20.99, 19.59), "c": (14.61, 13.73), "d": (16.11, 15.17)}
 # The paper's Table 5 (WikiText-103 dev perplexity, k=1024, lambda tuned); base LM 17.96.
 KEYTYPE_PAPER = {
     "decoder_output": ("Model output", 17.07),
@@ -89,11 +107,29 @@ def load_configs(overrides=(), path=DEFAULT_CONFIG):
     for name in ("valid_fraction", "test_fraction"):
         if not 0 < cfg.eval[name] <= 1:
             raise DemoError(f"eval.{name} must lie in (0, 1], got {cfg.eval[name]}")
-    for f in [*cfg.size.fractions, *cfg.simfunc.fractions, cfg.keytype.train_fraction, cfg.domain.dstore_fraction]:
+    for f in [*cfg.size.fractions, *(cfg.approx.fractions or []), cfg.keytype.train_fraction,
+              cfg.domain.dstore_fraction]:
         if not 0 < f <= 1:
             raise DemoError(f"datastore and text fractions must lie in (0, 1], got {f}")
+    if "beyond" in cfg.run:
+        beyond_books(cfg)
     demo_path = Path(cfg.demo_config) if cfg.demo_config else demo_mod.DEFAULT_CONFIG
     return cfg, load_config(demo_over, demo_path), demo_over, demo_path
+
+
+def beyond_books(cfg):
+    """(the beyond LM's training books, the rest of the demo's), canonical titles, checked."""
+    from .corpora.austen import BOOK_TITLES, canonical_title
+
+    train = BOOK_TITLES[:4]  # the demo's training books (knnlm.demo builds the default corpus)
+    try:
+        part = [canonical_title(b) for b in cfg.beyond.train_books]
+    except ValueError as e:
+        raise DemoError(f"beyond.train_books: {e}") from None
+    if not part or len(set(part)) != len(part) or not set(part) < set(train):
+        raise DemoError(f"beyond.train_books must be some, not all, of the demo's training books "
+                        f"{list(train)}, each once; got {list(cfg.beyond.train_books)}")
+    return [b for b in train if b in part], [b for b in train if b not in part]
 
 
 def _plain(x):
@@ -175,7 +211,7 @@ class Analyses:
         self.temperatures = ",".join(f"{t:g}" for t in sorted(set(temps) | {float(dcfg.knn_temp)}))
         self.slice = cfg.eval.valid_fraction < 1
         self.eval_data = self.out / "eval-bin" if self.slice else self.demo.data
-        self.domain = None
+        self.domain = self.beyond = None
 
     # ---- running tools ----
     def log_path(self, name):
@@ -202,21 +238,93 @@ class Analyses:
         return buf.getvalue().splitlines()
 
     def eval_lm(self, name, data, ckpt, split, keytype, *args, dcfg=None):
-        """fairseq-eval-lm with the demo's evaluation settings (as knnlm.demo's eval_lm)."""
+        """fairseq-eval-lm with the demo's evaluation settings (as knnlm.demo's eval_lm); in this
+        process unless eval.in_process is false."""
         c = dcfg or self.dcfg
-        return self.tool(
-            name, "fairseq-eval-lm", data, "--path", ckpt, "--user-dir", PLUGIN_DIR, "--task", "knnlm",
-            "--gen-subset", split, "--tokens-per-sample", c.model.tokens_per_sample,
-            "--context-window", c.context_window, "--max-tokens", c.eval_max_tokens,
-            # "simple", not tqdm: no progress bars to untangle from the log lines we parse (the
-            # plugin's kNN-LM summary is logged while tqdm's bar line is still open).
-            "--knn-keytype", keytype, "--cpu", "--num-workers", 0, "--log-format", "simple", *args,
-            show=SHOW_EVAL)
+        argv = [data, "--path", ckpt, "--user-dir", PLUGIN_DIR, "--task", "knnlm",
+                "--gen-subset", split, "--tokens-per-sample", c.model.tokens_per_sample,
+                "--context-window", c.context_window, "--max-tokens", c.eval_max_tokens,
+                # "simple", not tqdm: no progress bars to untangle from the log lines we parse (the
+                # plugin's kNN-LM summary is logged while tqdm's bar line is still open).
+                "--knn-keytype", keytype, "--cpu", "--num-workers", 0, "--log-format", "simple", *args]
+        if self.cfg.eval.in_process:
+            return self.eval_lm_inprocess(name, argv)
+        return self.tool(name, "fairseq-eval-lm", *argv, show=SHOW_EVAL)
 
-    def knn_args(self, dstore, index, sim_func=None, lmbda=None, temperature=None):
+    def eval_lm_inprocess(self, name, argv, show=SHOW_EVAL):
+        """fairseq-eval-lm's own cli_main, run in this process: the same code and log lines as
+        the tool, without its interpreter and fairseq start-up (~5 s of CPU, most of a small
+        step). Its log records go to the step's log (those matching `show` to the console too);
+        what it changes in the process (the plugin's scorer hook, excepthook, threads, the
+        logging level) is put back afterwards."""
+        import gc
+        import re
+        import traceback
+        import warnings
+
+        argv = [str(a) for a in argv]
+        log.info("$ fairseq-eval-lm %s  (in this process)", shlex.join(argv))
+        lines, show_re = [], re.compile(show)
+        root = logging.getLogger()
+        with open(self.log_path(name), "a", encoding="utf-8") as out:
+            out.write(f"\n$ fairseq-eval-lm {shlex.join(argv)}  (in this process)\n")
+            capture = _CaptureHandler(out, lines, show_re)
+            quiet = _OnlyOurs()
+            consoles = list(root.handlers)
+            for h in consoles:
+                h.addFilter(quiet)
+            if not consoles:  # else fairseq_cli.eval_lm's import-time basicConfig would add one for good
+                root.addHandler(placeholder := logging.NullHandler())
+            root.addHandler(capture)
+            level, hook = root.level, sys.excepthook
+            root.setLevel(min(level or logging.INFO, logging.INFO))
+            threads = None
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    import torch
+                    from fairseq import distributed_utils, options
+                    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+                    import fairseq_cli.eval_lm as fairseq_eval_lm
+
+                    scorer = fairseq_eval_lm.SequenceScorer
+                    if self.dcfg.threads:  # what OMP_NUM_THREADS does for the tool
+                        threads = torch.get_num_threads()
+                        torch.set_num_threads(int(self.dcfg.threads))
+                    try:
+                        args = options.parse_args_and_arch(options.get_eval_lm_parser(), input_args=argv)
+                        distributed_utils.call_main(convert_namespace_to_omegaconf(args), fairseq_eval_lm.main)
+                    finally:
+                        fairseq_eval_lm.SequenceScorer = scorer  # the plugin's hook holds its task alive
+            except (Exception, SystemExit) as e:
+                if isinstance(e, SystemExit) and not e.code:
+                    pass
+                else:
+                    out.write(traceback.format_exc())
+                    tail = "\n".join(f"    {line}" for line in [*lines[-20:], f"{type(e).__name__}: {e}"])
+                    raise DemoError(f"fairseq-eval-lm (in this process) failed; its last lines:\n{tail}\n"
+                                    f"full output: {self.log_path(name)}") from None
+            finally:
+                root.removeHandler(capture)
+                if not consoles:
+                    root.removeHandler(placeholder)
+                for h in consoles:
+                    h.removeFilter(quiet)
+                root.setLevel(level)
+                sys.excepthook = hook
+                if threads:
+                    torch.set_num_threads(threads)
+                gc.collect()
+        return lines
+
+    def knn_args(self, dstore, index, sim_func=None, lmbda=None, temperature=None, search="faiss"):
+        """The demo's kNN-LM flags; search="exact": exact search over every key, no index."""
         c = self.dcfg
-        return ["--knnlm", "--dstore-filename", dstore, "--indexfile", index, "--k", c.k,
-                "--probe", c.probe, "--knn-sim-func", sim_func or c.sim_func,
+        # (This order keeps the stamps of the steps made before search= existed.)
+        search_args = (["--indexfile", index, "--k", c.k, "--probe", c.probe] if search == "faiss" else
+                       ["--knn-search", "exact", "--knn-exact-dtype", self.cfg.approx.exact_dtype, "--k", c.k])
+        return ["--knnlm", "--dstore-filename", dstore, *search_args,
+                "--knn-sim-func", sim_func or c.sim_func,
                 "--lmbda", c.lmbda if lmbda is None else lmbda,
                 "--knn-temp", c.knn_temp if temperature is None else temperature,
                 *(["--move-dstore-to-mem"] if c.move_dstore_to_mem else [])]
@@ -267,22 +375,27 @@ class Analyses:
         best = json.loads(self.demo.best.read_text())
         return float(best["best_lambda"]), float(best["best_temperature"])
 
-    def step_index(self, analysis, prefix, dstore, deps):
-        """knnlm-build-index on `dstore` with the demo's index settings."""
+    def step_index(self, analysis, prefix, dstore, deps, shards=None):
+        """knnlm-build-index on `dstore` with the demo's index settings; given `shards`
+        (datastore prefixes), `dstore` names their combination: its manifest is written and one
+        index covers them all (the sharded build: inverted lists merged into INDEX.ivfdata)."""
         i = self.dcfg.index
         index = Path(f"{dstore}_knn.index")
         settings = [f"dstore_mmap={dstore}", f"faiss_index={index}", f"ncentroids={i.ncentroids}",
                     f"code_size={i.code_size}", f"probe={self.dcfg.probe}",
                     f"num_keys_to_train={i.num_keys_to_train}", f"seed={i.seed}",
+                    *([f"shards=[{','.join(map(str, shards))}]", "overwrite=true"] if shards else []),
                     *([f"threads={self.dcfg.threads}"] if self.dcfg.threads else []), *i.extra_args]
         name = f"{prefix}_index"
         def action():
             self.tool(name, "knnlm-build-index", *settings)
 
-        self.add(analysis, name, f"index {Path(dstore).name}", [index, f"{index}.meta.json"],
+        extra = [f"{index}.ivfdata", f"{dstore}_shards.json"] if shards else []
+        self.add(analysis, name, f"index {Path(dstore).name}", [index, f"{index}.meta.json", *extra],
                  {"args": settings}, action,
                  deps=deps, scratch=[index, f"{index}.meta.json", f"{index}.trained", f"{index}.partial",
-                                     f"{index}.progress.json"])
+                                     f"{index}.progress.json", *extra,
+                                     *(index.parent.glob(f"{index.name}.shard*") if shards else [])])
         return name, index
 
     def step_dump(self, analysis, name, data, ckpt, prefix, keytype, deps, dcfg=None):
@@ -302,11 +415,11 @@ class Analyses:
                         scratch=[f"{prefix}_{x}" for x in ("keys.npy", "vals.npy", "meta.json")])
 
     def step_export(self, analysis, name, data, ckpt, split, dstore, index, keytype, deps,
-                    sim_func=None, dcfg=None):
+                    sim_func=None, dcfg=None, search="faiss"):
         """A per-token export (--knnlm-dump-probs) at the demo's k, lambda and T."""
         path = self.out / "exports" / name
         c = dcfg or self.dcfg
-        args = self.knn_args(dstore, index, sim_func)
+        args = self.knn_args(dstore, index, sim_func, search=search)
 
         def action():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -342,7 +455,7 @@ class Analyses:
 
     # ---- shared: the valid slice and the full datastore's export on it ----
     def eval_set(self):
-        """(step names, data dir) of the evaluation set of analyses 3-6."""
+        """(step names, data dir) of the evaluation set of analyses 3-7."""
         if not self.slice:
             return [], self.demo.data
         dest = self.eval_data
@@ -471,25 +584,41 @@ class Analyses:
                                          prefix, index, kt, [idx, *eval_deps])
             self.step_tune("keytype", f"keytype_tune_{kt}", path, [exp])
 
-    # ---- 5. sim func ----
-    def plan_simfunc(self):
+    # ---- 5. exact vs approximate neighbors and scores ----
+    def approx_fractions(self):
+        fr = self.cfg.approx.fractions
+        return sorted({float(f) for f in (self.cfg.size.fractions if fr is None else fr)}, reverse=True)
+
+    def tune_l2(self, f, analysis):
+        """(tune step, json) of datastore fraction f scored as the demo scores (FAISS's neighbors,
+        exact L2): the size analysis' export (f = 1: the shared full-datastore export)."""
+        deps, path = self.subset(f, analysis)
+        if f >= 1:
+            return self.step_tune("shared", "tune_full_l2", path, deps)
+        return self.step_tune(analysis, f"approx_tune_l2_f{fkey(f)}", path, deps)
+
+    def plan_approx(self):
         eval_deps, data = self.eval_set()
-        for f in sorted({float(f) for f in self.cfg.simfunc.fractions}, reverse=True):
-            for sf in self.cfg.simfunc.funcs:
-                if sf == self.dcfg.sim_func:
-                    deps, path = self.subset(f, "simfunc")
-                else:
-                    if f >= 1:
-                        dstore, index, deps = self.demo.dstore, self.demo.index, list(eval_deps)
-                    else:
-                        self.subset(f, "simfunc")
-                        dstore = self.out / "size" / f"dstore_f{fkey(f)}"
-                        index, deps = Path(f"{dstore}_knn.index"), [f"size_{fkey(f)}_index", *eval_deps]
-                    exp, path = self.step_export("simfunc", f"simfunc_export_{sf}_f{fkey(f)}", data,
-                                                 self.demo.checkpoint, "valid", dstore, index,
-                                                 self.dcfg.datastore.keytype, deps, sim_func=sf)
-                    deps = [exp]
-                self.step_tune("simfunc", f"simfunc_tune_{sf}_f{fkey(f)}", path, deps)
+        for f in self.approx_fractions():
+            self.tune_l2(f, "approx")
+            if f >= 1:
+                dstore, index, sub, idx = self.demo.dstore, self.demo.index, [], []
+            else:
+                self.subset(f, "approx")
+                dstore = self.out / "size" / f"dstore_f{fkey(f)}"
+                index, sub, idx = Path(f"{dstore}_knn.index"), [f"size_subset_{fkey(f)}"], [f"size_{fkey(f)}_index"]
+            for way in ("faiss", "exact"):
+                _, search, sim_func = APPROX[way]
+                exp, path = self.step_export(
+                    "approx", f"approx_export_{way}_f{fkey(f)}", data, self.demo.checkpoint, "valid", dstore,
+                    index, self.dcfg.datastore.keytype, [*(idx if search == "faiss" else sub), *eval_deps],
+                    sim_func=sim_func, search=search)
+                self.step_tune("approx", f"approx_tune_{way}_f{fkey(f)}", path, [exp])
+
+    def approx_tune_name(self, way, f):
+        if way == "l2":
+            return "tune_full_l2" if f >= 1 else f"approx_tune_l2_f{fkey(f)}"
+        return f"approx_tune_{way}_f{fkey(f)}"
 
     # ---- 6. domain adaptation ----
     def plan_domain(self):
@@ -571,6 +700,91 @@ class Analyses:
         self.add("domain", "domain_test", "score the test book with the tuned lambda and T", [test_json], {},
                  score_test, deps=[tune_name, f"domain_unseen_index"])
 
+    # ---- 7. a datastore beyond the training data ----
+    def plan_beyond(self):
+        bc = self.cfg.beyond
+        own_books, rest_books = beyond_books(self.cfg)
+        dcfg = load_config([*self.demo_overrides, *bc.demo_overrides, f"workdir={self.out / 'beyond'}"],
+                           self.demo_config)
+        lm = self.beyond = Demo(dcfg)
+        bdir, kt = lm.workdir, dcfg.datastore.keytype
+        text = bdir / "text"
+        eval_deps, valid_data = self.eval_set()
+        test_frac = self.cfg.eval.test_fraction
+
+        def make_corpus():
+            from .corpora.austen import build_austen_corpus
+
+            source = Path(dcfg.austen_dir).expanduser().resolve() if dcfg.austen_dir else None
+            # The demo's corpus (so the demo's vocabulary), with each part of its training text apart.
+            build_austen_corpus(bdir / "corpus", data_dir=source, min_count=dcfg.min_count,
+                                train_books=[*own_books, *rest_books], extra={"own": own_books, "rest": rest_books})
+            parts = {s: read_lines(bdir / "corpus" / f"{s}.txt") for s in ("own", "rest")}
+            demo_train = read_lines(self.demo.path("corpus", "train.txt"))
+            if n_tokens(parts["own"]) + n_tokens(parts["rest"]) != n_tokens(demo_train):
+                raise DemoError(f"the books {own_books} + {rest_books} do not make the demo's training text "
+                                f"{self.demo.path('corpus', 'train.txt')} (was the demo's corpus built otherwise?)")
+            parts["test"] = head_lines(read_lines(self.demo.path("corpus", "test.txt")), test_frac)
+            for s, lines in parts.items():
+                write_lines(text / f"{s}.txt", lines)
+            lm.logs_dir.mkdir(parents=True, exist_ok=True)
+            # The demo's dictionary: every perplexity below is over the same vocabulary.
+            self.binarize("beyond_corpus", self.demo.data / "dict.txt", lm.data, train=text / "own.txt",
+                          test=text / "test.txt")
+            self.binarize("beyond_corpus", self.demo.data / "dict.txt", bdir / "bin-rest", train=text / "rest.txt")
+            return {"books": {"own": own_books, "rest": rest_books},
+                    "tokens": {s: n_tokens(lines) for s, lines in parts.items()}}
+
+        corpus_step = self.add(
+            "beyond", "beyond_corpus", f"the text of {', '.join(own_books)}; the rest; the test slice",
+            [lm.data / "train.bin", lm.data / "test.bin", bdir / "bin-rest" / "train.bin"],
+            {"books": [own_books, rest_books], "min_count": dcfg.min_count, "austen_dir": dcfg.austen_dir,
+             "test_fraction": test_frac},
+            make_corpus, deps=[], scratch=[bdir / "corpus", text, lm.data, bdir / "bin-rest"])
+
+        def train():
+            lm.logs_dir.mkdir(parents=True, exist_ok=True)
+            return lm.make_lm()  # the demo's training step on its data-bin: the part's text
+
+        train_step = self.add("beyond", "beyond_train", f"fairseq-train the LM of {len(own_books)} books",
+                              [lm.checkpoint], {"model": _plain(dcfg.model), "train": _plain(dcfg.train)}, train,
+                              deps=[corpus_step], scratch=[lm.checkpoint.parent])
+        own, rest, both = (bdir / "dstore" / s for s in ("own", "rest", "all"))
+        dump_own = self.step_dump("beyond", "beyond_dump_own", lm.data, lm.checkpoint, own, kt, [train_step],
+                                  dcfg=dcfg)
+        dump_rest = self.step_dump("beyond", "beyond_dump_rest", bdir / "bin-rest", lm.checkpoint, rest, kt,
+                                   [train_step], dcfg=dcfg)
+        tunes = {}
+        for row, dstore, deps, shards in (("b", own, [dump_own], None), ("c", both, [dump_own, dump_rest], [own, rest])):
+            idx, index = self.step_index("beyond", f"beyond_{dstore.name}", dstore, deps, shards=shards)
+            exp, path = self.step_export("beyond", f"beyond_export_{dstore.name}", valid_data, lm.checkpoint, "valid",
+                                         dstore, index, kt, [idx, *eval_deps], dcfg=dcfg)
+            tunes[row] = (*self.step_tune("beyond", f"beyond_tune_{dstore.name}", path, [exp]), dstore, index,
+                          lm.checkpoint, dcfg, [idx])
+        tunes["e"] = (*self.tune_l2(1.0, "beyond"), self.demo.dstore, self.demo.index, self.demo.checkpoint, None, [])
+        for row, (tune_name, tune_json, dstore, index, ckpt, c, deps) in tunes.items():
+            self.step_beyond_test(row, lm.data, ckpt, dstore, index, tune_name, tune_json, [corpus_step, *deps], c)
+
+    def step_beyond_test(self, row, data, ckpt, dstore, index, tune_name, tune_json, deps, dcfg):
+        """Row `row`'s LM and datastore on the test slice at the lambda and T tuned on valid."""
+        path = self.out / "beyond" / "scores" / f"test_{row}.json"
+        name = f"beyond_test_{row}"
+
+        def action():
+            best = json.loads(Path(tune_json).read_text())
+            lines = self.eval_lm(name, data, ckpt, "test", (dcfg or self.dcfg).datastore.keytype,
+                                 *self.knn_args(dstore, index, lmbda=best["best_lambda"],
+                                                temperature=best["best_temperature"]), dcfg=dcfg)
+            result = {**parse_summary(lines, name), "lmbda": best["best_lambda"],
+                      "temperature": best["best_temperature"]}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+            return result
+
+        self.add("beyond", name, f"score the test slice: row ({row}) with its tuned lambda and T", [path],
+                 {"ckpt": ckpt, "dstore": dstore}, action, deps=[tune_name, *deps])
+        return name, path
+
     # ---- running ----
     def run_demo(self):
         """The demo's steps up to its tuning (its scoring of valid and test is not needed here),
@@ -641,6 +855,31 @@ class Analyses:
                  "" if final else f" (so far: {', '.join(sorted(report.done, key=ANALYSES.index))})")
 
 
+class _CaptureHandler(logging.Handler):
+    """fairseq-eval-lm's log records, formatted as the tool prints them, into its step's log and
+    `lines`; those matching `show` also to the console."""
+
+    def __init__(self, out, lines, show_re):
+        super().__init__(logging.INFO)
+        self.out, self.lines, self.show_re = out, lines, show_re
+        self.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                                            datefmt="%Y-%m-%d %H:%M:%S"))
+
+    def emit(self, record):
+        line = self.format(record)
+        self.lines.append(line)
+        self.out.write(line + "\n")
+        if self.show_re.search(line):
+            print(f"    {line[:200]}", flush=True)
+
+
+class _OnlyOurs(logging.Filter):
+    """Keeps the console to this module's and the demo's records while fairseq runs in-process."""
+
+    def filter(self, record):
+        return record.name.startswith(("knnlm.analyses", "knnlm.demo"))
+
+
 def demo_lambdas(dcfg):
     """The demo's lambda grid: tune.lambda_step (0..1) or tune.lambdas (a knnlm-tune grid)."""
     t = dcfg.tune
@@ -683,6 +922,12 @@ def _at(tune_json, temperature, lmbda):
     lambdas, ppl, _ = _curve(tune_json, temperature)
     j = min(range(len(lambdas)), key=lambda i: abs(lambdas[i] - lmbda))
     return ppl[j]
+
+
+def _gap(rows, col):
+    """How much of the gap from row (a) to row (d) row (c) closes, as a percentage."""
+    a, c, d = rows["a"][col], rows["c"][col], rows["d"][col]
+    return "-" if a == d else f"{(a - c) / (a - d):.0%}"
 
 
 def _best_at(tune_json, temperature):
@@ -741,10 +986,10 @@ class Report:
         if an.slice:
             rec = an.records.get("eval_slice")
             if rec:
-                out.append(f"Analyses 3-6 score the first {an.cfg.eval.valid_fraction:g} of the valid book "
+                out.append(f"Analyses 3-7 score the first {an.cfg.eval.valid_fraction:g} of the valid book "
                            f"({rec['info']['tokens']:,} tokens) to fit the time budget.")
         else:
-            out.append("Analyses 3-6 score the whole valid book.")
+            out.append("Analyses 3-7 score the whole valid book.")
         out.append("")
         pending = [a for a in an.cfg.run if a not in self.done]
         if pending:
@@ -872,36 +1117,75 @@ class Report:
         fig.savefig(self.an.out / "table5_keytypes.png", dpi=120)
 
     # ---- 5 ----
-    def section_simfunc(self):
+    def dstore_size(self, f):
+        """Entries of the demo's datastore fraction f (1: the datastore itself)."""
+        prefix = self.an.demo.dstore if f >= 1 else self.an.out / "size" / f"dstore_f{fkey(f)}"
+        return json.loads(Path(f"{prefix}_meta.json").read_text())["size"]
+
+    def section_approx(self):
         an = self.an
         t_run = float(an.dcfg.knn_temp)
-        lam_demo, t_demo = an.tuned()
-        out = [f"## {TITLES['simfunc']}", "",
-               f"The same neighbors (same index, k = {an.dcfg.k}, probe {an.dcfg.probe}) scored with FAISS's "
-               f"distances to the product-quantized keys (`do_not_recomp_l2`) or with exact squared L2 "
-               f"recomputed from the stored keys (`l2`). Paper (WikiText-103): recomputing improved 16.5 -> "
-               f"16.06. Xu et al. 2023 (Table 3, Figure 5): at T = 1 the FAISS score is better; at the tuned T "
-               f"the exact score wins with the full datastore and loses with a 5% one. Plot: simfunc.png.", "",
-               _row(["datastore", "distances", "tokens", "base LM", f"ppl (T = {t_run:g}, lambda tuned)", "lambda",
-                     "ppl (lambda, T tuned)", "lambda", "T"]),
-               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        data, curves = {}, []
-        for f in sorted({float(f) for f in an.cfg.simfunc.fractions}, reverse=True):
-            for sf in an.cfg.simfunc.funcs:
-                r = self.tune_json(f"simfunc_tune_{sf}_f{fkey(f)}")
+        fractions = an.approx_fractions()
+        data, base = {}, None
+        rows = []
+        for f in fractions:
+            size = self.dstore_size(f)
+            for way, (label, search, sim_func) in APPROX.items():
+                r = self.tune_json(an.approx_tune_name(way, f))
+                base = r["base_ppl"]
                 lam1, ppl1, _ = _best_at(r, t_run)
-                data[f"{sf}_f{fkey(f)}"] = {"fraction": f, "sim_func": sf, "base_ppl": r["base_ppl"],
-                                            "best_ppl": r["best_ppl"], "best_lambda": r["best_lambda"],
-                                            "best_temperature": r["best_temperature"],
-                                            f"best_ppl_T{t_run:g}": ppl1, f"best_lambda_T{t_run:g}": lam1}
-                out.append(_row([f"{f:.0%} of the training split", f"`{sf}`", f"{r['count']:,}", _f(r["base_ppl"]),
-                                 _f(ppl1), f"{lam1:g}", _f(r["best_ppl"]), f"{r['best_lambda']:g}",
-                                 f"{r['best_temperature']:g}"]))
-                curves.append((f"{sf}, {f:.0%} datastore", r))
-        self.data["simfunc"] = data
-        self._plot_curves(curves, self.an.out / "simfunc.png", "Quantized vs recomputed distances",
-                          relative=False, temps=(t_run, None))
+                data[f"{way}_f{fkey(f)}"] = {
+                    "fraction": f, "size": size, "way": label, "search": search, "sim_func": sim_func,
+                    "count": r["count"], "base_ppl": r["base_ppl"], "best_ppl": r["best_ppl"],
+                    "best_lambda": r["best_lambda"], "best_temperature": r["best_temperature"],
+                    f"best_ppl_T{t_run:g}": ppl1, f"best_lambda_T{t_run:g}": lam1}
+                rows.append(_row([f"{f:.0%}" if f < 1 else "100% (the demo's)", f"{size:,}", label,
+                                  f"`--knn-search {search} --knn-sim-func {sim_func}`", _f(ppl1), f"{lam1:g}",
+                                  _f(r["best_ppl"]), f"{r['best_lambda']:g}", f"{r['best_temperature']:g}",
+                                  f"{APPROX_PAPER[way]:.3f}" if f >= 1 else "-"]))
+        self.data["approx"] = data
+        count = next(iter(data.values()))["count"]
+        full = {w: data[f"{w}_f1"] for w in APPROX} if 1.0 in fractions else None
+        out = [f"## {TITLES['approx']}", "",
+               f"Each datastore fraction (the size analysis' subsets and indexes; 100% is the demo's) scored "
+               f"three ways on the same {count:,} valid tokens at k = {an.dcfg.k}: the index's neighbors "
+               f"(IVF{an.dcfg.index.ncentroids},PQ{an.dcfg.index.code_size}, probe {an.dcfg.probe}) with FAISS's "
+               f"distances to the product-quantized keys (Xu et al.'s \"FAISS mask, FAISS score\"), the same "
+               f"neighbors with exact squared L2 recomputed from the stored keys (\"FAISS mask, real score\": "
+               f"the demo's setting), and the exact k nearest keys by a search over every key (\"real mask, real "
+               f"score\": `--knn-search exact`, {an.cfg.approx.exact_dtype} keys). lambda tuned at T = {t_run:g}, "
+               f"and lambda and T tuned. Base LM {_f(base)}. Xu et al. (WikiText-103, full datastore, tuned; base "
+               f"21.750): 19.174, 19.672, 19.735 — approximate beats exact, both for the neighbors and the "
+               f"scores. Plot: fig4_approx.png.", "",
+               _row(["datastore", "entries", "neighbors, scores", "flags", f"ppl (T = {t_run:g}, lambda tuned)",
+                     "lambda", "ppl (lambda, T tuned)", "lambda", "T", "Xu et al."]),
+               "|---|---:|---|---|---:|---:|---:|---:|---:|---:|", *rows]
+        if full:
+            order = sorted(APPROX, key=lambda w: full[w]["best_ppl"])
+            out += ["", f"Full datastore, lambda and T tuned: " + " < ".join(
+                f"{APPROX[w][0]} {_f(full[w]['best_ppl'])}" for w in order) + "; at T = "
+                f"{t_run:g}: " + ", ".join(f"{APPROX[w][0]} {_f(full[w][f'best_ppl_T{t_run:g}'])}" for w in APPROX) + "."]
+        self._plot_approx(data, fractions, base, t_run)
         return out
+
+    def _plot_approx(self, data, fractions, base, t_run):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(11, 4))
+        axes = fig.subplots(1, 2)
+        for ax, key, what in ((axes[0], f"best_ppl_T{t_run:g}", f"T = {t_run:g}, lambda tuned"),
+                              (axes[1], "best_ppl", "lambda and T tuned")):
+            for way, (label, _, _) in APPROX.items():
+                xs = sorted(fractions)
+                ax.plot(xs, [data[f"{way}_f{fkey(f)}"][key] for f in xs], marker="o", label=label)
+            ax.axhline(base, color="gray", ls="--", lw=1, label=f"LM alone ({base:.2f})")
+            ax.set_xlabel("fraction of the datastore")
+            ax.set_ylabel("valid perplexity")
+            ax.set_title(f"Exact vs approximate kNN ({what})", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(self.an.out / "fig4_approx.png", dpi=120)
 
     def _plot_curves(self, curves, path, title, relative, temps=(None,)):
         """ppl (or ppl / base) vs lambda per (label, tune json); one panel per temperature
@@ -991,6 +1275,88 @@ class Report:
         curves.append(("demo LM + its training data", demo_full))
         self._plot_curves(curves, an.out / "fig5_domain.png", "Domain adaptation", relative=True)
         return out
+
+    # ---- 7 ----
+    def section_beyond(self):
+        an = self.an
+        lm = an.beyond
+        corpus = self.info("beyond_corpus")
+        tok, books = corpus["tokens"], corpus["books"]
+        tune = {"b": self.tune_json("beyond_tune_own"), "c": self.tune_json("beyond_tune_all"),
+                "e": self.tune_json("tune_full_l2")}
+        test = {r: self.read(an.out / "beyond" / "scores" / f"test_{r}.json") for r in ("b", "c", "e")}
+        n_own, n_rest = self.info("beyond_dump_own")["size"], self.info("beyond_dump_rest")["size"]
+        n_demo = self.dstore_size(1.0)
+        own = f"{len(books['own'])} books"
+        rows = {  # row -> (LM, datastore, entries, valid, lambda, T, test)
+            "a": (own, "none", 0, tune["b"]["base_ppl"], None, None, test["b"]["base_ppl"]),
+            "b": (own, f"its own training text ({', '.join(books['own'])})", n_own, tune["b"]["best_ppl"],
+                  tune["b"]["best_lambda"], tune["b"]["best_temperature"], test["b"]["knn_ppl"]),
+            "c": (own, "all four training books (its own keys)", n_own + n_rest, tune["c"]["best_ppl"],
+                  tune["c"]["best_lambda"], tune["c"]["best_temperature"], test["c"]["knn_ppl"]),
+            "d": ("4 books (the demo's LM)", "none", 0, tune["e"]["base_ppl"], None, None, test["e"]["base_ppl"]),
+            "e": ("4 books (the demo's LM)", "all four training books (the demo's datastore)", n_demo,
+                  tune["e"]["best_ppl"], tune["e"]["best_lambda"], tune["e"]["best_temperature"],
+                  test["e"]["knn_ppl"]),
+        }
+        self.data["beyond"] = {"books": books, "tokens": tok, "train": an.records["beyond_train"]["info"],
+                               "rows": {r: dict(zip(("lm", "datastore", "entries", "valid_ppl", "lmbda",
+                                                     "temperature", "test_ppl"), v)) for r, v in rows.items()},
+                               "test_tokens": test["b"]["tokens"], "valid_tokens": tune["b"]["count"]}
+        t = lm.cfg.train
+        c_valid, c_test, d_valid, d_test = rows["c"][3], rows["c"][6], rows["d"][3], rows["d"][6]
+        if c_valid <= d_valid and c_test <= d_test:
+            verdict = "**(c) reaches (d)**: the LM trained on half the text, with a datastore of all of it, is as good as the LM trained on all of it"
+        elif c_valid > d_valid and c_test > d_test:
+            verdict = "**(c) does not reach (d)**: the datastore of all four books does not make up for training on them"
+        else:
+            verdict = "**(c) reaches (d) on one split only**"
+        verdict += (f" (valid {_f(c_valid)} vs {_f(d_valid)}, test {_f(c_test)} vs {_f(d_test)}; "
+                    f"(c) closes {_gap(rows, 3)} of the gap from (a) to (d) on valid and {_gap(rows, 6)} on test).")
+        out = [f"## {TITLES['beyond']}", "",
+               f"An LM of the demo's size trained only on {', '.join(books['own'])} ({tok['own']:,} tokens; "
+               f"{t.max_update} updates of {t.max_tokens} tokens, the demo's recipe and compute, so "
+               f"{t.max_update * t.max_tokens / tok['own']:.1f} epochs of its text against the demo's "
+               f"{an.dcfg.train.max_update * an.dcfg.train.max_tokens / (tok['own'] + tok['rest']):.1f}), with the "
+               f"demo's dictionary. Its datastore of all four books is its dump of its own text plus its dump of "
+               f"{', '.join(books['rest'])} ({tok['rest']:,} tokens), one index over both (a shard manifest). "
+               f"lambda and T tuned per row on the first {an.cfg.eval.valid_fraction:g} of the valid book "
+               f"({tune['b']['count']:,} tokens), then the first {an.cfg.eval.test_fraction:g} of the test book "
+               f"({test['b']['tokens']:,} tokens) scored with them. Paper (Table 3: WIKI-100M LM, WIKI-3B "
+               f"datastore, 30 times its training text): (a) 20.99 / 19.59, (c) 14.61 / 13.73, (d) 16.11 / 15.17 "
+               f"dev / test. Plot: fig2_beyond.png.", "",
+               _row(["row", "LM trained on", "datastore", "entries", "valid ppl", "lambda", "T", "test ppl",
+                     "paper dev / test"]), "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r, (lm_name, ds, n, v, lam, temp, te) in rows.items():
+            paper = BEYOND_PAPER.get(r)
+            out.append(_row([f"({r})", lm_name, ds, f"{n:,}" if n else "-", _f(v),
+                             "-" if lam is None else f"{lam:g}", "-" if temp is None else f"{temp:g}", _f(te),
+                             f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "-"]))
+        out += ["", verdict]
+        self._plot_beyond(rows)
+        return out
+
+    def _plot_beyond(self, rows):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(10, 4))
+        for ax, col, split in zip(fig.subplots(1, 2), (3, 6), ("valid", "test")):
+            part = [rows[r] for r in "abc"]
+            ax.plot([x[2] for x in part], [x[col] for x in part], marker="o", label=f"LM of {rows['a'][0]} (a, b, c)")
+            for (x, y), r in zip([(p[2], p[col]) for p in part], "abc"):
+                ax.annotate(f"({r})", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            full = [rows[r] for r in "de"]
+            ax.plot([x[2] for x in full], [x[col] for x in full], marker="s", label="the demo's LM of 4 books (d, e)")
+            for (x, y), r in zip([(p[2], p[col]) for p in full], "de"):
+                ax.annotate(f"({r})", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+            ax.axhline(rows["d"][col], color="gray", ls=":", lw=1)
+            ax.set_xlabel("datastore entries")
+            ax.set_ylabel(f"{split} perplexity")
+            ax.set_title(f"A datastore beyond the training data ({split})", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(self.an.out / "fig2_beyond.png", dpi=120)
 
     # ---- times ----
     def section_times(self):
