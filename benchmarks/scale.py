@@ -128,25 +128,37 @@ def base_keys(demo_dir, d_base_fallback, n_base_fallback, vocab_fallback, seed):
 
 
 class KeyMaker:
-    """Row i of the datastore: P[i mod Nb] + noise, P = base keys projected to `dim`."""
+    """Row i of the datastore: P[i mod Nb] + noise, P = base keys projected to `dim`; the
+    noise of a block of rows is a window of a bank of Gaussian rows at a random offset (two
+    memory passes per row: generating must not be slower than the writer it feeds)."""
 
-    def __init__(self, base, vals, dim, seed, noise=0.3, bank_rows=1 << 16):
+    def __init__(self, base, vals, dim, seed, noise=0.3, bank_rows=1 << 17):
         rng = np.random.default_rng(seed)
         w = rng.standard_normal((base.shape[1], dim)).astype(np.float32) / math.sqrt(base.shape[1])
-        self.p = np.empty((len(base), dim), np.float16)
+        self.p = np.empty((len(base), dim), np.float32)
         for s in range(0, len(base), 1 << 16):
             self.p[s:s + (1 << 16)] = base[s:s + (1 << 16)] @ w
         self.vals = vals
-        self.sigma = noise * float(np.std(self.p[: 1 << 16].astype(np.float32)))
-        self.bank = (self.sigma * rng.standard_normal((min(bank_rows, 4 * len(base)), dim))).astype(np.float32)
+        self.sigma = noise * float(np.std(self.p[: 1 << 16]))
+        nb = min(bank_rows, 4 * len(base))
+        self.bank = np.concatenate([(self.sigma * rng.standard_normal((nb, dim))).astype(np.float32)] * 2)
         self.rng = rng
         self.dim = dim
 
     def rows(self, start, n):
-        j = (start + np.arange(n, dtype=np.int64)) % len(self.p)
-        x = self.p[j].astype(np.float32)
-        x += self.bank[self.rng.integers(len(self.bank), size=n)]
-        return x, self.vals[j]
+        x = np.empty((n, self.dim), np.float32)
+        nb, done = len(self.p), 0
+        while done < n:  # P in order, wrapping around
+            j = (start + done) % nb
+            c = min(n - done, nb - j)
+            x[done:done + c] = self.p[j:j + c]
+            done += c
+        half = len(self.bank) // 2
+        for s in range(0, n, half):
+            o = int(self.rng.integers(half))
+            c = min(half, n - s)
+            x[s:s + c] += self.bank[o:o + c]
+        return x, self.vals[(start + np.arange(n, dtype=np.int64)) % nb]
 
     def queries(self, n, seed):
         rng = np.random.default_rng(seed)
@@ -220,9 +232,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2, help="interleaved before/after rounds")
     p.add_argument("--k", type=int, default=1024)
     p.add_argument("--probe", type=int, default=16)
-    p.add_argument("--factory", default="PCA64,IVF{ncentroids},PQ{code_size}")
-    p.add_argument("--ncentroids", type=int, default=1024)
-    p.add_argument("--code-size", type=int, default=16)
+    p.add_argument("--factory", default="PCA32,IVF{ncentroids},PQ{code_size}")
+    p.add_argument("--ncentroids", type=int, default=512)
+    p.add_argument("--code-size", type=int, default=8)
     p.add_argument("--n-train", type=int, default=65536)
     p.add_argument("--pca-dim", type=int, default=128)
     p.add_argument("--min-free-gib", type=float, default=15.0, help="disk left free for others")
@@ -289,6 +301,7 @@ def main(argv=None):
                   f"(sigma {gen.sigma:.3g}: 0.3 of the projected keys' std); values of "
                   f"the same rows ({dict_size:,} types). Queries: fresh tiles, fresh noise.")
     queries = gen.queries(a.queries, a.seed + 1)
+    probe_keys = (gen.rows(0, 65536 if not a.tiny else 8192)[0], gen.rows(10**6, 16384 if not a.tiny else 2048)[0])
 
     # ---- 1. dump: the writer, shard by shard
     identity = ModelIdentity(dim=a.dim, dict_size=dict_size, dict_fingerprint="synthetic", model_fingerprint="synthetic")
@@ -322,6 +335,7 @@ def main(argv=None):
                           f"{t_fin + t_sync:.1f}", f"{rows / w:,.0f}", f"{rows * row_bytes / w / 2**20:,.0f}",
                           gib(hwm()), load()])
         prefixes.append(prefix)
+    del gen  # its projected base keys: gigabytes the page cache and --move-dstore-to-mem can use
     section("Dump: the writer (DumpSession.add, fp16 keys)",
             ["shard", "generate s", "add s", "finish+sync s", "rows/s (add+finish+sync)", "MiB/s", "peak RSS", "load"],
             dump_rows)
@@ -531,7 +545,7 @@ def main(argv=None):
     del k16, d16
 
     # ---- the paper's factory, on samples
-    report_paper = paper_probe(gen, a, threads)
+    report_paper = paper_probe(probe_keys, a)
     section("The paper's IVF4096,PQ64 on this machine (measured on samples, projected)",
             ["quantity", "measured", "projection"], report_paper)
 
@@ -558,14 +572,14 @@ def _read_ahead():
         return "?"
 
 
-def paper_probe(gen, a, threads):
+def paper_probe(probe_keys, a):
     """IVF4096,PQ64 (the paper's) at this dimension: add rate with a quantizer taken from a
     sample (adding costs the same whatever the centroids), one k-means iteration's time."""
     import faiss
 
     nlist, m = (4096, 64) if not a.tiny else (64, 4)
-    n_pts = 65536 if not a.tiny else 8192
-    x, _ = gen.rows(0, n_pts)
+    x, xa = probe_keys
+    n_pts, add_n = len(x), len(xa)
     x = np.ascontiguousarray(x[np.random.default_rng(3).permutation(n_pts)])
     km = faiss.Kmeans(a.dim, nlist, niter=1, max_points_per_centroid=1 << 30, seed=1)
     t0 = time.perf_counter()
@@ -579,12 +593,10 @@ def paper_probe(gen, a, threads):
     ivf.quantizer.is_trained = True
     ivf.by_residual = True
     ivf.do_polysemous_training = False  # as knnlm-build-index does: scoring never uses it
-    q_sub = x[:min(n_pts, 16384)]  # 64 per PQ centroid: enough for timing
+    q_sub = x[:min(n_pts, 4096)]  # 16 per PQ centroid: enough to time it (FAISS warns)
     t0 = time.perf_counter()
     index.train(q_sub)  # the quantizer already holds centroids: this trains the PQ only
     t_pq = time.perf_counter() - t0
-    add_n = 16384 if not a.tiny else 2048
-    xa, _ = gen.rows(10**6, add_n)
     t0 = time.perf_counter()
     index.add(xa)
     t_add = time.perf_counter() - t0
