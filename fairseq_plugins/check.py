@@ -18,24 +18,13 @@ import warnings
 import numpy as np
 import torch
 
-from knnlm.errors import KNNLMError
-from knnlm.index import load_index, read_index_meta
-from knnlm.store import open_datastore
+from knnlm.checks import Replay, Report, check_artefacts, finish
 from knnlm.store.datastore import resolve_data_path
 
 from .hooks import KeyCapture
 from .identity import model_identity
 
 PROG = "knnlm-check"
-
-
-class Report:
-    def __init__(self, out=sys.stdout):
-        self.out, self.failed = out, 0
-
-    def line(self, ok, what, detail):
-        self.failed += not ok
-        print(f"{'PASS' if ok else 'FAIL'}  {what:<22} {detail}", file=self.out, flush=True)
 
 
 def load_model(path, data=None, cpu=True):
@@ -106,7 +95,7 @@ def check_keys(report, model, task, datastore, data, n_batches):
         return
     report.line(True, "entry count", f"{total:,} scored tokens = {expected:,} entries dumped")
     picks = sorted({0, len(batches) // 2, len(batches) - 1})[:n_batches]
-    worst, n_rows, bad_vals = 0.0, 0, 0
+    replay = Replay(datastore)
     device = next(model.parameters()).device
     with torch.no_grad():
         for b in picks:
@@ -119,24 +108,13 @@ def check_keys(report, model, task, datastore, data, n_batches):
             if source_rows is not None:
                 rows = np.flatnonzero((source_rows >= row) & (source_rows < row + count))
                 got, tgt = got[source_rows[rows] - row], tgt[source_rows[rows] - row]
-            if len(rows) == 0:
-                continue
-            stored = np.asarray(datastore.gather_keys(rows), dtype=np.float32)
-            diff = float(np.abs(stored - got).max()) / max(float(np.abs(got).max()), 1e-6)
-            # NaN-safe: max(0.0, nan) is 0.0, so a NaN key would pass; any NaN/inf is a failure.
-            worst = diff if not np.isfinite(diff) else max(worst, diff)
-            if not np.isfinite(worst):
-                worst = float("inf")
-            bad_vals += int((datastore.gather_vals(rows) != tgt).sum())
-            n_rows += len(rows)
+            replay.add(rows, got, tgt)
     capture.remove()
-    tol = 2e-3 if meta.get("keys_dtype") == "float16" else 1e-4
-    if n_rows == 0:  # a check that examined nothing proves nothing
+    if replay.rows == 0:  # a check that examined nothing proves nothing
         report.line(False, "keys recomputed", f"no row was compared ({len(picks)} batches picked; --batches "
                                               f"{n_batches}): nothing was checked; pass --batches 1 or more")
         return
-    report.line(bool(worst <= tol), "keys recomputed", f"{n_rows:,} rows from {len(picks)} batches, max relative difference {worst:.2e} (tolerance {tol:g})")
-    report.line(bad_vals == 0, "values = targets", f"{bad_vals} of {n_rows:,} sampled values differ from the replayed targets")
+    replay.report(report, f"{len(picks)} batches")
 
 
 def run_checks(args, out=sys.stdout):
@@ -146,35 +124,11 @@ def run_checks(args, out=sys.stdout):
         return report
     kwargs = {k: v for k, v in (("dstore_size", getattr(args, "dstore_size", None)), ("dim", getattr(args, "dimension", None)),
                                 ("fp16", True if getattr(args, "dstore_fp16", False) else None)) if v is not None}
-    try:
-        datastore = open_datastore(args.dstore_filename, **kwargs)
-    except KNNLMError as e:
-        report.line(False, "datastore", str(e))
+    datastore = check_artefacts(report, args.dstore_filename, args.indexfile, allow_index_without_fingerprint=getattr(
+        args, "knn_allow_index_without_fingerprint", False), **kwargs)
+    if datastore is None:
         return report
     m = datastore.meta
-    report.line(True, "datastore", f"{datastore.prefix}: complete, {datastore.size:,} entries, dim {datastore.dim}, {m.get('keytype')} keys")
-    try:
-        datastore.check_values(m.get("dict_size") or np.iinfo(np.int64).max)
-        report.line(True, "values in dictionary", f"all {datastore.size:,} values < {m.get('dict_size')}")
-    except KNNLMError as e:
-        report.line(False, "values in dictionary", str(e))
-    try:
-        zero = datastore.check_keys_finite()
-        report.line(zero == 0, "keys finite", f"all {datastore.size:,} keys finite and non-zero" if zero == 0 else
-                    f"{zero:,} keys are all zero: rows a writer never filled (an interrupted or concurrent dump); dump it again")
-    except KNNLMError as e:
-        report.line(False, "keys finite", str(e))
-    if args.indexfile:
-        try:
-            index = load_index(args.indexfile, datastore=datastore,
-                               allow_without_fingerprint=getattr(args, "knn_allow_index_without_fingerprint", False))
-            meta = read_index_meta(args.indexfile)
-            verified = ", content checksum verified" if "checksum" in meta else ", no checksum recorded (built before checksums)"
-            built = "built from this datastore" if meta.get("datastore_fingerprint") or datastore.meta.get("legacy") \
-                else "its metadata does not say which datastore it was built from"
-            report.line(True, "index", f"{args.indexfile}: complete, {index.ntotal:,} vectors, dim {index.d}, {built}{verified}")
-        except KNNLMError as e:
-            report.line(False, "index", str(e))
     if args.path:
         try:
             model, task = load_model(args.path, args.data)
@@ -208,9 +162,7 @@ def main(argv=None):
     p.add_argument("--knn-allow-index-without-fingerprint", action="store_true",
                    help="accept an index whose metadata does not record the datastore it was built from")
     args = p.parse_args(argv)
-    report = run_checks(args)
-    print(f"{report.failed} check(s) failed" if report.failed else "all checks passed")
-    return 1 if report.failed else 0
+    return finish(run_checks(args))
 
 
 if __name__ == "__main__":

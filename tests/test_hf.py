@@ -220,6 +220,23 @@ def test_keys_equal_the_state_recomputed_by_hand(arch):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_dump_without_the_lm_head_captures_the_same_keys(arch):
+    """dump runs the base model only (run_windows lm=False): the hooks fire the same, per architecture."""
+    from knnlm.hf.windows import run_windows, windows
+
+    model = tiny(arch)
+    ids = torch.randint(0, 30, (40,))
+    wins = windows(len(ids), 16, 6)
+    with break_into(model) as capture:
+        full = list(run_windows(model, ids, wins, capture, batch_size=2))
+        bare = list(run_windows(model, ids, wins, capture, batch_size=2, lm=False))
+    assert model.base_model is not model and sum(len(r["targets"]) for r in bare) == sum(w.scored for w in wins)
+    for f, b in zip(full, bare, strict=True):
+        assert "lp_lm" not in b and torch.equal(f["targets"], b["targets"])
+        torch.testing.assert_close(b["keys"], f["keys"], atol=1e-6, rtol=0, msg=arch)
+
+
 def test_unknown_model_type_names_the_row_to_add():
     fake = types.SimpleNamespace(config=types.SimpleNamespace(model_type="mamba"))
     with pytest.raises(ConfigError, match=r"add a row for 'mamba' to LAYERS in knnlm/hf/layers\.py"):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from knnlm import KNNLM, DumpSession, FaissRetriever, Tally, open_datastore
+from knnlm.checks import Replay, Report, check_artefacts, finish
 from knnlm.errors import ConfigError, KNNLMError
 from knnlm.features import lm_features
 from knnlm.model import summary_line
@@ -80,7 +81,7 @@ def read_tokens(path, tokenizer):
         raise ConfigError(f"text file {path} not found (--text)")
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    ids = tokenizer(text)["input_ids"]
+    ids = tokenizer(text, return_attention_mask=False)["input_ids"]  # the mask would be 1s, as long as the text
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -158,7 +159,7 @@ def cmd_dump(args):
     )
     try:
         session.start(identity)
-        for r in run_windows(model, ids, wins, capture, batch_size=args.batch_size, device=device(args)):
+        for r in run_windows(model, ids, wins, capture, batch_size=args.batch_size, device=device(args), lm=False):
             session.add(r["keys"].float(), r["targets"])
         meta = session.finish()
     except BaseException:
@@ -268,47 +269,23 @@ def cmd_generate(args):
     return 0
 
 
-class Report:
-    def __init__(self, out=None):
-        self.out, self.failed = out, 0
-
-    def line(self, ok, what, detail):
-        self.failed += not ok
-        print(f"{'PASS' if ok else 'FAIL'}  {what:<22} {detail}", file=self.out or sys.stdout, flush=True)
-
-
 def cmd_check(args):
-    from knnlm import load_index
-
     report = Report()
-    try:
-        store = open_datastore(args.dstore_filename)
-    except KNNLMError as e:
-        report.line(False, "datastore", str(e))
-        return finish_check(report)
+    store = check_artefacts(report, args.dstore_filename, args.indexfile,
+                            allow_index_without_fingerprint=args.knn_allow_index_without_fingerprint)
+    if store is None:
+        return finish(report)
     m = store.meta
-    report.line(True, "datastore", f"{store.prefix}: complete, {store.size:,} entries, dim {store.dim}, {m.get('keytype')} keys")
-    try:
-        store.check_values(m.get("dict_size") or np.iinfo(np.int64).max)
-        report.line(True, "values in dictionary", f"all {store.size:,} values < {m.get('dict_size')}")
-    except KNNLMError as e:
-        report.line(False, "values in dictionary", str(e))
-    if args.indexfile:
-        try:
-            index = load_index(args.indexfile, datastore=store)
-            report.line(True, "index", f"{args.indexfile}: complete, {index.ntotal:,} vectors, dim {index.d}, built from this datastore")
-        except KNNLMError as e:
-            report.line(False, "index", str(e))
     args.model = args.model or m.get("model")
     args.tokenizer = args.tokenizer or m.get("tokenizer")
     if not args.model:
         report.line(False, "model", "the datastore's metadata names no model: pass --model")
-        return finish_check(report)
+        return finish(report)
     try:
         model, tokenizer = load_model(args)
     except KNNLMError as e:
         report.line(False, "model", str(e))
-        return finish_check(report)
+        return finish(report)
     ident = model_identity(model, tokenizer).as_dict()
     report.line(ident["dim"] == store.dim, "dimension", f"model keys {ident['dim']}, datastore {store.dim}")
     report.line(ident["dict_fingerprint"] == m.get("dict_fingerprint") and ident["dict_size"] == m.get("dict_size"),
@@ -318,7 +295,7 @@ def cmd_check(args):
                 f"model {ident['model_fingerprint']}, datastore dumped by {m.get('model_fingerprint')} ({m.get('model')})")
     if ident["dim"] == store.dim and not m.get("legacy"):
         check_keys(report, args, model, tokenizer, store)
-    return finish_check(report)
+    return finish(report)
 
 
 def check_keys(report, args, model, tokenizer, store):
@@ -343,24 +320,12 @@ def check_keys(report, args, model, tokenizer, store):
     report.line(True, "entry count", f"{total:,} scored tokens = {store.size:,} entries dumped")
     starts = np.cumsum([0] + [w.scored for w in wins])
     picks = sorted({0, len(wins) // 2, len(wins) - 1})[:max(1, args.windows)]
-    worst, n_rows, bad_vals = 0.0, 0, 0
+    replay = Replay(store)
     with break_into(model, m["keytype"]) as capture:
         for i in picks:
-            r = next(run_windows(model, ids, [wins[i]], capture, device=device(args)))
-            got = r["keys"].float().cpu().numpy()
-            rows = np.arange(starts[i], starts[i + 1])
-            stored = np.asarray(store.gather_keys(rows), dtype=np.float32)
-            worst = max(worst, float(np.abs(stored - got).max()) / max(float(np.abs(got).max()), 1e-6))
-            bad_vals += int((store.gather_vals(rows) != r["targets"].cpu().numpy()).sum())
-            n_rows += len(rows)
-    tol = 2e-3 if m.get("keys_dtype") == "float16" else 1e-4
-    report.line(worst <= tol, "keys recomputed", f"{n_rows:,} rows from {len(picks)} windows, max relative difference {worst:.2e} (tolerance {tol:g})")
-    report.line(bad_vals == 0, "values = targets", f"{bad_vals} of {n_rows:,} sampled values differ from the replayed targets")
-
-
-def finish_check(report):
-    print(f"{report.failed} check(s) failed" if report.failed else "all checks passed")
-    return 1 if report.failed else 0
+            r = next(run_windows(model, ids, [wins[i]], capture, device=device(args), lm=False))
+            replay.add(np.arange(starts[i], starts[i + 1]), r["keys"].float().cpu().numpy(), r["targets"].cpu().numpy())
+    replay.report(report, f"{len(picks)} windows")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -443,6 +408,8 @@ def build_parser():
     s.add_argument("--indexfile", help="FAISS index")
     s.add_argument("--text", help="the dumped text (default: from the datastore's metadata)")
     s.add_argument("--windows", type=int, default=3, help="windows whose keys are recomputed")
+    s.add_argument("--knn-allow-index-without-fingerprint", action="store_true",
+                   help="accept an index whose metadata does not record the datastore it was built from")
     s.set_defaults(run=cmd_check)
     return p
 

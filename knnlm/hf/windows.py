@@ -72,21 +72,27 @@ def batches(wins, batch_size):
 
 
 @torch.no_grad()
-def run_windows(model, ids, wins, capture=None, *, batch_size=1, device="cpu", with_logits=False):
+def run_windows(model, ids, wins, capture=None, *, batch_size=1, device="cpu", with_logits=False, lm=True):
     """Run `model` over `wins` of the 1-D token tensor `ids`; yield, per window, a dict:
     window, targets (n,), lp_lm (n,) log p_LM(target) in fp32, keys (n, D) if `capture`, and
-    lm_log_probs (n, V) if `with_logits`."""
+    lm_log_probs (n, V) if `with_logits`. With lm=False (a dump: keys and targets only) the
+    base model runs without the LM head, whose (T, V) logits would be thrown away, and no
+    lp_lm is given; the key hooks sit inside the base model, so they fire the same."""
+    run = model if lm else model.base_model
     for group in batches(wins, batch_size):
         inputs = torch.stack([ids[w.begin:w.end] for w in group]).to(device)
-        logits = model(input_ids=inputs).logits
+        out = run(input_ids=inputs)
+        logits = out.logits if lm else None
         keys = capture.pop() if capture is not None else None
         for i, w in enumerate(group):
             pos = torch.arange(w.first - w.begin - 1, w.end - w.begin - 1, device=inputs.device)  # predicts pos+1
             targets = inputs[i, pos + 1]
-            lp = logits[i, pos].float().log_softmax(-1)
-            out = {"window": w, "targets": targets, "lp_lm": lp.gather(-1, targets[:, None])[:, 0]}
+            r = {"window": w, "targets": targets}
+            if lm:
+                lp = logits[i, pos].float().log_softmax(-1)
+                r["lp_lm"] = lp.gather(-1, targets[:, None])[:, 0]
+                if with_logits:
+                    r["lm_log_probs"] = lp
             if keys is not None:
-                out["keys"] = keys[i, pos]
-            if with_logits:
-                out["lm_log_probs"] = lp
-            yield out
+                r["keys"] = keys[i, pos]
+            yield r
