@@ -20,9 +20,11 @@ are not redone (delete WORKDIR to start over).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -33,6 +35,36 @@ DEFAULT_CORPUS = Path("demo_runs/austen/corpus")
 
 def log(msg):
     print(f"[hf_austen] {msg}", flush=True)
+
+
+def cpu_seconds():
+    """User + system CPU time of this process and its finished subprocesses (the steps' commands)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class Steps:
+    """Wall and CPU seconds per step, for the results table."""
+
+    def __init__(self):
+        self.wall, self.cpu, self.start = {}, {}, (time.time(), cpu_seconds())
+
+    @contextlib.contextmanager
+    def timed(self, name):
+        t, c = time.time(), cpu_seconds()
+        yield
+        self.wall[name], self.cpu[name] = time.time() - t, cpu_seconds() - c
+        log(f"{name}: {self.wall[name]:.0f} s wall, {self.cpu[name]:.0f} s CPU (load {os.getloadavg()[0]:.1f})")
+
+    def line(self):
+        wall, cpu = time.time() - self.start[0], cpu_seconds() - self.start[1]
+        return (f"Wall time {fmt_s(wall)}, CPU time (user + system) {fmt_s(cpu)}, load average at the end "
+                f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; per step (wall / CPU s): "
+                + ", ".join(f"{k} {self.wall[k]:.0f} / {self.cpu[k]:.0f}" for k in self.wall))
+
+
+def fmt_s(seconds):
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
 def sh(*cmd):
@@ -86,9 +118,12 @@ def train_model(corpus, tokenizer, out, a):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(a.seed)
-    ids = torch.tensor(tokenizer((corpus / "train.txt").read_text())["input_ids"], dtype=torch.long)
+    text = (corpus / "train.txt").read_text()
+    ids = torch.tensor(tokenizer(text, return_attention_mask=False)["input_ids"], dtype=torch.long)
+    # No dropout: the model sees under one epoch, so dropout would only slow its learning.
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=a.positions, n_embd=a.dim, n_layer=a.layers,
-                        n_head=a.heads, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                        n_head=a.heads, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     warmup = max(1, a.steps // 10)
@@ -120,81 +155,86 @@ def summary(path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m knnlm.experiments.hf_austen", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", type=Path, default=Path("demo_runs/hf_austen"))
+    p.add_argument("--workdir", type=Path, help="default demo_runs/hf_austen (--quick: demo_runs/hf_austen_quick)")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="folder with train/valid/test.txt")
-    p.add_argument("--quick", action="store_true", help="smoke size: 30K words, 40 steps, k 64")
+    p.add_argument("--quick", action="store_true", help="smoke size: 30K words, vocabulary 2,000, 60 steps, k 32")
     p.add_argument("--limit-words", type=int, default=0, help="use only the first N words of train (N/5 of valid, test)")
-    p.add_argument("--vocab", type=int, default=8000)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--dim", type=int, default=192)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--positions", type=int, default=256)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--stride", type=int, default=256,
                    help="windows of --positions tokens every STRIDE tokens, dump and eval (128: more context per token, 2x the forwards)")
-    p.add_argument("--k", type=int, default=256)
+    p.add_argument("--k", type=int, default=128)
     p.add_argument("--ncentroids", type=int, default=1024)
-    p.add_argument("--code-size", type=int, default=64)
+    p.add_argument("--code-size", type=int, default=32)
+    p.add_argument("--probe", type=int, default=8, help="IVF lists searched per query")
+    p.add_argument("--train-keys", type=int, default=100000, help="keys the index is trained on")
+    p.add_argument("--threads", type=int, help="torch and FAISS threads, here and in the steps' commands "
+                                                 "(default: all cores; 1 on a busy shared host)")
     a = p.parse_args(argv)
+    index_threads = []
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(a.threads)  # the commands inherit it
+        index_threads = [f"threads={a.threads}"]
     if a.quick:
-        a.limit_words, a.vocab, a.steps, a.k, a.ncentroids = a.limit_words or 30000, 2000, 40, 64, 64
-    total = time.time()
-    times = {}
-    w = a.workdir
+        a.limit_words, a.vocab, a.steps, a.k, a.ncentroids = a.limit_words or 30000, 2000, 60, 32, 64
+    steps = Steps()
+    w = a.workdir or Path("demo_runs/hf_austen_quick" if a.quick else "demo_runs/hf_austen")
     w.mkdir(parents=True, exist_ok=True)
-    t = time.time()
     corpus = make_corpus(a.corpus, w, a.limit_words)
     model_dir = w / "model"
     if not (model_dir / "config.json").is_file():
-        tok = make_tokenizer(corpus, model_dir, a.vocab)
-        times["tokenizer"] = time.time() - t
-        t = time.time()
-        train_model(corpus, tok, model_dir, a)
-        times["train"] = time.time() - t
+        with steps.timed("tokenizer"):
+            tok = make_tokenizer(corpus, model_dir, a.vocab)
+        with steps.timed("train"):
+            train_model(corpus, tok, model_dir, a)
     window = ["--max-length", a.positions, "--stride", a.stride, "--batch-size", 8]
     dstore, index = w / "dstore" / "train", w / "dstore" / "knn.index"
     if not Path(f"{dstore}_meta.json").is_file() or not summary(f"{dstore}_meta.json").get("complete"):
-        t = time.time()
-        tool("knnlm.hf.cli", "dump", "--model", model_dir, "--text", corpus / "train.txt", *window,
-             "--dstore-mmap", dstore, "--overwrite")
-        times["dump"] = time.time() - t
+        with steps.timed("dump"):
+            tool("knnlm.hf.cli", "dump", "--model", model_dir, "--text", corpus / "train.txt", *window,
+                 "--dstore-mmap", dstore, "--overwrite")
     if not Path(f"{index}.meta.json").is_file():
-        t = time.time()
-        tool("knnlm.index.builder", f"dstore_mmap={dstore}", f"faiss_index={index}", f"ncentroids={a.ncentroids}",
-             f"code_size={a.code_size}", "probe=32", "num_keys_to_train=200000", "seed=1", "overwrite=true")
-        times["index"] = time.time() - t
-    knn = ["--knnlm", "--dstore-filename", dstore, "--indexfile", index, "--k", a.k, "--probe", 32,
+        with steps.timed("index"):
+            tool("knnlm.index.builder", f"dstore_mmap={dstore}", f"faiss_index={index}", f"ncentroids={a.ncentroids}",
+                 f"code_size={a.code_size}", f"probe={a.probe}", f"num_keys_to_train={a.train_keys}", "seed=1",
+                 "overwrite=true", *index_threads)
+    knn = ["--knnlm", "--dstore-filename", dstore, "--indexfile", index, "--k", a.k, "--probe", a.probe,
            "--move-dstore-to-mem"]
     runs = w / "runs"
     runs.mkdir(exist_ok=True)
-    t = time.time()
-    tool("knnlm.hf.cli", "eval", "--model", model_dir, "--text", corpus / "valid.txt", *window, *knn,
-         "--knnlm-dump-probs", runs / "valid_export", "--overwrite", "--json", runs / "valid_export.json")
-    times["export"] = time.time() - t
-    t = time.time()
-    tool("knnlm.offline.tune", runs / "valid_export", "--lambdas", "0:1:0.01", "--json", runs / "best.json")
+    with steps.timed("export"):
+        tool("knnlm.hf.cli", "eval", "--model", model_dir, "--text", corpus / "valid.txt", *window, *knn,
+             "--knnlm-dump-probs", runs / "valid_export", "--overwrite", "--json", runs / "valid_export.json")
+    with steps.timed("tune"):
+        tool("knnlm.offline.tune", runs / "valid_export", "--lambdas", "0:1:0.01", "--json", runs / "best.json")
     best = summary(runs / "best.json")
-    times["tune"] = time.time() - t
     lam, temp = best["best_lambda"], best["best_temperature"]
     # valid at the tuned setting: knnlm-tune's own perplexity (exact: the export keeps all k neighbors).
     valid = summary(runs / "valid_export.json")
     results = {"valid": {"tokens": valid["tokens"], "base_ppl": valid["base_ppl"], "ppl": best["best_ppl"]}}
-    t = time.time()
-    out = tool("knnlm.hf.cli", "eval", "--model", model_dir, "--text", corpus / "test.txt", *window, *knn,
-               "--lmbda", lam, "--knn-temp", temp, "--json", runs / "test.json")
-    times["score test"] = time.time() - t
+    with steps.timed("score test"):
+        out = tool("knnlm.hf.cli", "eval", "--model", model_dir, "--text", corpus / "test.txt", *window, *knn,
+                   "--lmbda", lam, "--knn-temp", temp, "--json", runs / "test.json")
     results["test"] = summary(runs / "test.json")
     log(out.strip().splitlines()[-1])
     size = summary(f"{dstore}_meta.json")["size"]
     lines = [
         f"# kNN-LM with the Hugging Face front-end on Jane Austen{' (--quick)' if a.quick else ''}",
         "",
-        f"GPT-2 architecture, {a.layers} layers x {a.dim}, BPE vocabulary {a.vocab}, {a.steps} training steps; "
-        f"datastore {size:,} entries (train.txt, windows of {a.positions} every {a.stride}); k = {a.k}; "
-        f"lambda = {lam:g}, T = {temp:g} tuned on valid.",
+        f"GPT-2 architecture, {a.layers} layers x {a.dim}, BPE vocabulary {a.vocab}, {a.steps} training steps of "
+        f"{a.batch} x {a.positions} tokens; datastore {size:,} entries (train.txt, windows of {a.positions} every "
+        f"{a.stride}); IVF{a.ncentroids},PQ{a.code_size}, probe {a.probe}, k = {a.k}; lambda = {lam:g}, T = {temp:g} "
+        f"tuned on valid.",
         "",
         "| split | tokens | base LM ppl | kNN-LM ppl | change |",
         "|---|---|---|---|---|",
@@ -202,8 +242,7 @@ def main(argv=None):
     for split, r in results.items():
         lines.append(f"| {split} | {r['tokens']:,} | {r['base_ppl']:.2f} | {r['ppl']:.2f} | "
                      f"{100 * (r['ppl'] / r['base_ppl'] - 1):+.1f}% |")
-    lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
-              + f"; total {time.time() - total:.0f} s"]
+    lines += ["", steps.line() + f" ({os.cpu_count()} CPUs)"]
     table = "\n".join(lines) + "\n"
     (w / "results.md").write_text(table)
     print(table)
