@@ -80,6 +80,9 @@ class EfficientConfig(FairseqDataclass):
                 "search only when fewer than --retomaton-min-pointers survive (needs --knn-sim-func l2 or dot)"})
     retomaton_min_pointers: int = field(default=1, metadata={"help": "search when fewer pointer candidates than this survive"})
     retomaton_max_pointers: Optional[int] = field(default=None, metadata={"help": "pointer candidates kept per token (default: --k)"})
+    retomaton_cluster: Optional[str] = field(default=None, metadata={
+        "help": "--retomaton with the paper's states: a knnlm-retomaton-cluster file (k-means cluster of every "
+                "entry); a token that follows pointers is also scored against the other members of their clusters"})
     adaptive_retrieval: Optional[str] = field(default=None, metadata={
         "help": "adaptive retrieval (He et al. 2021): a predictor from knnlm-adaptive train reads the LM's features "
                 "of each token (entropy, top log-probabilities) and the tokens with the lowest predicted lambda are "

@@ -182,7 +182,8 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                                        allow_index_without_fingerprint=a.knn_allow_index_without_fingerprint)
         if a.retomaton:
             retriever = RetoMatonRetriever(retriever, min_pointers=a.retomaton_min_pointers,
-                                           max_pointers=a.retomaton_max_pointers)
+                                           max_pointers=a.retomaton_max_pointers,
+                                           clusters=getattr(a, "retomaton_cluster", None))
         if getattr(a, "adaptive_retrieval", None):
             retriever = AdaptiveRetriever(retriever, a.adaptive_retrieval, skip=a.adaptive_skip,
                                           threshold=a.adaptive_threshold)
@@ -357,6 +358,8 @@ def validate(a):
                               "records for re-scoring: drop --knnlm-dump-probs (export a plain --knnlm run)")
         if a.retomaton_min_pointers < 1:
             raise ConfigError(f"--retomaton-min-pointers must be at least 1, got {a.retomaton_min_pointers}")
+    elif getattr(a, "retomaton_cluster", None):
+        raise ConfigError("--retomaton-cluster is an option of RetoMaton: add --retomaton")
     _validate_adaptive(a)
     if a.continuous_cache:
         if a.save_knnlm_dstore:

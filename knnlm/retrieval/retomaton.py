@@ -17,6 +17,7 @@ streams advance together, position by position, so the searches of one position 
 """
 
 import dataclasses
+import os
 
 import numpy as np
 import torch
@@ -62,10 +63,13 @@ class RetoMatonRetriever(Retriever):
     """Pointers first, `base` search (FaissRetriever, ExactRetriever, ...) when too few survive.
 
     min_pointers: search when fewer candidates than this survive (1: only when none does);
-    max_pointers: candidates kept per token (default: the base's k).
+    max_pointers: candidates kept per token (default: the base's k);
+    clusters: the paper's states, a knnlm-retomaton-cluster file or (N,) cluster ids: a token
+    that follows pointers is scored against them and the other members of their clusters (up to
+    max_pointers); whether it searches still depends on the pointers alone.
     """
 
-    def __init__(self, base, *, min_pointers=1, max_pointers=None):
+    def __init__(self, base, *, min_pointers=1, max_pointers=None, clusters=None):
         if min_pointers < 1:
             raise ConfigError(f"--retomaton-min-pointers must be at least 1, got {min_pointers}")
         if base.sim_func == "do_not_recomp_l2":
@@ -78,6 +82,17 @@ class RetoMatonRetriever(Retriever):
         if self.max_pointers < 1:
             raise ConfigError(f"--retomaton-max-pointers must be at least 1, got {max_pointers}")
         self.follows = torch.from_numpy(pointer_targets(self.datastore))
+        self.members = None
+        if clusters is not None:
+            from .retomaton_clusters import ClusterMembers, load_clusters
+
+            if isinstance(clusters, (str, os.PathLike)):
+                clusters = load_clusters(clusters, self.datastore)
+            clusters = np.asarray(clusters)
+            if clusters.shape != (self.datastore.size,) or (clusters < 0).any():
+                raise ConfigError(f"RetoMaton clusters: {clusters.shape} ids for {self.datastore.size:,} entries "
+                                  f"(one non-negative cluster id per entry is needed)")
+            self.members = ClusterMembers(clusters)
         self.searched = 0
         self.tokens = 0
 
@@ -91,7 +106,8 @@ class RetoMatonRetriever(Retriever):
 
     def describe(self):
         s = self.summary()
-        return (f"retomaton min-pointers {self.min_pointers}: {100 * s['searches_saved']:.1f}% of "
+        states = f", {len(self.members.starts) - 1:,} clusters" if self.members is not None else ""
+        return (f"retomaton min-pointers {self.min_pointers}{states}: {100 * s['searches_saved']:.1f}% of "
                 f"{s['tokens']:,} searches saved")
 
     def retrieve(self, queries, state=None, *, nearest_first=True):
@@ -146,6 +162,13 @@ class RetoMatonRetriever(Retriever):
             if follow.any():
                 width_f = int(count[live[follow]].max())
                 cid = cands[live[follow], :width_f]
+                if self.members is not None:  # the pointers' clusters' other members join them
+                    ext = [self.members.extend(c[:m].numpy(), self.max_pointers)
+                           for c, m in zip(cid, count[live[follow]].tolist())]
+                    width_f = max(len(e) for e in ext)
+                    cid = torch.full((len(ext), width_f), -1, dtype=torch.int64)
+                    for j, e in enumerate(ext):
+                        cid[j, :len(e)] = torch.from_numpy(e)
                 d = self.base.exact_distances(q[rows[follow]], cid.clamp(min=0).numpy()).float().cpu()
                 v = torch.from_numpy(np.asarray(self.datastore.gather_vals(cid.clamp(min=0).numpy())).astype(np.int64))
                 pad = cid < 0
