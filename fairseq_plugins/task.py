@@ -376,7 +376,7 @@ def validate(a):
 
 def _validate_adaptive(a):
     """--adaptive-retrieval, --adaptive-skip, --adaptive-threshold."""
-    from knnlm.retrieval.adaptive import check_skip, check_threshold
+    from knnlm.retrieval.adaptive import check_skip
 
     path = getattr(a, "adaptive_retrieval", None)
     skip, threshold = getattr(a, "adaptive_skip", None), getattr(a, "adaptive_threshold", None)
@@ -398,8 +398,9 @@ def _validate_adaptive(a):
                           "drop --adaptive-skip or --adaptive-threshold")
     if skip is not None:
         check_skip(skip)
-    if threshold is not None:
-        check_threshold(threshold)
+    if threshold is not None and not math.isfinite(threshold):
+        raise ConfigError(f"--adaptive-threshold must be a finite number, got {threshold}")
+    # (its range depends on the predictor's objective, checked when the predictor is read)
 
 
 def _validate_cache_extras(a):

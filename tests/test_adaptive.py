@@ -84,7 +84,7 @@ def small(tmp_path_factory):
     return ds, index, queries, targets, lp_lm.gather(1, targets[:, None]).squeeze(1), feats
 
 
-def make_predictor(feats, ds, seed=0, top_k=3):
+def make_predictor(feats, ds, seed=0, top_k=3, objective="lambda"):
     """A predictor with random weights, calibrated on `feats`, tied to datastore `ds`."""
     torch.manual_seed(seed)
     net = build_net(1 + top_k, [6])
@@ -94,7 +94,7 @@ def make_predictor(feats, ds, seed=0, top_k=3):
     return Predictor.from_net(net, hidden=[6], mean=[0.0] * (1 + top_k), std=[1.0] * (1 + top_k), top_k=top_k,
                               calibration=cal, info={"datastore": ds.prefix, "datastore_fingerprint": ds.fingerprint,
                                                      "dict_fingerprint": "f", "model_fingerprint": "m",
-                                                     "lmbda": 0.3, "temperature": 2.0})
+                                                     "lmbda": 0.3, "temperature": 2.0}, objective=objective)
 
 
 @pytest.mark.parametrize("how", [{"skip": 0.0}, {"threshold": 0.0}, {}])
@@ -122,7 +122,7 @@ def test_skip_gives_p_lm_to_exactly_the_lowest_scored_and_searches_only_the_rest
     knn = KNNLM(AdaptiveRetriever(base, pred, skip=skip), lmbda=0.3, temperature=2.0)
     got = knn.score(q, t, lp_lm, state=feats)
     # the expected decision, from the predictor's scores ranked here
-    scores = pred.logits(feats).numpy()
+    scores = pred.scores(feats).numpy()
     order = np.argsort(scores, kind="stable")
     n_skip = int(round(skip * len(q)))  # calibrated on these very features: the quantile is exact up to ties
     kept = np.ones(len(q), bool)
@@ -135,11 +135,11 @@ def test_skip_gives_p_lm_to_exactly_the_lowest_scored_and_searches_only_the_rest
     pct = 100 * (1 - kept.mean())
     assert f"adaptive skip {skip:g}: {pct:.1f}% of 60 searches saved" in knn.describe()
     # a threshold (a predicted lambda) keeps the tokens at or above it
-    lam = torch.sigmoid(pred.logits(feats))
+    lam = torch.sigmoid(pred.scores(feats))
     cut = float(lam.median())
     got2 = KNNLM(AdaptiveRetriever(FaissRetriever(index, ds, k=K), pred, threshold=cut), lmbda=0.3,
                  temperature=2.0).score(q, t, lp_lm, state=feats)
-    assert torch.equal(got2.neighbors.retrieved, pred.logits(feats) >= math.log(cut / (1 - cut)))
+    assert torch.equal(got2.neighbors.retrieved, pred.scores(feats) >= math.log(cut / (1 - cut)))
 
 
 def test_everything_skipped_searches_nothing(small):
@@ -168,11 +168,13 @@ def synthetic_export(path, n=3000, seed=0):
     return path
 
 
-def test_trainer_learns_where_pknn_helps(tmp_path, capsys):
+@pytest.mark.parametrize("objective", ["lambda", "gain"])
+def test_trainer_learns_where_pknn_helps(tmp_path, capsys, objective):
     exp = synthetic_export(tmp_path / "export")
     assert load_export(str(exp)).features.shape == (3000, 9)
     out = tmp_path / "pred.json"
-    assert trainer.main(["train", str(exp), "--out", str(out), "--epochs", "15", "--plot", str(tmp_path / "c.png")]) == 0
+    assert trainer.main(["train", str(exp), "--out", str(out), "--epochs", "15", "--plot", str(tmp_path / "c.png"),
+                         "--objective", objective]) == 0
     text = capsys.readouterr().out
     assert "held out (the last 20% of the export)" in text and (tmp_path / "c.png").stat().st_size > 0
     pred = Predictor.load(str(out))
@@ -184,13 +186,20 @@ def test_trainer_learns_where_pknn_helps(tmp_path, capsys):
     assert abs(at[0.5]["skipped"] - 0.5) < 0.06
     assert at[0.4]["ppl"] <= held["knnlm_ppl"] * 1.001
     assert at[0.4]["ppl"] < 0.8 * at[0.4]["ppl_random"]
-    # the learned lambda separates the two kinds of tokens
+    # the learned lambda (or gain) separates the two kinds of tokens
     e = load_export(str(exp))
-    lam = pred.lmbda(torch.from_numpy(np.array(e.features)))
     high = torch.from_numpy(np.array(e.features[:, 0]) > 2)
-    assert lam[high].mean() > 0.8 and lam[~high].mean() < 0.2
+    if objective == "lambda":
+        lam = pred.lmbda(torch.from_numpy(np.array(e.features)))
+        assert lam[high].mean() > 0.8 and lam[~high].mean() < 0.2
+    else:  # the true gains: log(0.25 e^-0.05 + 0.75 e^-4) + 4 = 2.62 where p_kNN helps, log 0.75 = -0.29 elsewhere
+        gain = pred.scores(torch.from_numpy(np.array(e.features)))
+        assert gain[high].mean() - gain[~high].mean() > 1.5 and float(gain[high].min()) > float(gain[~high].median())
+        with pytest.raises(ConfigError, match="not a lambda"):
+            pred.lmbda(torch.from_numpy(np.array(e.features)))
     # deterministic: the same seed gives the same file's weights
-    assert trainer.main(["train", str(exp), "--out", str(tmp_path / "again.json"), "--epochs", "15"]) == 0
+    assert trainer.main(["train", str(exp), "--out", str(tmp_path / "again.json"), "--epochs", "15",
+                         "--objective", objective]) == 0
     assert Predictor.load(str(tmp_path / "again.json")).meta["params"] == pred.meta["params"]
     # the curve on a whole export
     assert trainer.main(["curve", str(exp), "--predictor", str(out)]) == 0
@@ -206,6 +215,12 @@ def test_refusals(small, tmp_path, capsys):
             AdaptiveRetriever(FaissRetriever(index, ds, k=K), pred, skip=bad)
     with pytest.raises(ConfigError, match="--adaptive-threshold"):
         AdaptiveRetriever(FaissRetriever(index, ds, k=K), pred, threshold=2.0)
+    # a gain predictor's threshold is a gain in nats: any number; below every score keeps every token
+    gp = make_predictor(feats, ds, objective="gain")
+    low = float(gp.scores(feats).min()) - 1
+    assert bool(AdaptiveRetriever(FaissRetriever(index, ds, k=K), gp, threshold=low).keep(feats).all())
+    with pytest.raises(ConfigError, match="predicted gain in nats"):
+        AdaptiveRetriever(FaissRetriever(index, ds, k=K), gp, threshold=float("nan"))
     with pytest.raises(ConfigError, match="not both"):
         AdaptiveRetriever(FaissRetriever(index, ds, k=K), pred, skip=0.1, threshold=0.1)
     with pytest.raises(ConfigError, match="LM's features"):

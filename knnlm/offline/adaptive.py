@@ -5,10 +5,13 @@ per-token export, and print the curve of skipped fraction vs perplexity.
     knnlm-adaptive curve EXPORT_DIR --predictor PRED.json        # the curve on another export
 
 The export must hold the LM features (features.npy: written by `--knnlm-dump-probs` since
-adaptive retrieval exists). The network reads them and predicts a per-token lambda, trained to
-maximize log(lambda p_kNN + (1 - lambda) p_LM) (the paper's objective), with p_kNN at the
-temperature the kNN-LM will use. At evaluation the tokens of lowest predicted lambda skip the
-search and get p_LM alone; the others get the kNN-LM with its constant lambda.
+adaptive retrieval exists). The network reads them and scores each token, with p_kNN at the
+temperature the kNN-LM will use. `--objective lambda` (the paper's): a per-token lambda trained
+to maximize log(lambda p_kNN + (1 - lambda) p_LM). `--objective gain`: a regression (squared
+error) on the gain of the kNN-LM at its constant lambda over p_LM alone, log(lambda p_kNN +
+(1 - lambda) p_LM) - log p_LM: what skipping a token gives up, so ranking by it is what the
+skip decision needs. At evaluation the lowest-scored tokens skip the search and get p_LM alone;
+the others get the kNN-LM with its constant lambda.
 
 Training uses the export's first tokens; the last `--heldout` fraction (default 20%, a
 contiguous tail, so no sentence is on both sides) is never trained on, and the curve is
@@ -27,7 +30,7 @@ import torch
 
 from .. import provenance
 from ..errors import ConfigError
-from ..retrieval.adaptive import ARCHS, CALIBRATION_POINTS, FEATURE_FLOOR, Predictor, build_net, check_skip
+from ..retrieval.adaptive import ARCHS, CALIBRATION_POINTS, FEATURE_FLOOR, OBJECTIVES, Predictor, build_net, check_skip
 from ..scoring import check_lambda, check_temperature, interpolate
 from .export import load_export, lp_knn_at, same_temperature
 from .rescoring import run_command, write_outputs
@@ -75,9 +78,16 @@ def mixture_nll(logits, lp_lm, lp_knn):
     return -torch.logsumexp(both, dim=-1)
 
 
+def gain(lp_lm, lp_knn, lmbda):
+    """log(lambda p_kNN + (1 - lambda) p_LM) - log p_LM per token: what a search adds (nats)."""
+    a, b = torch.as_tensor(lp_lm), torch.as_tensor(lp_knn)
+    return interpolate(a, b, lmbda) - a.float()
+
+
 def fit(features, lp_lm, lp_knn, *, hidden=(32, 32), epochs=20, lr=3e-3, batch_size=1024, seed=0,
-        weight_decay=0.0, progress=True):
+        weight_decay=0.0, progress=True, objective="lambda", lmbda=None):
     """Train the network on (N, F) features: returns (net, mean, std). Seeded, deterministic.
+    objective "lambda": the mixture likelihood; "gain": squared error on `gain(..., lmbda)`.
 
     One thread: the network is tiny, and on a busy host more threads only wait on each other
     (measured 15x slower with 2 threads under load)."""
@@ -85,12 +95,14 @@ def fit(features, lp_lm, lp_knn, *, hidden=(32, 32), epochs=20, lr=3e-3, batch_s
     torch.set_num_threads(1)
     try:
         return _fit(features, lp_lm, lp_knn, hidden=hidden, epochs=epochs, lr=lr, batch_size=batch_size,
-                    seed=seed, weight_decay=weight_decay, progress=progress)
+                    seed=seed, weight_decay=weight_decay, progress=progress, objective=objective, lmbda=lmbda)
     finally:
         torch.set_num_threads(threads)
 
 
-def _fit(features, lp_lm, lp_knn, *, hidden, epochs, lr, batch_size, seed, weight_decay, progress):
+def _fit(features, lp_lm, lp_knn, *, hidden, epochs, lr, batch_size, seed, weight_decay, progress, objective, lmbda):
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x = torch.from_numpy(np.maximum(features, FEATURE_FLOOR).astype(np.float32))
@@ -98,6 +110,7 @@ def _fit(features, lp_lm, lp_knn, *, hidden, epochs, lr, batch_size, seed, weigh
     std = x.std(0).clamp(min=1e-6) if len(x) > 1 else torch.ones(x.shape[1])
     x = (x - mean) / std
     a, b = torch.from_numpy(lp_lm), torch.from_numpy(lp_knn)
+    g = gain(a, b, lmbda) if objective == "gain" else None
     net = build_net(x.shape[1], list(hidden))
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
     steps = max(1, math.ceil(len(x) / batch_size))
@@ -111,7 +124,8 @@ def _fit(features, lp_lm, lp_knn, *, hidden, epochs, lr, batch_size, seed, weigh
         order = torch.randperm(len(x), generator=gen)
         for s in range(steps):
             i = order[s * batch_size:(s + 1) * batch_size]
-            loss = mixture_nll(net(x[i]).squeeze(-1), a[i], b[i]).mean()
+            out = net(x[i]).squeeze(-1)
+            loss = mixture_nll(out, a[i], b[i]).mean() if g is None else (out - g[i]).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -131,40 +145,47 @@ def _ppl(lp):
 def curve(predictor, features, lp_lm, lp_knn, lmbda, skips=SKIPS, seed=0):
     """Rows of the curve on these tokens: for each target skip fraction, the predictor's
     threshold (as --adaptive-skip F sets it), the fraction skipped, ppl with the kNN-LM's
-    constant lambda on the kept tokens, ppl when as many tokens are skipped at random, and ppl
-    with the predicted lambda on the kept tokens (the paper's variant; not what eval does)."""
-    logits = predictor.logits(torch.from_numpy(features))
+    constant lambda on the kept tokens, ppl when as many tokens are skipped at random, and (a
+    lambda predictor) ppl with the predicted lambda on the kept tokens (the paper's variant;
+    not what eval does)."""
+    scores = predictor.scores(torch.from_numpy(features))
     a, b = torch.from_numpy(lp_lm), torch.from_numpy(lp_knn)
     full = interpolate(a, b, lmbda)
-    own = -mixture_nll(logits, a, b)
+    own = -mixture_nll(scores, a, b) if predictor.objective == "lambda" else None
     perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(a)))
     rows = []
     for f in skips:
         check_skip(f, "a skip fraction")
-        keep = logits >= predictor.threshold_for_skip(f)
+        cut = predictor.threshold_for_skip(f)
+        keep = scores >= cut
         skipped = 1.0 - float(keep.float().mean())
         rand = torch.ones(len(a), dtype=torch.bool)
         rand[perm[:int(round(skipped * len(a)))]] = False
-        rows.append({"skip_target": f, "threshold_lambda": float(torch.sigmoid(torch.tensor(predictor.threshold_for_skip(f)))),
+        threshold = (1 / (1 + math.exp(-cut)) if predictor.objective == "lambda" else cut) if math.isfinite(cut) else (
+            0.0 if predictor.objective == "lambda" else cut)
+        rows.append({"skip_target": f, "threshold": threshold,
                      "skipped": skipped, "ppl": _ppl(torch.where(keep, full, a)),
                      "ppl_random": _ppl(torch.where(rand, full, a)),
-                     "ppl_predicted_lambda": _ppl(torch.where(keep, own, a))})
-    return {"tokens": len(a), "base_ppl": _ppl(a), "knnlm_ppl": _ppl(full), "rows": rows}
+                     "ppl_predicted_lambda": None if own is None else _ppl(torch.where(keep, own, a))})
+    return {"tokens": len(a), "base_ppl": _ppl(a), "knnlm_ppl": _ppl(full), "objective": predictor.objective,
+            "rows": rows}
 
 
 def report(result, where):
     c = result
     lines = [f"{where}: {c['tokens']:,} tokens, base LM ppl {c['base_ppl']:.4f}, full kNN-LM ppl {c['knnlm_ppl']:.4f}",
              "",
-             "| skip target | threshold (lambda) | skipped | ppl | vs full kNN-LM | random skipping ppl | ppl, predicted lambda |",
+             f"| skip target | threshold ({'lambda' if c['objective'] == 'lambda' else 'gain, nats'}) | skipped | ppl | "
+             f"vs full kNN-LM | random skipping ppl | ppl, predicted lambda |",
              "|---|---|---|---|---|---|---|"]
     for r in c["rows"]:
-        lines.append(f"| {100 * r['skip_target']:.0f}% | {r['threshold_lambda']:.4g} | {100 * r['skipped']:.1f}% | "
-                     f"{r['ppl']:.4f} | {100 * (r['ppl'] / c['knnlm_ppl'] - 1):+.2f}% | {r['ppl_random']:.4f} | "
-                     f"{r['ppl_predicted_lambda']:.4f} |")
+        own = "—" if r["ppl_predicted_lambda"] is None else f"{r['ppl_predicted_lambda']:.4f}"
+        lines.append(f"| {100 * r['skip_target']:.0f}% | {r['threshold']:.4g} | {100 * r['skipped']:.1f}% | "
+                     f"{r['ppl']:.4f} | {100 * (r['ppl'] / c['knnlm_ppl'] - 1):+.2f}% | {r['ppl_random']:.4f} | {own} |")
     lines.append("")
     lines.append("ppl: skipped tokens get p_LM alone, the others the kNN-LM at its constant lambda (what "
-                 "--adaptive-skip does); the last column uses the predicted lambda instead (not in eval).")
+                 "--adaptive-skip does); the last column (a lambda predictor) uses the predicted lambda "
+                 "instead (not in eval).")
     return "\n".join(lines)
 
 
@@ -217,11 +238,12 @@ def train(args):
     hidden = _hidden(args.arch, args.hidden)
     t0 = time.time()
     net, mean, std = fit(features[:cut], lp_lm[:cut], lp_knn[:cut], hidden=hidden, epochs=args.epochs, lr=args.lr,
-                         batch_size=args.batch_size, seed=args.seed, weight_decay=args.weight_decay)
+                         batch_size=args.batch_size, seed=args.seed, weight_decay=args.weight_decay,
+                         objective=args.objective, lmbda=lmbda)
     with torch.no_grad():
         x = (torch.from_numpy(np.maximum(features, FEATURE_FLOOR)) - mean) / std
-        logits = net(x).squeeze(-1).numpy().astype(np.float64)
-    calibration = np.quantile(logits, np.linspace(0.0, 1.0, CALIBRATION_POINTS))
+        scores = net(x).squeeze(-1).numpy().astype(np.float64)
+    calibration = np.quantile(scores, np.linspace(0.0, 1.0, CALIBRATION_POINTS))
     info = {k: export.meta.get(k) for k in IDENTITY_FIELDS}
     info.update(export=export.path, lmbda=lmbda, temperature=temperature, arch=args.arch,
                 training={"tokens": cut, "heldout_tokens": n - cut,
@@ -232,12 +254,12 @@ def train(args):
                 versions=provenance.versions())
     top_k = len(export.feature_names) - 1
     predictor = Predictor.from_net(net, hidden=hidden, mean=mean.tolist(), std=std.tolist(), top_k=top_k,
-                                   calibration=calibration, info=info)
+                                   calibration=calibration, info=info, objective=args.objective)
     held = curve(predictor, features[cut:], lp_lm[cut:], lp_knn[cut:], lmbda, seed=args.seed)
     predictor.meta["heldout_curve"] = held  # informative, outside the checksum
     predictor.save(args.out, overwrite=args.overwrite)
     print(f"trained on {cut:,} tokens of {export.path} (lambda {lmbda:g}, T {temperature:g}, {args.arch} "
-          f"{hidden}); wrote {args.out}")
+          f"{hidden}, objective {args.objective}); wrote {args.out}")
     print(report(held, f"held out (the last {100 * args.heldout:g}% of the export)"))
     write_outputs(None, None, args.plot, lambda p: plot(held, p, f"adaptive retrieval, held-out part of {export.path}"))
 
@@ -272,7 +294,10 @@ def build_parser():
     t = sub.add_parser("train", help="train a predictor on an export (its last --heldout part measures the curve)")
     t.add_argument("export_dir", metavar="EXPORT_DIR")
     t.add_argument("--out", required=True, metavar="PREDICTOR", help="the predictor file to write (JSON)")
-    t.add_argument("--arch", choices=ARCHS, default="mlp", help="mlp (default) or linear (logistic regression)")
+    t.add_argument("--arch", choices=ARCHS, default="mlp", help="mlp (default) or linear (logistic/linear regression)")
+    t.add_argument("--objective", choices=OBJECTIVES, default="lambda",
+                   help="lambda: a per-token lambda maximizing the mixture likelihood (the paper's; default); gain: "
+                        "regress the kNN-LM's gain over p_LM at the constant lambda")
     t.add_argument("--hidden", default="32,32", help="--arch mlp: hidden layer widths (default %(default)s)")
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--lr", type=float, default=3e-3)

@@ -3,15 +3,19 @@ Language Models", section 4): search only for the tokens where p_kNN is predicte
 
 A small network (`Predictor`, trained by `knnlm-adaptive train` on a held-out export) reads the
 LM's own features of each token (`knnlm.features`: entropy and top log-probabilities of p_LM)
-and predicts the weight lambda that maximizes log(lambda p_kNN + (1 - lambda) p_LM) for that
-token. Tokens whose predicted lambda falls below a threshold are not searched and get p_LM
-alone; the others are searched by the base strategy in one call with only their queries, and
-scored exactly as the plain kNN-LM scores them (its constant lambda).
+and scores how much the search is worth there. Objective "lambda" (the paper's): the score is
+the logit of the weight lambda that maximizes log(lambda p_kNN + (1 - lambda) p_LM) for that
+token. Objective "gain": the score is the predicted gain in log-probability of the kNN-LM at
+its constant lambda over p_LM alone, log(lambda p_kNN + (1 - lambda) p_LM) - log p_LM, which
+is exactly what skipping a token gives up. Tokens scored below a threshold are not searched
+and get p_LM alone; the others are searched by the base strategy in one call with only their
+queries, and scored exactly as the plain kNN-LM scores them (its constant lambda).
 
-The threshold comes from a target skip fraction (`skip=F`: the F-quantile of the predictions
-on the export the predictor was calibrated on) or is given as a lambda (`threshold=X`). With
-nothing skipped (skip 0, or a threshold of 0) every token is searched in one base call and the
-result is the plain kNN-LM's, bit for bit.
+The threshold comes from a target skip fraction (`skip=F`: the F-quantile of the scores on
+the export the predictor was calibrated on) or is given (`threshold=X`: a predicted lambda in
+[0, 1] for objective lambda, a predicted gain in nats for objective gain). With nothing
+skipped (skip 0, or threshold 0 with objective lambda) every token is searched in one base
+call and the result is the plain kNN-LM's, bit for bit.
 
     retriever = AdaptiveRetriever(FaissRetriever(index, ds, k=1024), "pred.json", skip=0.5)
     knn = KNNLM(retriever, lmbda=0.25, temperature=1.0)
@@ -42,6 +46,7 @@ FEATURE_FLOOR = -100.0
 # Quantiles of the predictions kept for calibration: 0, 0.1%, ..., 100%.
 CALIBRATION_POINTS = 1001
 ARCHS = ("mlp", "linear")
+OBJECTIVES = ("lambda", "gain")
 
 
 def build_net(n_in, hidden):
@@ -60,13 +65,14 @@ def _checksum(payload):
 
 def _payload(meta):
     """The fields a checksum covers: everything that changes a prediction or a threshold."""
-    return {k: meta[k] for k in ("feature_names", "hidden", "mean", "std", "params", "calibration")}
+    return {k: meta.get(k) for k in ("feature_names", "hidden", "mean", "std", "params", "calibration", "objective")}
 
 
 class Predictor:
     """The trained network and what it needs: feature names, normalization, calibration.
 
-    `logits(features)` -> (N,) float32: logit of the predicted lambda (higher: p_kNN helps more).
+    `scores(features)` -> (N,) float32, higher where the search helps more: the logit of the
+    predicted lambda (objective "lambda") or the predicted gain in nats (objective "gain").
     """
 
     def __init__(self, meta, net, path=None):
@@ -76,16 +82,17 @@ class Predictor:
         self.mean = torch.tensor(meta["mean"], dtype=torch.float32)
         self.std = torch.tensor(meta["std"], dtype=torch.float32)
         self.calibration = np.asarray(meta["calibration"], dtype=np.float64)
+        self.objective = meta.get("objective", "lambda")
 
     # ---- building and saving ----
     @classmethod
-    def from_net(cls, net, *, hidden, mean, std, top_k, calibration, info):
+    def from_net(cls, net, *, hidden, mean, std, top_k, calibration, info, objective="lambda"):
         """A predictor from a trained net; `info` adds the provenance (export, fingerprints, ...)."""
         params = {k: v.detach().cpu().double().tolist() for k, v in net.state_dict().items()}
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "feature_names": feature_names(top_k),
                 "top_k": int(top_k), "hidden": [int(h) for h in hidden], "mean": [float(x) for x in mean],
                 "std": [float(x) for x in std], "params": params,
-                "calibration": [float(x) for x in calibration], **info}
+                "calibration": [float(x) for x in calibration], "objective": objective, **info}
         meta["checksum"] = _checksum(_payload(meta))
         return cls(meta, net)
 
@@ -113,6 +120,9 @@ class Predictor:
                 raise CorruptError(f"predictor {path} fails its checksum: its weights, normalization or "
                                    f"calibration were changed or damaged. Train it again")
             top_k = int(meta["top_k"])
+            if meta.get("objective", "lambda") not in OBJECTIVES:
+                raise CorruptError(f"predictor {path} has objective {meta.get('objective')!r}, not one of "
+                                   f"{', '.join(OBJECTIVES)}; train it again")
             if meta["feature_names"] != feature_names(top_k):
                 raise CorruptError(f"predictor {path} expects features {meta['feature_names']}, which this "
                                    f"code does not compute; train it again")
@@ -130,8 +140,8 @@ class Predictor:
 
     # ---- using it ----
     @torch.no_grad()
-    def logits(self, features):
-        """(N, F) LM features (`knnlm.features.lm_features`) -> (N,) float32 logits, on the CPU."""
+    def scores(self, features):
+        """(N, F) LM features (`knnlm.features.lm_features`) -> (N,) float32 scores, on the CPU."""
         x = torch.as_tensor(features).detach().to("cpu", torch.float32)
         if x.ndim != 2 or x.shape[1] != len(self.feature_names):
             raise ConfigError(f"adaptive retrieval: the predictor takes {len(self.feature_names)} features per "
@@ -140,17 +150,28 @@ class Predictor:
         return self.net(x).squeeze(-1)
 
     def lmbda(self, features):
-        """The predicted per-token lambda, (N,) in [0, 1]."""
-        return torch.sigmoid(self.logits(features))
+        """The predicted per-token lambda, (N,) in [0, 1] (objective lambda only)."""
+        if self.objective != "lambda":
+            raise ConfigError(f"predictor {self.path} predicts the gain of a search, not a lambda")
+        return torch.sigmoid(self.scores(features))
 
     def threshold_for_skip(self, skip):
-        """The logit below which a token is skipped so that a fraction `skip` of the calibration
+        """The score below which a token is skipped so that a fraction `skip` of the calibration
         tokens is; skip 0 skips nothing (-inf), whatever a new token scores."""
         check_skip(skip)
         if skip == 0:
             return -math.inf
         grid = np.linspace(0.0, 1.0, len(self.calibration))
         return float(np.interp(skip, grid, self.calibration))
+
+    def threshold_from(self, threshold):
+        """The score cut of `--adaptive-threshold X`: logit(X) for a lambda, X itself for a gain."""
+        if self.objective == "lambda":
+            check_threshold(threshold)
+            return logit(float(threshold))
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+            raise ConfigError(f"--adaptive-threshold is a predicted gain in nats for this predictor, got {threshold!r}")
+        return float(threshold)
 
     def check_compatible(self, *, datastore=None, identity=None, allow_model_mismatch=False):
         """Refuse, by name, a predictor trained on another datastore's or another model's export."""
@@ -180,6 +201,7 @@ def check_skip(skip, name="--adaptive-skip"):
 
 
 def check_threshold(threshold, name="--adaptive-threshold"):
+    """A threshold that is a predicted lambda (the default objective's); a gain predictor takes any number."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
         raise ConfigError(f"{name} is a predicted lambda in [0, 1] (tokens below it are not searched), got {threshold!r}")
 
@@ -197,8 +219,9 @@ class AdaptiveRetriever(Retriever):
     """`base` (FaissRetriever, ExactRetriever, ...) searches only the tokens the predictor keeps.
 
     predictor: a `Predictor` or the path of one. Exactly one of skip (target fraction of tokens
-    not searched, in [0, 1)) and threshold (a predicted lambda in [0, 1]: tokens below it are
-    not searched); neither means skip 0. `retrieve(queries, state=features)`: state is the
+    not searched, in [0, 1)) and threshold (tokens scored below it are not searched: a predicted
+    lambda in [0, 1], or a predicted gain in nats, by the predictor's objective); neither means
+    skip 0. `retrieve(queries, state=features)`: state is the
     (N, F) LM features of the queries (`knnlm.features.lm_features(log_probs, self.top_k)`).
     """
 
@@ -213,8 +236,7 @@ class AdaptiveRetriever(Retriever):
         self.predictor = predictor if isinstance(predictor, Predictor) else Predictor.load(predictor)
         self.predictor.check_compatible(datastore=self.datastore)
         if threshold is not None:
-            check_threshold(threshold)
-            self.setting, self.cut = f"threshold {threshold:g}", logit(float(threshold))
+            self.setting, self.cut = f"threshold {threshold:g}", self.predictor.threshold_from(threshold)
         else:
             skip = 0.0 if skip is None else skip
             check_skip(skip)
@@ -240,8 +262,8 @@ class AdaptiveRetriever(Retriever):
         return f"adaptive {self.setting}: {100 * s['searches_saved']:.1f}% of {s['tokens']:,} searches saved"
 
     def keep(self, features):
-        """(N,) bool on the CPU: which tokens are searched (predicted logit at or above the cut)."""
-        return self.predictor.logits(features) >= self.cut
+        """(N,) bool on the CPU: which tokens are searched (score at or above the cut)."""
+        return self.predictor.scores(features) >= self.cut
 
     def retrieve(self, queries, state=None, *, nearest_first=True):
         if state is None:
