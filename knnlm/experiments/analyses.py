@@ -195,7 +195,7 @@ class Analyses:
         self.cfg, self.dcfg = cfg, dcfg
         self.overrides = list(overrides)
         self.demo_overrides, self.demo_config = list(demo_overrides), demo_config
-        self.demo = Demo(dcfg)
+        self.demo = InProcessDemo(dcfg, self)
         self.out = self.demo.workdir / "analyses"
         self.steps_dir = self.out / ".steps"
         self.logs_dir = self.out / "logs"
@@ -223,18 +223,19 @@ class Analyses:
     def python(self, name, module, *args, show=demo_mod.SHOW_ALL):
         return run_tool([sys.executable, "-m", module, *args], self.log_path(name), show=show, env=self.env)
 
-    def inprocess(self, name, prog, main, argv):
+    def inprocess(self, name, prog, main, argv, log_path=None):
         """A console tool's main(argv) in this process (no interpreter start-up), output to the log."""
         argv = [str(a) for a in argv]
         log.info("$ %s %s", prog, shlex.join(argv))
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             rc = main(argv)
-        with open(self.log_path(name), "a", encoding="utf-8") as f:
+        log_path = log_path or self.log_path(name)
+        with open(log_path, "a", encoding="utf-8") as f:
             f.write(f"\n$ {prog} {shlex.join(argv)}\n{buf.getvalue()}")
         if rc:
             raise DemoError(f"{prog} exited with status {rc}:\n{buf.getvalue()[-2000:]}\n"
-                            f"full output: {self.log_path(name)}")
+                            f"full output: {log_path}")
         return buf.getvalue().splitlines()
 
     def eval_lm(self, name, data, ckpt, split, keytype, *args, dcfg=None):
@@ -251,7 +252,7 @@ class Analyses:
             return self.eval_lm_inprocess(name, argv)
         return self.tool(name, "fairseq-eval-lm", *argv, show=SHOW_EVAL)
 
-    def eval_lm_inprocess(self, name, argv, show=SHOW_EVAL):
+    def eval_lm_inprocess(self, name, argv, show=SHOW_EVAL, log_path=None):
         """fairseq-eval-lm's own cli_main, run in this process: the same code and log lines as
         the tool, without its interpreter and fairseq start-up (~5 s of CPU, most of a small
         step). Its log records go to the step's log (those matching `show` to the console too);
@@ -263,10 +264,11 @@ class Analyses:
         import warnings
 
         argv = [str(a) for a in argv]
+        log_path = log_path or self.log_path(name)
         log.info("$ fairseq-eval-lm %s  (in this process)", shlex.join(argv))
         lines, show_re = [], re.compile(show)
         root = logging.getLogger()
-        with open(self.log_path(name), "a", encoding="utf-8") as out:
+        with open(log_path, "a", encoding="utf-8") as out:
             out.write(f"\n$ fairseq-eval-lm {shlex.join(argv)}  (in this process)\n")
             capture = _CaptureHandler(out, lines, show_re)
             quiet = _OnlyOurs()
@@ -303,7 +305,7 @@ class Analyses:
                     out.write(traceback.format_exc())
                     tail = "\n".join(f"    {line}" for line in [*lines[-20:], f"{type(e).__name__}: {e}"])
                     raise DemoError(f"fairseq-eval-lm (in this process) failed; its last lines:\n{tail}\n"
-                                    f"full output: {self.log_path(name)}") from None
+                                    f"full output: {log_path}") from None
             finally:
                 root.removeHandler(capture)
                 if not consoles:
@@ -625,7 +627,7 @@ class Analyses:
         dc = self.cfg.domain
         dcfg = load_config([*self.demo_overrides, *dc.demo_overrides, f"workdir={self.out / 'domain'}"],
                            self.demo_config)
-        dom = self.domain = Demo(dcfg)
+        dom = self.domain = InProcessDemo(dcfg, self)
         ddir = dom.workdir
         corpus = ddir / "corpus"
         seen = bool(dc.seen_datastore)
@@ -706,7 +708,7 @@ class Analyses:
         own_books, rest_books = beyond_books(self.cfg)
         dcfg = load_config([*self.demo_overrides, *bc.demo_overrides, f"workdir={self.out / 'beyond'}"],
                            self.demo_config)
-        lm = self.beyond = Demo(dcfg)
+        lm = self.beyond = InProcessDemo(dcfg, self)
         bdir, kt = lm.workdir, dcfg.datastore.keytype
         text = bdir / "text"
         eval_deps, valid_data = self.eval_set()
@@ -853,6 +855,25 @@ class Analyses:
             print("\n" + text)
         log.info("wrote %s%s", self.out / "results.md",
                  "" if final else f" (so far: {', '.join(sorted(report.done, key=ANALYSES.index))})")
+
+
+class InProcessDemo(Demo):
+    """knnlm.demo's steps, their fairseq-eval-lm and knnlm-tune runs (the demo's datastore, export
+    and tuning) in the analyses' process when eval.in_process: the same argv and log, no tool
+    start-up. Training and fairseq-preprocess stay separate processes."""
+
+    def __init__(self, cfg, analyses):
+        self.analyses = analyses
+        super().__init__(cfg)
+
+    def tool(self, step, name, *args, show=demo_mod.SHOW_ALL):
+        if name == "fairseq-eval-lm" and self.analyses.cfg.eval.in_process:
+            return self.analyses.eval_lm_inprocess(step, args, show=show, log_path=self.logs_dir / f"{step}.log")
+        if name == "knnlm-tune" and self.analyses.cfg.eval.in_process:
+            from ..offline.tune import main as tune_main
+
+            return self.analyses.inprocess(step, name, tune_main, args, log_path=self.logs_dir / f"{step}.log")
+        return super().tool(step, name, *args, show=show)
 
 
 class _CaptureHandler(logging.Handler):
@@ -1409,8 +1430,8 @@ class Report:
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m knnlm.experiments.analyses",
-        description="The kNN-LM paper's analyses (Figures 2, 4, 5; Tables 4, 5; quantized vs exact "
-                    "distances) on the demo's Jane Austen LM, datastore and index.",
+        description="The kNN-LM paper's analyses (Figures 2, 4, 5; Tables 3, 4, 5; Xu et al. 2023's exact vs "
+                    "approximate neighbors and scores) on the demo's Jane Austen LM, datastore and index.",
         epilog="Settings: any field of configs/demo/analyses.yaml as key=value (run=[k,lambda], "
                "eval.valid_fraction=1); the demo's as demo.key=value (demo.workdir=demo_runs/other).")
     p.add_argument("overrides", nargs="*", metavar="key=value")
