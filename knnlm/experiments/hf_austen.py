@@ -242,7 +242,7 @@ def main(argv=None):
     for split, r in results.items():
         lines.append(f"| {split} | {r['tokens']:,} | {r['base_ppl']:.2f} | {r['ppl']:.2f} | "
                      f"{100 * (r['ppl'] / r['base_ppl'] - 1):+.1f}% |")
-    lines += ["", steps.line() + f" ({os.cpu_count()} CPUs)"]
+    lines += ["", steps.line() + f" ({os.cpu_count()} CPUs, {a.threads or os.cpu_count()} thread(s))"]
     table = "\n".join(lines) + "\n"
     (w / "results.md").write_text(table)
     print(table)
