@@ -28,7 +28,7 @@ TINY_ANALYSES = [
     "k_sweep.ks=[1,2,4,8]", "size.fractions=[0.5,1.0]", "eval.valid_fraction=0.5", "eval.test_fraction=0.5",
     # The whole training split for the key types: last_ffn_input is then the demo's datastore.
     "keytype.types=[last_ffn_input,decoder_output]", "keytype.train_fraction=1.0",
-    "domain.chunk_lines=4",
+    "approx.fractions=null", "domain.chunk_lines=4",
     "domain.demo_overrides=[train.max_update=10,train.warmup_updates=2]",
 ]
 
