@@ -157,7 +157,7 @@ def target_lines(rows, full, share=GAIN_SHARE, best=None, base_ppl=None):
                    f"{pct_over(r.ppl, full_ppl):+.2f}% perplexity ({r.name}; target >= {ADAPTIVE_SKIP_TARGET:.0%} at "
                    f"<= +{ADAPTIVE_PPL_TARGET}%: {_met(within and skipped >= ADAPTIVE_SKIP_TARGET)})")
     else:
-        out.append("Adaptive retrieval: not measured (knnlm-adaptive / --adaptive-retrieval not installed)")
+        out.append("Adaptive retrieval: not measured (no adaptive rows in this run)")
     for fam, what in (("pca", "PCA to half the dimension"), ("pruned", "Pruning")):
         cands = [r for r in rows if r.family == fam and "adaptive" not in r.tags]
         if not cands:
@@ -268,17 +268,17 @@ class Prepared:
         self.full_data, self.demo_dir = setup.data, demo_dir
         self.adaptive_curves = {}
         self._memo = {}
+        self.base = Datastore.open(setup.dstore)
+        self.index_meta = json.loads(Path(f"{setup.index}.meta.json").read_text())
+        self.nc, self.m = int(self.index_meta["ncentroids"]), int(self.index_meta["code_size"])
+        self.n_train = int(self.index_meta.get("n_train", 200_000))
+        self.seed = int(self.index_meta.get("seed", 1))
 
     def once(self, key, make):
         """Each artefact is prepared at most once per run, and only if a chosen row needs it."""
         if key not in self._memo:
             self._memo[key] = make()
         return self._memo[key]
-        self.base = Datastore.open(setup.dstore)
-        self.index_meta = json.loads(Path(f"{setup.index}.meta.json").read_text())
-        self.nc, self.m = int(self.index_meta["ncentroids"]), int(self.index_meta["code_size"])
-        self.n_train = int(self.index_meta.get("n_train", 200_000))
-        self.seed = int(self.index_meta.get("seed", 1))
 
     def _step(self, what, stamp_path, stamp, ready, make):
         if ready() and bench._stamped(stamp_path, stamp):
@@ -303,7 +303,7 @@ class Prepared:
                    lambda: bench.run_tool(["knnlm-build-index", f"dstore_mmap={prefix}", f"faiss_index={path}",
                                            f"factory='{factory}'", f"num_keys_to_train={self.n_train}",
                                            f"seed={self.seed}", "overwrite=true"],
-                                          self.logs / f"build_{path.stem}.log"))
+                                          self.logs / f"build_{path.parent.name}_{path.stem}.log"))
         return str(path)
 
     def fastscan(self):
@@ -458,7 +458,10 @@ def configurations(a, setup, prep, adaptive_ok):
     unknown = want - set(keys)
     if unknown:
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; known: {keys}")
-    return [make() for k, make in menu if k in want]
+    makers = dict(menu)
+    # A round runs them in the order given (--configs; plain and kNN-LM first), else the menu's.
+    order = ["plain", "knnlm"] + [k for k in (a.configs or keys) if k not in ("plain", "knnlm")]
+    return [makers[k]() for k in dict.fromkeys(order)]
 
 
 def searched_share(out, family):
@@ -490,7 +493,7 @@ def main(argv=None):
     p.add_argument("--configs", nargs="+", help="run only these configurations (keys; plain and knnlm always)")
     p.add_argument("--reto-min-pointers", type=int, nargs="+", default=[1, 4])
     p.add_argument("--adaptive-skips", type=float, nargs="+", default=[0.5, 0.7])
-    p.add_argument("--prune-k", type=int, default=5, help="knnlm-prune --k (neighbors each entry may absorb)")
+    p.add_argument("--prune-k", type=int, default=64, help="knnlm-prune --k (neighbors each entry may absorb)")
     p.add_argument("--prepare-only", action="store_true", help="build the artefacts and list the configurations")
     a = p.parse_args(argv)
 
@@ -525,11 +528,88 @@ def main(argv=None):
         if c.dstore:
             ds, r.dstore_bytes = dstore_files(c.dstore)
             r.entries, r.index_bytes = ds.size, index_bytes(c.index)
-    n_runs, done, spent = a.rounds * len(configs), 0, 0.0
+
+    def report(n_rounds, partial=False):
+        """The table, targets, headline, plot: written after every run, so a run stopped early
+        (a deadline, a busier host) still leaves what it measured (`partial`: round n_rounds is
+        not finished; its rows so far are paired with its plain run)."""
+        plain = rows["plain"]
+        if not plain.times or not rows["knnlm"].times:
+            return
+        for r in rows.values():  # each run over the plain run of its round (rounds it finished)
+            r.ratios = paired_ratios(r.times, plain.times[:len(r.times)])
+        full = rows["knnlm"]
+        base_ppl = full.base_ppl if full.base_ppl is not None else plain.ppl
+        rows_l = [r for r in rows.values() if r.times]
+        best = select_headline(rows_l, base_ppl, full.ppl)
+        headline = headline_line(best, base_ppl, full.ppl)
+        targets = target_lines(rows_l, full, best=best, base_ppl=base_ppl)
+        load1 = os.getloadavg()
+        total = time.perf_counter() - t_start
+
+        tokens = bench.parse_eval((logs / "plain_r1.log").read_text())["tokens"]
+        split = f"{tokens:,} tokens of the validation split" + (" (--quick slice)" if a.quick else " (all of it)")
+        head = (f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, GPU: {info['gpu']}; torch "
+                f"{info['torch']}, faiss {info['faiss']}, fairseq {info['fairseq']}. Load average (1/5/15 min) at start "
+                f"{load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, at end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} "
+                f"(shared host: above {info['cores']} means other work shared the cores).\n"
+                f"Inputs: {setup.source}; datastore {prep.base.size:,} x {prep.base.dim}, index {prep.index_meta['factory']}, "
+                f"k {bench.K}, nprobe {bench.PROBE}, exact recomputed distances, lambda {setup.lmbda}, T {setup.temp}; "
+                f"evaluation on {split}, context window {setup.context_window}, {setup.max_tokens} tokens per batch.\n"
+                f"{n_rounds} interleaved round{'s' if n_rounds > 1 else ''} (of {a.rounds} planned{'; the last one unfinished' if partial else ''}), every configuration once per round in the table's order; time / plain "
+                f"is the median over rounds of each run's eval seconds (fairseq-eval-lm's own) over the plain eval of its "
+                f"round. Gain kept: (base ppl - ppl) / (base ppl - full kNN-LM ppl). Searches done: the share of "
+                f"scored tokens that paid a FAISS search. Datastore bytes: keys + values (+ weights, + PCA transform). "
+                f"Frontier wall time {total / 60:.1f} min; 1-min load average before each run {min(loads):.1f}-{max(loads):.1f}.")
+        if prep.adaptive_curves:
+            head += ("\nAdaptive retrieval's predictor was trained on the per-token export of the test split "
+                     "(Persuasion), never on valid, which the frontier scores.")
+        rows_md = table_rows(rows_l, base_ppl, full.ppl)
+        if not partial:  # the log gets the table at the end of each round; the files after every run
+            log("\n" + "=" * 100)
+            log(head)
+            log("")
+            log(bench.md_table(TABLE_HEADER, rows_md))
+            log("")
+            for t in targets:
+                log(t)
+            log("")
+            log(headline)
+        work.mkdir(parents=True, exist_ok=True)
+        stem = "frontier_quick" if a.quick else "frontier"
+        title = (f"kNN-LM frontier, {split}; load {load0[0]:.1f} -> {load1[0]:.1f}")
+        md = ["# The efficient kNN-LM frontier" + (" (--quick)" if a.quick else ""), "",
+              f"`.venv/bin/python benchmarks/frontier.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+              head.replace("\n", "  \n"), "", bench.md_table(TABLE_HEADER, rows_md), "", "Targets of issue #19:", ""]
+        md += [f"    {t}" for t in targets] + ["", "Headline:", "", f"    {headline}", "", f"![perplexity vs time]({stem}.png)", ""]
+        for name, curve in prep.adaptive_curves.items():
+            md += [f"Adaptive retrieval's predictor for the {name} datastore, trained on the test split's export "
+                   f"(knnlm-adaptive train's own output, last lines):", "", "```",
+                   "\n".join(curve.strip().splitlines()[-16:]), "```", ""]
+        data = {"rows": [dataclasses.asdict(r) | {"ratio": r.ratio} for r in rows_l], "base_ppl": base_ppl,
+                "full_ppl": full.ppl, "headline": headline, "targets": targets, "load_start": load0, "load_end": load1,
+                "machine": info, "split": split}
+        from knnlm.artefacts import write_json_atomic
+
+        outs = [work] + ([Path(a.docs)] if a.docs else [])
+        for d in outs:
+            d.mkdir(parents=True, exist_ok=True)
+            name = "results" if d != work else stem
+            text = "\n".join(md).replace(f"({stem}.png)", f"({'frontier' if d != work else stem}.png)")
+            tmp = d / f".{name}.md.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, d / f"{name}.md")
+            plot(rows_l, base_ppl, full.ppl, best, d / f"{'frontier' if d != work else stem}.png", title)
+            write_json_atomic(str(d / f"{name}.json"), data)
+            if not partial:
+                log(f"written to {d / (name + '.md')}")
+
+    n_runs, done, spent, loads = a.rounds * len(configs), 0, 0.0, []
     for rnd in range(a.rounds):
         for c in configs:
             t0 = time.perf_counter()
             load = _load()
+            loads.append(os.getloadavg()[0])
             wall, rss, out = bench.run_tool(c.cmd, logs / f"{re.sub(r'[^A-Za-z0-9]+', '_', c.key)}_r{rnd + 1}.log")
             ev = bench.parse_eval(out)
             r = rows[c.key]
@@ -548,72 +628,7 @@ def main(argv=None):
                 f"(wall {wall:.1f} s), ppl {r.ppl:.2f}"
                 + ("" if r.searched is None else f", searches {100 * r.searched:.1f}%")
                 + f"; load {load} -> {_load()}; {done}/{n_runs} runs, ETA {eta / 60:.1f} min")
-    plain = rows["plain"]
-    for r in rows.values():
-        r.ratios = paired_ratios(r.times, plain.times)
-    full = rows["knnlm"]
-    base_ppl = full.base_ppl if full.base_ppl is not None else plain.ppl
-    rows_l = list(rows.values())
-    best = select_headline(rows_l, base_ppl, full.ppl)
-    headline = headline_line(best, base_ppl, full.ppl)
-    targets = target_lines(rows_l, full, best=best, base_ppl=base_ppl)
-    load1 = os.getloadavg()
-    total = time.perf_counter() - t_start
-
-    tokens = bench.parse_eval((logs / "plain_r1.log").read_text())["tokens"]
-    split = f"{tokens:,} tokens of the validation split" + (" (--quick slice)" if a.quick else " (all of it)")
-    head = (f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, GPU: {info['gpu']}; torch "
-            f"{info['torch']}, faiss {info['faiss']}, fairseq {info['fairseq']}. Load average (1/5/15 min) at start "
-            f"{load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, at end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} "
-            f"(shared host: above {info['cores']} means other work shared the cores).\n"
-            f"Inputs: {setup.source}; datastore {prep.base.size:,} x {prep.base.dim}, index {prep.index_meta['factory']}, "
-            f"k {bench.K}, nprobe {bench.PROBE}, exact recomputed distances, lambda {setup.lmbda}, T {setup.temp}; "
-            f"evaluation on {split}, context window {setup.context_window}, {setup.max_tokens} tokens per batch.\n"
-            f"{a.rounds} interleaved rounds, every configuration once per round in the table's order; time / plain "
-            f"is the median over rounds of each run's eval seconds (fairseq-eval-lm's own) over the plain eval of its "
-            f"round. Gain kept: (base ppl - ppl) / (base ppl - full kNN-LM ppl). Searches done: the share of "
-            f"scored tokens that paid a FAISS search. Datastore bytes: keys + values (+ weights, + PCA transform). "
-            f"Frontier wall time {total / 60:.1f} min.")
-    if adaptive_ok:
-        head += ("\nAdaptive retrieval's predictor was trained on the per-token export of the test split "
-                 "(Persuasion), never on valid, which the frontier scores.")
-    rows_md = table_rows(rows_l, base_ppl, full.ppl)
-    log("\n" + "=" * 100)
-    log(head)
-    log("")
-    log(bench.md_table(TABLE_HEADER, rows_md))
-    log("")
-    for t in targets:
-        log(t)
-    log("")
-    log(headline)
-    work.mkdir(parents=True, exist_ok=True)
-    stem = "frontier_quick" if a.quick else "frontier"
-    title = (f"kNN-LM frontier, {split}; load {load0[0]:.1f} -> {load1[0]:.1f}")
-    md = ["# The efficient kNN-LM frontier" + (" (--quick)" if a.quick else ""), "",
-          f"`.venv/bin/python benchmarks/frontier.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-          head.replace("\n", "  \n"), "", bench.md_table(TABLE_HEADER, rows_md), "", "Targets of issue #19:", ""]
-    md += [f"    {t}" for t in targets] + ["", "Headline:", "", f"    {headline}", "", f"![perplexity vs time]({stem}.png)", ""]
-    for name, curve in prep.adaptive_curves.items():
-        md += [f"Adaptive retrieval's predictor for the {name} datastore, trained on the test split's export "
-               f"(knnlm-adaptive train's own output, last lines):", "", "```",
-               "\n".join(curve.strip().splitlines()[-16:]), "```", ""]
-    data = {"rows": [dataclasses.asdict(r) | {"ratio": r.ratio} for r in rows_l], "base_ppl": base_ppl,
-            "full_ppl": full.ppl, "headline": headline, "targets": targets, "load_start": load0, "load_end": load1,
-            "machine": info, "split": split}
-    from knnlm.artefacts import write_json_atomic
-
-    outs = [work] + ([Path(a.docs)] if a.docs else [])
-    for d in outs:
-        d.mkdir(parents=True, exist_ok=True)
-        name = "results" if d != work else stem
-        text = "\n".join(md).replace(f"({stem}.png)", f"({'frontier' if d != work else stem}.png)")
-        tmp = d / f".{name}.md.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, d / f"{name}.md")
-        plot(rows_l, base_ppl, full.ppl, best, d / f"{'frontier' if d != work else stem}.png", title)
-        write_json_atomic(str(d / f"{name}.json"), data)
-        log(f"written to {d / (name + '.md')}")
+            report(rnd + 1, partial=c is not configs[-1])
     return 0
 
 
