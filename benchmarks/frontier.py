@@ -55,6 +55,9 @@ def _load_bench():
 bench = _load_bench()
 log = bench.log
 
+# The default rows of `make frontier` (chosen from a --quick trial, see docs/frontier): a round
+# runs them in this order; `--configs all` runs the whole menu, `--configs KEY ...` some of it.
+DEFAULT_CONFIGS = ["plain", "knnlm", "fast", "ada0.3+fast", "reto4+fast", "pca+fast", "pruned+fast", "ada0.5+fast"]
 GAIN_SHARE = 0.9  # the headline's "at >= 90% of the kNN-LM gain"
 RETO_PPL_TARGET, RETO_SAVED_TARGET = 0.5, 0.5  # issue #19's targets: +0.5% perplexity, 50% saved
 ADAPTIVE_PPL_TARGET, ADAPTIVE_SKIP_TARGET = 1.0, 0.5
@@ -454,13 +457,15 @@ def configurations(a, setup, prep, adaptive_ok):
                          f"adaptive skip {f:g} + PCA + fast-scan", f"ada{f:g}+pca+fast", "adaptive",
                          ("adaptive", "pca", "fastscan"), pca()[0], pca()[2], *kf, *ada("pca")))]
     keys = [k for k, _ in menu]
-    want = set(a.configs or keys) | {"plain", "knnlm"}  # the ratios and the gain need these two
+    chosen = DEFAULT_CONFIGS if not a.configs else keys if a.configs == ["all"] else a.configs
+    chosen = [k for k in chosen if k in keys or not k.startswith("ada") or adaptive_ok]
+    want = set(chosen) | {"plain", "knnlm"}  # the ratios and the gain need these two
     unknown = want - set(keys)
     if unknown:
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; known: {keys}")
     makers = dict(menu)
     # A round runs them in the order given (--configs; plain and kNN-LM first), else the menu's.
-    order = ["plain", "knnlm"] + [k for k in (a.configs or keys) if k not in ("plain", "knnlm")]
+    order = ["plain", "knnlm"] + [k for k in chosen if k not in ("plain", "knnlm")]
     return [makers[k]() for k in dict.fromkeys(order)]
 
 
@@ -490,9 +495,10 @@ def main(argv=None):
     p.add_argument("--demo-dir", default=str(REPO / "demo_runs" / "austen"))
     p.add_argument("--workdir", default=str(REPO / "bench_runs" / "frontier"))
     p.add_argument("--docs", help="also write results.md and frontier.png here (the final run: docs/frontier)")
-    p.add_argument("--configs", nargs="+", help="run only these configurations (keys; plain and knnlm always)")
-    p.add_argument("--reto-min-pointers", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--adaptive-skips", type=float, nargs="+", default=[0.5, 0.7])
+    p.add_argument("--configs", nargs="+", help="the configurations of a round, in order (keys; plain and knnlm always "
+                   "first; 'all': every one; default: " + " ".join(DEFAULT_CONFIGS) + ")")
+    p.add_argument("--reto-min-pointers", type=int, nargs="+", default=[4])
+    p.add_argument("--adaptive-skips", type=float, nargs="+", default=[0.3, 0.5])
     p.add_argument("--prune-k", type=int, default=64, help="knnlm-prune --k (neighbors each entry may absorb)")
     p.add_argument("--prepare-only", action="store_true", help="build the artefacts and list the configurations")
     a = p.parse_args(argv)
