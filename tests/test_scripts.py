@@ -44,6 +44,10 @@ SMALL = {
     "NUM_KEYS_TO_TRAIN": "100000", "K": "8", "KS": "2 4 8",
     "FRACTIONS": "0.25 1", "DOMAIN_NAME": "books", "CACHE_SIZE": "40",
     "SPLITS": "test",  # Table 1 on one split: each split costs three evaluations
+    # One torch/OpenMP thread: the stand-in LM's matrices are tiny, so a second thread only adds
+    # synchronisation, which on a shared host dominates (a dump: 13-18 s of eval with 2 threads,
+    # 1.8 s with 1; Table 5 runs nine such fairseq-eval-lm processes).
+    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
     # BASE_PPL_TARGET: the stand-in LM's own valid perplexity (standin fixture)
 }
 # The WikiText-103 LM's shape (fairseq's transformer_lm_wiki103), tiny.
