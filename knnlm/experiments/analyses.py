@@ -1183,9 +1183,10 @@ class Report:
                "|---|---:|---|---|---:|---:|---:|---:|---:|---:|", *rows]
         if full:
             order = sorted(APPROX, key=lambda w: full[w]["best_ppl"])
-            out += ["", f"Full datastore, lambda and T tuned: " + " < ".join(
-                f"{APPROX[w][0]} {_f(full[w]['best_ppl'])}" for w in order) + "; at T = "
-                f"{t_run:g}: " + ", ".join(f"{APPROX[w][0]} {_f(full[w][f'best_ppl_T{t_run:g}'])}" for w in APPROX) + "."]
+            out += ["", f"Full datastore, lambda and T tuned: " + " ≤ ".join(
+                f"{APPROX[w][0]} {_f(full[w]['best_ppl'], 3)}" for w in order) + "; at T = "
+                f"{t_run:g}: " + ", ".join(f"{APPROX[w][0]} {_f(full[w][f'best_ppl_T{t_run:g}'], 3)}"
+                                           for w in APPROX) + "."]
         self._plot_approx(data, fractions, base, t_run)
         return out
 
