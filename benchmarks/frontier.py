@@ -447,7 +447,7 @@ def configurations(a, setup, prep, adaptive_ok):
             ("retomaton", "pca", "fastscan"), pca()[0], pca()[2], *kf, *reto)))
     if adaptive_ok:
         for f in a.adaptive_skips:
-            ada = lambda which: ["--adaptive-retrieval", predictor(which), "--adaptive-skip", f]  # noqa: E731
+            ada = lambda which, f=f: ["--adaptive-retrieval", predictor(which), "--adaptive-skip", f]  # noqa: E731
             menu += [(f"ada{f:g}", lambda f=f, ada=ada: knn(f"adaptive skip {f:g}", f"ada{f:g}", "adaptive",
                                                             ("adaptive",), setup.dstore, setup.index, *ada("demo"))),
                      (f"ada{f:g}+fast", lambda f=f, ada=ada: knn(f"adaptive skip {f:g} + fast-scan", f"ada{f:g}+fast",

@@ -124,3 +124,35 @@ def test_table_and_plot(fr, tmp_path):
     best = fr.select_headline(rows, 120.0, 100.0)
     fr.plot(rows, 120.0, 100.0, best, tmp_path / "f.png", "test")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_configuration_runs_its_own_setting(fr):
+    """Every row's command carries its own --adaptive-skip / --retomaton-min-pointers (a late-bound
+    loop variable once gave every adaptive row the last skip)."""
+    from types import SimpleNamespace
+
+    class Prep:
+        base, nc, m, index_meta = SimpleNamespace(dim=256), 1024, 64, {"factory": "IVF1024,PQ64"}
+        once = staticmethod(lambda key, make: make())
+        fastscan = staticmethod(lambda: ("IVF1024,PQ128x4fs", "fast.index"))
+        pca = staticmethod(lambda dim: ("pca", "pca_paper.index", "pca_fast.index"))
+        pruned = staticmethod(lambda k, fast: ("pruned", "pruned_paper.index", "pruned_fast.index"))
+        adaptive = staticmethod(lambda dstore, index, name, kf: f"predictor_{name}.json")
+
+    setup = SimpleNamespace(dstore="ds", index="demo.index",
+                            eval_cmd=lambda *args, plain=False: ["eval", *args],
+                            knn_args=lambda dstore=None, index=None: ["--dstore", dstore or "ds", "--index", index or "demo.index"])
+    a = SimpleNamespace(reto_min_pointers=[1, 4], adaptive_skips=[0.3, 0.5], prune_k=64, configs=["all"])
+    configs = {c.key: c for c in fr.configurations(a, setup, Prep(), True)}
+
+    def after(cmd, flag):
+        return cmd[cmd.index(flag) + 1]
+
+    for f in (0.3, 0.5):
+        for suffix in ("", "+fast", "+pca+fast"):
+            assert after(configs[f"ada{f:g}{suffix}"].cmd, "--adaptive-skip") == f
+        assert after(configs[f"ada{f:g}+pca+fast"].cmd, "--adaptive-retrieval") == "predictor_pca.json"
+    for n in (1, 4):
+        for suffix in ("", "+fast", "+pca+fast"):
+            assert after(configs[f"reto{n}{suffix}"].cmd, "--retomaton-min-pointers") == n
+    assert list(configs)[:2] == ["plain", "knnlm"]
