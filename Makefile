@@ -32,8 +32,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[$$extra,dev,hf]"
 	touch $@
 
+# Two workers, one test file each at a time (a file's fixtures are built once): most tests wait on
+# fairseq's start-up or run one thread, so two at once use both cores.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
 	$(PY) -m knnlm.experiments.demo $(ARGS)
