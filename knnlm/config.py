@@ -38,6 +38,7 @@ def compose(name, overrides=(), known=None):
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra import version as hydra_version
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
@@ -45,6 +46,11 @@ def compose(name, overrides=(), known=None):
     # compose needs its own GlobalHydra; if a hydra app already holds one, lend it back after.
     gh = GlobalHydra.instance()
     saved = gh.hydra if gh.is_initialized() else None
+    # version_base=None sets hydra's process-wide version base to 1.3; fairseq's own
+    # hydra.experimental.initialize (convert_namespace_to_omegaconf) then raises ImportError in
+    # this process. The base is put back as it was.
+    base = hydra_version.VersionBase.instance()
+    saved_base = base.getbase()
     gh.clear()
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base=None):
@@ -58,6 +64,7 @@ def compose(name, overrides=(), known=None):
             msg += "; quote values that hold commas, e.g. \"factory='IVF4096,PQ64'\""
         raise ConfigError(msg) from None
     finally:
+        base.version_base = saved_base
         if saved is not None:
             GlobalHydra.instance().hydra = saved
 

@@ -57,3 +57,17 @@ e.finalize()
     out = py("-m", "knnlm.offline.tune", "export", "--lambdas", "0:1:0.25")
     assert "best (lambda=" in out
     assert np.isfinite(float(out.split("base LM (lambda=0):")[1].split("ppl")[1].split()[0]))
+
+
+def test_composing_a_config_leaves_fairseqs_hydra_usable_in_the_same_process():
+    # knnlm.config.compose used to leave hydra's version base at 1.3, after which fairseq's
+    # hydra.experimental.initialize raises ImportError (the analyses' in-process evaluations).
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from knnlm.config import compose
+
+    compose("build_index")
+    args = options.parse_args_and_arch(options.get_eval_lm_parser(), input_args=["data-bin", "--path", "x.pt"])
+    cfg = convert_namespace_to_omegaconf(args)
+    assert cfg.common_eval.path == "x.pt"
