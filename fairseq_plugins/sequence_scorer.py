@@ -11,7 +11,8 @@ import torch
 from fairseq.sequence_scorer import SequenceScorer
 
 from knnlm.errors import ConfigError
-from knnlm.features import DEFAULT_TOP_K, lm_features
+from knnlm.features import DEFAULT_TOP_K, TokenFeatures, lm_features
+from knnlm.ngrams import context_tokens
 from knnlm.model import Tally
 from knnlm.retrieval import RetoMatonRetriever, Streams
 from knnlm.scoring import continuous_cache_log_probs, interpolate
@@ -115,8 +116,12 @@ class KNNSequenceScorer(SequenceScorer):
         targets = target[rows, cols]
         lp_lm = torch.cat([h[0]["positional_scores"] for h in hypos]).float()
         counted = self._not_bos(spans, queries.device)  # the positions eval_lm counts
+        context = None
         if features is not None:
             features = features[rows.to(features.device), cols.to(features.device)]
+            # The tokens each prediction read last (input position t predicts target t), for the
+            # n-gram features of adaptive retrieval and the export.
+            context = context_tokens(sample["net_input"]["src_tokens"], cols, rows=rows)
 
         final = lp_lm
         if self.dump is not None:
@@ -132,7 +137,7 @@ class KNNSequenceScorer(SequenceScorer):
                 state = (Streams([n for _, _, n in spans], targets)
                          if isinstance(self.knn.retriever, RetoMatonRetriever) else None)
                 if self._adaptive:  # adaptive retrieval decides from the LM's features
-                    state = features
+                    state = TokenFeatures(features, context)
                 scored = self.knn.score(queries, targets, lp_lm, state=state, nearest_first=self.export is not None,
                                         count=counted if self.cache is None else False)
                 final = scored.final
@@ -140,7 +145,8 @@ class KNNSequenceScorer(SequenceScorer):
                     n = scored.neighbors[counted.to(scored.neighbors.distances.device)]
                     self.export.add(lp_lm[counted], scored.lp_knn[counted], targets[counted], dists=n.distances,
                                     ids=n.ids, vals=n.values, valid=n.valid,
-                                    features=features[counted.to(features.device)])
+                                    features=features[counted.to(features.device)],
+                                    context=context[counted.to(context.device)])
             if self.cache is not None:
                 memory, memory_targets = target.ne(self.pad), None
                 if self.cache.get("context"):

@@ -236,13 +236,14 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             predictor.check_compatible(identity=identity, allow_model_mismatch=a.knn_allow_model_mismatch)
         if a.knnlm_dump_probs:
             from knnlm.features import feature_names
+            from knnlm.ngrams import MAX_ORDER
             from knnlm.offline.export import ExportWriter
 
             kept = a.k if a.knnlm_dump_neighbors < 0 else min(a.knnlm_dump_neighbors, a.k)
             self._scorer.export = ExportWriter(
                 a.knnlm_dump_probs, kept, sim_func=a.knn_sim_func, temperature=a.knn_temp,
                 lmbda=a.lmbda, with_ids=a.knnlm_dump_ids, overwrite=a.overwrite,
-                feature_names=feature_names(self._scorer.feature_top_k),
+                feature_names=feature_names(self._scorer.feature_top_k), context_order=MAX_ORDER,
                 meta={"split": self._split, "datastore": datastore.prefix,
                       "datastore_fingerprint": datastore.fingerprint, "index": a.indexfile,
                       "context_window": self._context_window, **identity.as_dict()},

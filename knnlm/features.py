@@ -7,10 +7,12 @@ EMNLP 2021, "Efficient Nearest Neighbor Language Models", section 4).
 Only what the LM alone gives at test time, before any retrieval: the entropy of p_LM (nats)
 and its top-k log-probabilities, largest first (the paper's "lm_ent" and "lm_max", the latter
 widened to the top k). The paper's other features (n-gram frequency and fertility in the
-training text) need counts over the training corpus, and its context vector is the query
-itself; neither is here. Front-ends (fairseq, Hugging Face) hand this function the log-probs
+training text) are `knnlm.ngrams`'; its context vector, the query itself, is not used. Front-ends (fairseq, Hugging Face) hand this function the log-probs
 they already computed; it is the one implementation of the math.
 """
+
+import dataclasses
+from typing import Optional
 
 import torch
 
@@ -18,6 +20,16 @@ DEFAULT_TOP_K = 8
 # Rows per chunk: entropy needs exp(log p), a temporary as large as the chunk; 256 rows of a
 # 267k vocabulary (WikiText-103) is 270 MB of fp32, of the demo's vocabulary far less.
 CHUNK_ROWS = 256
+
+
+@dataclasses.dataclass
+class TokenFeatures:
+    """What adaptive retrieval reads of each token before searching: the LM's features (N, 1 +
+    top_k) and, for n-gram features, the last tokens of its context (N, C) int64, -1 where the
+    text has none (`knnlm.ngrams.context_tokens`)."""
+
+    lm: torch.Tensor
+    context: Optional[torch.Tensor] = None
 
 
 def feature_names(top_k=DEFAULT_TOP_K):

@@ -284,12 +284,17 @@ def test_through_fairseq_eval_lm(ev, tmp_path, capsys):
     # the features are those of the LM's log-probs at each target's position: their top-1 is at
     # least the target's log-prob, and the entropy is positive
     assert np.all(e.features[:, 1] >= e.lp_lm - 1e-5) and np.all(e.features[:, 0] > 0)
+    # each token's context: the tokens the LM read last, i.e. the previous targets, in text order
+    assert e.context.shape == (802, 4)
+    assert np.array_equal(e.context[1:, -1], e.targets[:-1]) and np.array_equal(e.context[1:, :-1], e.context[:-1, 1:])
     assert trainer.main(["train", str(tmp_path / "export"), "--out", str(tmp_path / "pred.json"), "--epochs", "5"]) == 0
-    capsys.readouterr()
+    assert "n-gram features of orders [1, 2, 3, 4]" in capsys.readouterr().out
+    assert (tmp_path / "pred.ngrams.npz").is_file()
     pred = str(tmp_path / "pred.json")
     meta = json.loads(Path(pred).read_text())
     meta["model_fingerprint"] = "0000000000000000"  # outside the checksum: the identity check catches it
     Path(tmp_path / "other_model.json").write_text(json.dumps(meta))
+    shutil.copy(tmp_path / "pred.ngrams.npz", tmp_path / "other_model.ngrams.npz")
     runs = {
         "plain": argv(),
         "skip 0": argv("--adaptive-retrieval", pred, "--adaptive-skip", "0"),
@@ -336,8 +341,11 @@ def test_through_knnlm_hf_eval(tmp_path, capsys):
     plain = capsys.readouterr().out
     e = load_export(str(tmp_path / "export"))
     assert e.features.shape == (e.count, 9) and np.all(e.features[:, 1] >= e.lp_lm - 1e-5)
+    # windows of 20 every 10: each scored token read at least its 9 predecessors, so its context
+    # is the previous targets (the text's first scored token excepted)
+    assert np.array_equal(e.context[4:, -1], e.targets[3:-1]) and np.array_equal(e.context[4:, 0], e.targets[:-4])
     assert trainer.main(["train", str(tmp_path / "export"), "--out", str(tmp_path / "pred.json"), "--epochs", "3"]) == 0
-    capsys.readouterr()
+    assert "n-gram features of orders [1, 2, 3, 4]" in capsys.readouterr().out
     assert hf([*knn, "--adaptive-retrieval", str(tmp_path / "pred.json"), "--adaptive-skip", "0"]) == 0
     zero = capsys.readouterr().out
     assert knn_summary(zero) == knn_summary(plain) and "adaptive skip 0: 0.0% of" in zero

@@ -27,7 +27,7 @@ import torch
 from knnlm import KNNLM, DumpSession, FaissRetriever, Tally, open_datastore
 from knnlm.checks import Replay, Report, check_artefacts, finish
 from knnlm.errors import ConfigError, KNNLMError
-from knnlm.features import lm_features
+from knnlm.features import TokenFeatures, lm_features
 from knnlm.model import summary_line
 
 from .hooks import break_into
@@ -187,6 +187,7 @@ def cmd_eval(args):
     top_k = knn.retriever.top_k if adaptive else None
     if args.knnlm_dump_probs:
         from knnlm.features import DEFAULT_TOP_K, feature_names
+        from knnlm.ngrams import MAX_ORDER
         from knnlm.offline.export import ExportWriter
 
         top_k = DEFAULT_TOP_K
@@ -196,7 +197,7 @@ def cmd_eval(args):
         export = ExportWriter(
             args.knnlm_dump_probs, kept, sim_func=args.knn_sim_func, temperature=args.knn_temp, lmbda=args.lmbda,
             with_ids=args.knnlm_dump_ids, overwrite=args.overwrite, feature_names=feature_names(top_k),
-            meta={"frontend": PROG, "model": args.model, "text": os.path.abspath(args.text), "max_length": max_length,
+            context_order=MAX_ORDER, meta={"frontend": PROG, "model": args.model, "text": os.path.abspath(args.text), "max_length": max_length,
                   "stride": stride, "datastore": store.prefix, "datastore_fingerprint": store.fingerprint,
                   "index": args.indexfile, **identity.as_dict()},
         )
@@ -210,11 +211,11 @@ def cmd_eval(args):
                 continue
             features = lm_features(r.pop("lm_log_probs"), top_k) if top_k is not None else None
             scored = knn.score(r["keys"], r["targets"], r["lp_lm"], nearest_first=export is not None,
-                               state=features if adaptive else None)
+                               state=TokenFeatures(features, r["context"]) if adaptive else None)
             if export is not None:
                 n = scored.neighbors
                 export.add(r["lp_lm"], scored.lp_knn, r["targets"], dists=n.distances, ids=n.ids, vals=n.values,
-                           valid=n.valid, features=features)
+                           valid=n.valid, features=features, context=r["context"])
         if export is not None:
             export.finalize()
     except BaseException:

@@ -16,6 +16,7 @@ import dataclasses
 import torch
 
 from knnlm.errors import ConfigError
+from knnlm.ngrams import context_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +88,8 @@ def run_windows(model, ids, wins, capture=None, *, batch_size=1, device="cpu", w
         for i, w in enumerate(group):
             pos = torch.arange(w.first - w.begin - 1, w.end - w.begin - 1, device=inputs.device)  # predicts pos+1
             targets = inputs[i, pos + 1]
-            r = {"window": w, "targets": targets}
+            # context: the last tokens each prediction read (adaptive retrieval's n-gram features)
+            r = {"window": w, "targets": targets, "context": context_tokens(inputs[i], pos)}
             if lm:
                 lp = logits[i, pos].float().log_softmax(-1)
                 r["lp_lm"] = lp.gather(-1, targets[:, None])[:, 0]

@@ -32,6 +32,10 @@ from .. import provenance
 from ..errors import ConfigError
 from ..retrieval.adaptive import ARCHS, CALIBRATION_POINTS, FEATURE_FLOOR, OBJECTIVES, Predictor, build_net, check_skip
 from ..scoring import check_lambda, check_temperature, interpolate
+from ..errors import MismatchError
+from ..features import TokenFeatures, feature_names
+from ..ngrams import ORDERS, NgramStats, text_datastore
+from ..store.datastore import Datastore
 from .export import load_export, lp_knn_at, same_temperature
 from .rescoring import run_command, write_outputs
 
@@ -223,6 +227,26 @@ def _hidden(arch, text):
     return hidden
 
 
+def ngram_stats(export, prefix=None, orders=ORDERS):
+    """The n-gram statistics of the text of the datastore the export was scored with (or of
+    `prefix`): its values in order (a pruned datastore's source's)."""
+    prefix = prefix or export.meta.get("datastore")
+    if not prefix:
+        raise ConfigError(f"export {export.path} does not name its datastore: pass --ngram-datastore PREFIX")
+    ds = Datastore.open(prefix, load_keys=False)
+    want = export.meta.get("datastore_fingerprint")
+    if want is not None and ds.fingerprint != want and ds.meta.get("pruned_from_fingerprint") != want:
+        raise MismatchError(f"datastore {prefix} ({ds.fingerprint}) is not the one export {export.path} was scored "
+                            f"with ({want}): its text would give the wrong n-gram counts")
+    text = text_datastore(ds)
+    t0 = time.time()
+    stats = NgramStats.build(text.vals, orders, source={"datastore": text.prefix,
+                                                        "datastore_fingerprint": text.fingerprint})
+    print(f"counted the {', '.join(map(str, stats.orders))}-grams of {text.prefix} ({text.size:,} tokens) "
+          f"in {time.time() - t0:.1f} s")
+    return stats
+
+
 def train(args):
     export = load_export(args.export_dir)
     features, lp_lm, lp_knn, lmbda, temperature = training_data(export, args.lmbda, args.knn_temp, args.tune_json)
@@ -236,6 +260,13 @@ def train(args):
     if cut < 1 or cut >= n:
         raise ConfigError(f"export {export.path} has {n} tokens: too few to hold out {args.heldout:g} of them")
     hidden = _hidden(args.arch, args.hidden)
+    stats = None
+    if args.ngrams and not export.has_context:
+        print(f"note: export {export.path} has no context tokens (context.npy: written by --knnlm-dump-probs since "
+              f"n-gram features exist): the predictor reads the LM features only")
+    elif args.ngrams:
+        stats = ngram_stats(export, args.ngram_datastore, args.ngram_orders)
+        features = np.concatenate([features, stats.features(export.context)], axis=1)
     t0 = time.time()
     net, mean, std = fit(features[:cut], lp_lm[:cut], lp_knn[:cut], hidden=hidden, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, seed=args.seed, weight_decay=args.weight_decay,
@@ -254,12 +285,14 @@ def train(args):
                 versions=provenance.versions())
     top_k = len(export.feature_names) - 1
     predictor = Predictor.from_net(net, hidden=hidden, mean=mean.tolist(), std=std.tolist(), top_k=top_k,
-                                   calibration=calibration, info=info, objective=args.objective)
+                                   calibration=calibration, info=info, objective=args.objective, ngrams=stats)
     held = curve(predictor, features[cut:], lp_lm[cut:], lp_knn[cut:], lmbda, seed=args.seed)
     predictor.meta["heldout_curve"] = held  # informative, outside the checksum
     predictor.save(args.out, overwrite=args.overwrite)
+    grams = (f"n-gram features of orders {list(stats.orders)} counted on {stats.meta.get('datastore')}"
+             if stats is not None else "LM features only")
     print(f"trained on {cut:,} tokens of {export.path} (lambda {lmbda:g}, T {temperature:g}, {args.arch} "
-          f"{hidden}, objective {args.objective}); wrote {args.out}")
+          f"{hidden}, objective {args.objective}, {grams}); wrote {args.out}")
     print(report(held, f"held out (the last {100 * args.heldout:g}% of the export)"))
     write_outputs(None, None, args.plot, lambda p: plot(held, p, f"adaptive retrieval, held-out part of {export.path}"))
 
@@ -270,13 +303,16 @@ def evaluate(args):
     lmbda = predictor.meta["lmbda"] if args.lmbda is None else args.lmbda
     temperature = predictor.meta["temperature"] if args.knn_temp is None else args.knn_temp
     features, lp_lm, lp_knn, lmbda, temperature = training_data(export, lmbda, temperature)
-    if export.feature_names != predictor.feature_names:
+    if export.feature_names != feature_names(predictor.top_k):
         raise ConfigError(f"export {export.path} holds features {export.feature_names}, the predictor reads "
                           f"{predictor.feature_names}")
+    if predictor.needs_context and not export.has_context:
+        raise ConfigError(f"predictor {args.predictor} reads n-gram features of each token's context, and export "
+                          f"{export.path} has no context tokens (context.npy); export again")
+    context = torch.from_numpy(np.asarray(export.context)) if export.has_context else None
+    features = predictor.inputs(TokenFeatures(torch.from_numpy(features), context)).numpy()
     ds_fp = export.meta.get("datastore_fingerprint")
     if ds_fp is not None and predictor.meta.get("datastore_fingerprint") not in (None, ds_fp):
-        from ..errors import MismatchError
-
         raise MismatchError(f"predictor {args.predictor} was trained with datastore {predictor.meta.get('datastore')}, "
                             f"export {export.path} was scored with {export.meta.get('datastore')}")
     predictor.check_compatible(identity={k: export.meta.get(k) for k in ("dict_fingerprint", "model_fingerprint")})
@@ -306,6 +342,13 @@ def build_parser():
     t.add_argument("--heldout", type=float, default=0.2,
                    help="fraction of the export, at its end, kept out of training to measure the curve (default %(default)s)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing predictor file")
+    t.add_argument("--no-ngrams", dest="ngrams", action="store_false",
+                   help="the LM features only (default: also the n-gram features of each token's context in the "
+                        "datastore's text, the paper's freq and fert, when the export has context.npy)")
+    t.add_argument("--ngram-orders", type=int, nargs="+", default=list(ORDERS), metavar="N",
+                   help="n-gram orders of those features (default: %(default)s)")
+    t.add_argument("--ngram-datastore", metavar="PREFIX",
+                   help="count the n-grams of this datastore's text (default: the export's datastore)")
     c = sub.add_parser("curve", help="the curve of a trained predictor on a whole export")
     c.add_argument("export_dir", metavar="EXPORT_DIR")
     c.add_argument("--predictor", required=True)

@@ -53,14 +53,16 @@ FILES = {
     "ids": (np.int64, True),
     "vals": (np.int64, True),
     "features": (np.float32, False),  # (N, F): F = len(meta["feature_names"])
+    "context": (np.int64, False),  # (N, C): the C = meta["context_order"] tokens each prediction read last, -1: none
 }
 _RESERVED = {"format", "format_version", "complete", "count", "sim_func", "k", "k_kept",
-             "temperature", "lmbda", "files", "started", "finished", "versions", "feature_names"}
+             "temperature", "lmbda", "files", "started", "finished", "versions", "feature_names", "context_order"}
 # What an export's meta.json must hold: field -> (types, required).
 META_SCHEMA = {
     "format": (str, True), "format_version": (int, True), "complete": (bool, True), "count": (int, True),
     "k_kept": (int, True), "files": (list, True), "sim_func": (str, True), "temperature": (float, True),
     "lmbda": (float, True), "k": ((int, type(None)), False), "feature_names": (list, False),
+    "context_order": (int, False),
 }
 # Elements of (rows, K) per re-scoring chunk: 4 MB of fp32 per temporary, about cache-sized.
 CHUNK_ELEMENTS = 1 << 20
@@ -90,10 +92,12 @@ class ExportWriter:
     must then be given both.
     feature_names: also store each token's LM features (features.npy, one column per name);
     `add()` must then be given `features` (n, F).
+    context_order: also store the last C tokens of each token's context (context.npy, for the
+    n-gram features of adaptive retrieval); `add()` must then be given `context` (n, C).
     """
 
     def __init__(self, path, k_kept, *, sim_func, temperature, lmbda, with_ids=False,
-                 overwrite=False, meta=None, feature_names=None):
+                 overwrite=False, meta=None, feature_names=None, context_order=None):
         if sim_func not in SIM_FUNCS:
             raise ConfigError(f"sim_func must be one of {', '.join(SIM_FUNCS)}, got {sim_func!r}")
         check_temperature(temperature)
@@ -126,6 +130,7 @@ class ExportWriter:
             "lmbda": float(lmbda),
             "files": [],
             **({"feature_names": list(feature_names)} if feature_names else {}),
+            **({"context_order": int(context_order)} if context_order else {}),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": provenance.versions(),
             **(meta or {}),
@@ -189,7 +194,9 @@ class ExportWriter:
             self.meta["k_kept"] = min(self.meta["k_kept"], int(k))
         if "feature_names" in self.meta:
             names = list(names) + ["features"]
-            self.meta["files"] = names
+        if "context_order" in self.meta:
+            names = list(names) + ["context"]
+        self.meta["files"] = list(names)
         self._files = {
             name: GrowingNpy(os.path.join(self.write_dir, f"{name}.npy"), FILES[name][0],
                              _row_shape(name, self.meta))
@@ -199,7 +206,7 @@ class ExportWriter:
             write_json_atomic(os.path.join(self.path, META), self.meta)
 
     def add(self, lp_lm, lp_knn, targets, dists=None, match=None, ids=None, vals=None, valid=None,
-            features=None):
+            features=None, context=None):
         """Append n tokens: lp_lm, lp_knn, targets (n,); dists, match, ids, vals, valid (n, k);
         features (n, F) when the writer was given feature_names.
 
@@ -210,8 +217,8 @@ class ExportWriter:
         """
         if self._done:
             raise RuntimeError(f"export {self.path} is already finalized or abandoned")
-        lp_lm, lp_knn, targets, dists, match, ids, vals, valid, features = (
-            _numpy(x) for x in (lp_lm, lp_knn, targets, dists, match, ids, vals, valid, features))
+        lp_lm, lp_knn, targets, dists, match, ids, vals, valid, features, context = (
+            _numpy(x) for x in (lp_lm, lp_knn, targets, dists, match, ids, vals, valid, features, context))
         n = len(targets)
         for name, a in (("lp_lm", lp_lm), ("lp_knn", lp_knn), ("targets", targets)):
             if a.ndim != 1 or len(a) != n:
@@ -240,6 +247,12 @@ class ExportWriter:
                 raise ValueError(f"export add(): features of shape {None if features is None else features.shape}, "
                                  f"expected {shape}")
             row["features"] = features.astype(np.float32)
+        if "context" in self._files:
+            shape = (n, self.meta["context_order"])
+            if context is None or context.shape != shape:
+                raise ValueError(f"export add(): context of shape {None if context is None else context.shape}, "
+                                 f"expected {shape}")
+            row["context"] = context.astype(np.int64)
         elif dists is not None and self.meta["k"] is None:
             raise ValueError("export add(): distances given, but the first add() had none")
         for name, f in self._files.items():
@@ -335,6 +348,7 @@ class Export:
     ids: Optional[np.ndarray] = None
     vals: Optional[np.ndarray] = None
     features: Optional[np.ndarray] = None
+    context: Optional[np.ndarray] = None
     _warned: bool = dataclasses.field(default=False, repr=False)
 
     @property
@@ -352,6 +366,10 @@ class Export:
     @property
     def has_neighbors(self):
         return self.dists is not None
+
+    @property
+    def has_context(self):
+        return self.context is not None
 
     @property
     def has_features(self):
@@ -411,6 +429,9 @@ def load_export(path):
             not fnames or not all(isinstance(f, str) for f in fnames))):
         raise CorruptError(f"export {path}: its metadata lists features.npy and feature names "
                            f"{fnames!r} that do not go together; it is damaged")
+    if ("context" in names) != isinstance(meta.get("context_order"), int) or meta.get("context_order", 1) < 1:
+        raise CorruptError(f"export {path}: its metadata lists context.npy and a context order "
+                           f"{meta.get('context_order')!r} that do not go together; it is damaged")
     arrays = {}
     for name in names:
         if name not in FILES:
@@ -439,6 +460,8 @@ def _row_shape(name, meta):
     """The shape of one token's row of file `name`: (), (K,) or (F,)."""
     if name == "features":
         return (len(meta["feature_names"]),)
+    if name == "context":
+        return (meta["context_order"],)
     return (meta["k_kept"],) if FILES[name][1] else ()
 
 

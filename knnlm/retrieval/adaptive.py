@@ -19,11 +19,16 @@ call and the result is the plain kNN-LM's, bit for bit.
 
     retriever = AdaptiveRetriever(FaissRetriever(index, ds, k=1024), "pred.json", skip=0.5)
     knn = KNNLM(retriever, lmbda=0.25, temperature=1.0)
-    knn.score(queries, targets, lp_lm, state=lm_features(log_probs, retriever.top_k))
+    knn.score(queries, targets, lp_lm, state=TokenFeatures(lm_features(log_probs, retriever.top_k),
+                                                           context_tokens(tokens, positions)))
 
-The predictor file is JSON, self-describing: the feature names, the normalization, the
-weights (with a checksum), the calibration quantiles, and the fingerprints of the datastore
-and model whose export trained it (another datastore or model is refused by name).
+The features: the LM's (entropy, top log-probabilities) and, by default, the paper's n-gram
+features of each token's context in the datastore's text (`knnlm.ngrams`: how often its last
+1..4 tokens occur there and how many distinct tokens follow them). The predictor file is JSON,
+self-describing: the feature names, the normalization, the weights (with a checksum), the
+calibration quantiles, and the fingerprints of the datastore and model whose export trained it
+(another datastore or model is refused by name); the n-gram statistics sit beside it
+(PRED.ngrams.npz), checksummed in the JSON.
 """
 
 import hashlib
@@ -36,7 +41,10 @@ import torch
 
 from ..artefacts import read_json, write_json_atomic
 from ..errors import ConfigError, CorruptError, KNNLMError, MismatchError
-from ..features import feature_names
+from ..artefacts import verify_checksum
+from ..features import TokenFeatures, feature_names
+from ..ngrams import NgramStats
+from ..ngrams import feature_names as ngram_feature_names
 from .base import Neighbors, Retriever
 
 FORMAT = "knnlm-adaptive-predictor"
@@ -65,7 +73,14 @@ def _checksum(payload):
 
 def _payload(meta):
     """The fields a checksum covers: everything that changes a prediction or a threshold."""
-    return {k: meta.get(k) for k in ("feature_names", "hidden", "mean", "std", "params", "calibration", "objective")}
+    return {k: meta.get(k) for k in ("feature_names", "hidden", "mean", "std", "params", "calibration", "objective",
+                                     "ngrams")}
+
+
+def stats_path(predictor_path):
+    """Where a predictor's n-gram statistics live: PRED.json -> PRED.ngrams.npz, beside it."""
+    root, ext = os.path.splitext(predictor_path)
+    return f"{root if ext == '.json' else predictor_path}.ngrams.npz"
 
 
 class Predictor:
@@ -73,10 +88,12 @@ class Predictor:
 
     `scores(features)` -> (N,) float32, higher where the search helps more: the logit of the
     predicted lambda (objective "lambda") or the predicted gain in nats (objective "gain").
+    With n-gram features (`ngrams`: `knnlm.ngrams.NgramStats` of the datastore's text, saved
+    beside the predictor), `inputs(TokenFeatures(lm, context))` builds the network's input.
     """
 
-    def __init__(self, meta, net, path=None):
-        self.meta, self.net, self.path = meta, net.eval(), path
+    def __init__(self, meta, net, path=None, ngrams=None):
+        self.meta, self.net, self.path, self.ngrams = meta, net.eval(), path, ngrams
         self.feature_names = list(meta["feature_names"])
         self.top_k = int(meta["top_k"])
         self.mean = torch.tensor(meta["mean"], dtype=torch.float32)
@@ -86,19 +103,29 @@ class Predictor:
 
     # ---- building and saving ----
     @classmethod
-    def from_net(cls, net, *, hidden, mean, std, top_k, calibration, info, objective="lambda"):
-        """A predictor from a trained net; `info` adds the provenance (export, fingerprints, ...)."""
+    def from_net(cls, net, *, hidden, mean, std, top_k, calibration, info, objective="lambda", ngrams=None):
+        """A predictor from a trained net; `info` adds the provenance (export, fingerprints, ...);
+        `ngrams`: the NgramStats whose features follow the LM's in the input."""
         params = {k: v.detach().cpu().double().tolist() for k, v in net.state_dict().items()}
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "feature_names": feature_names(top_k),
+        names = feature_names(top_k) + (ngrams.feature_names if ngrams is not None else [])
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "feature_names": names,
                 "top_k": int(top_k), "hidden": [int(h) for h in hidden], "mean": [float(x) for x in mean],
                 "std": [float(x) for x in std], "params": params,
                 "calibration": [float(x) for x in calibration], "objective": objective, **info}
+        if ngrams is not None:
+            meta["ngrams"] = {"orders": list(ngrams.orders), "checksum": None}
         meta["checksum"] = _checksum(_payload(meta))
-        return cls(meta, net)
+        return cls(meta, net, ngrams=ngrams)
 
     def save(self, path, overwrite=False):
+        """Write the predictor (JSON) and, with n-gram features, its statistics beside it first."""
         if os.path.exists(path) and not overwrite:
             raise KNNLMError(f"predictor {path} already exists; pass --overwrite to replace it or choose another --out")
+        if self.ngrams is not None:
+            # The predictor records the statistics' checksum: another file in their place is refused.
+            self.meta["ngrams"] = {"orders": list(self.ngrams.orders),
+                                   "checksum": self.ngrams.save(stats_path(path), overwrite=True)}
+            self.meta["checksum"] = _checksum(_payload(self.meta))
         write_json_atomic(path, self.meta)
         self.path = path
 
@@ -123,7 +150,9 @@ class Predictor:
             if meta.get("objective", "lambda") not in OBJECTIVES:
                 raise CorruptError(f"predictor {path} has objective {meta.get('objective')!r}, not one of "
                                    f"{', '.join(OBJECTIVES)}; train it again")
-            if meta["feature_names"] != feature_names(top_k):
+            ngrams = meta.get("ngrams")
+            orders = tuple(ngrams["orders"]) if ngrams else ()
+            if meta["feature_names"] != feature_names(top_k) + (ngram_feature_names(orders) if ngrams else []):
                 raise CorruptError(f"predictor {path} expects features {meta['feature_names']}, which this "
                                    f"code does not compute; train it again")
             n_in = len(meta["feature_names"])
@@ -136,7 +165,35 @@ class Predictor:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CorruptError(f"predictor {path} is damaged ({e.__class__.__name__}: {e}); train it again") from None
-        return cls(meta, net, path)
+        stats = None
+        if ngrams:
+            where = stats_path(path)
+            if not os.path.isfile(where):
+                raise KNNLMError(f"predictor {path} reads n-gram features, but its statistics {where} (written "
+                                 f"beside it by knnlm-adaptive train) are missing: keep the two files together")
+            verify_checksum(where, ngrams.get("checksum"), f"the n-gram statistics of predictor {path}")
+            stats = NgramStats.load(where)
+            if tuple(stats.orders) != orders:
+                raise CorruptError(f"n-gram statistics {where} hold orders {list(stats.orders)}, predictor {path} "
+                                   f"reads {list(orders)}; train it again")
+        return cls(meta, net, path, ngrams=stats)
+
+    @property
+    def needs_context(self):
+        """Whether the input includes n-gram features (then each token's context tokens are needed)."""
+        return self.ngrams is not None
+
+    def inputs(self, state):
+        """The network's (N, F) input from `TokenFeatures` (or a bare (N, F_lm) LM-feature tensor
+        for a predictor without n-gram features)."""
+        lm, context = (state.lm, state.context) if isinstance(state, TokenFeatures) else (state, None)
+        if self.ngrams is None:
+            return lm
+        if context is None:
+            raise ConfigError(f"predictor {self.path or ''} reads n-gram features of each token's context: pass "
+                              f"state=knnlm.features.TokenFeatures(lm_features, knnlm.ngrams.context_tokens(...))")
+        lm = torch.as_tensor(lm).detach().to("cpu", torch.float32)
+        return torch.cat([lm, torch.from_numpy(self.ngrams.features(context))], dim=1)
 
     # ---- using it ----
     @torch.no_grad()
@@ -261,18 +318,24 @@ class AdaptiveRetriever(Retriever):
         s = self.summary()
         return f"adaptive {self.setting}: {100 * s['searches_saved']:.1f}% of {s['tokens']:,} searches saved"
 
-    def keep(self, features):
+    @property
+    def needs_context(self):
+        return self.predictor.needs_context
+
+    def keep(self, state):
         """(N,) bool on the CPU: which tokens are searched (score at or above the cut)."""
-        return self.predictor.scores(features) >= self.cut
+        return self.predictor.scores(self.predictor.inputs(state)) >= self.cut
 
     def retrieve(self, queries, state=None, *, nearest_first=True):
         if state is None:
             raise ConfigError("adaptive retrieval decides from the LM's features of each token: pass "
-                              "state=knnlm.features.lm_features(log_probs, retriever.top_k)")
+                              "state=knnlm.features.TokenFeatures(lm_features(log_probs, retriever.top_k), "
+                              "context_tokens(...))")
         q = queries if torch.is_tensor(queries) else torch.as_tensor(np.asarray(queries))
         n = len(q)
-        if len(state) != n:
-            raise ValueError(f"adaptive retrieval: {len(state)} feature rows for {n} queries")
+        rows = len(state.lm if isinstance(state, TokenFeatures) else state)
+        if rows != n:
+            raise ValueError(f"adaptive retrieval: {rows} feature rows for {n} queries")
         keep = self.keep(state)
         self.last_kept = keep
         self.tokens += n
