@@ -131,3 +131,19 @@ def test_nothing_skipped_with_ngram_features_is_the_plain_knnlm_bit_for_bit(tmp_
     kept = pred.scores(pred.inputs(x)) >= ad.cut
     assert torch.equal(half.neighbors.retrieved, kept) and 0 < int(kept.sum()) < n
     assert torch.equal(half.final[~kept], lp_lm[~kept]) and torch.equal(half.final[kept], plain.final[kept])
+
+
+def test_the_trainer_counts_the_exports_own_datastore_and_refuses_another(tmp_path):
+    from types import SimpleNamespace
+
+    from knnlm.errors import MismatchError
+    from knnlm.offline.adaptive import ngram_stats
+
+    ds, _, vals = _store(tmp_path)
+    export = SimpleNamespace(path="E", meta={"datastore": ds.prefix, "datastore_fingerprint": ds.fingerprint})
+    stats = ngram_stats(export)
+    assert stats.meta["datastore_fingerprint"] == ds.fingerprint and stats.tables[1][1].sum() == len(vals) - 1
+    (tmp_path / "other").mkdir()
+    other, _, _ = _store(tmp_path / "other", seed=4)
+    with pytest.raises(MismatchError, match="wrong n-gram counts"):
+        ngram_stats(export, other.prefix)

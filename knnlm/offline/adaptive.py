@@ -5,8 +5,11 @@ per-token export, and print the curve of skipped fraction vs perplexity.
     knnlm-adaptive curve EXPORT_DIR --predictor PRED.json        # the curve on another export
 
 The export must hold the LM features (features.npy: written by `--knnlm-dump-probs` since
-adaptive retrieval exists). The network reads them and scores each token, with p_kNN at the
-temperature the kNN-LM will use. `--objective lambda` (the paper's): a per-token lambda trained
+adaptive retrieval exists). The network reads them and, when the export holds each token's
+context tokens (context.npy), the paper's n-gram features too (`knnlm.ngrams`: count and
+fertility of the context's last 1..4 tokens in the text of the export's datastore, counted here
+and saved beside the predictor as PRED.ngrams.npz; --no-ngrams leaves them out), and scores
+each token, with p_kNN at the temperature the kNN-LM will use. `--objective lambda` (the paper's): a per-token lambda trained
 to maximize log(lambda p_kNN + (1 - lambda) p_LM). `--objective gain`: a regression (squared
 error) on the gain of the kNN-LM at its constant lambda over p_LM alone, log(lambda p_kNN +
 (1 - lambda) p_LM) - log p_LM: what skipping a token gives up, so ranking by it is what the
