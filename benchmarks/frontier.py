@@ -57,7 +57,7 @@ log = bench.log
 
 # The default rows of `make frontier` (chosen from a --quick trial, see docs/frontier): a round
 # runs them in this order; `--configs all` runs the whole menu, `--configs KEY ...` some of it.
-DEFAULT_CONFIGS = ["plain", "knnlm", "fast", "ada0.3+fast", "reto4+fast", "pca+fast", "pruned+fast", "ada0.5+fast"]
+DEFAULT_CONFIGS = ["plain", "knnlm", "fast", "ada0.5+fast", "reto2+fast", "pca+fast", "pruned+fast", "ada0.6+fast"]
 GAIN_SHARE = 0.9  # the headline's "at >= 90% of the kNN-LM gain"
 RETO_PPL_TARGET, RETO_SAVED_TARGET = 0.5, 0.5  # issue #19's targets: +0.5% perplexity, 50% saved
 ADAPTIVE_PPL_TARGET, ADAPTIVE_SKIP_TARGET = 1.0, 0.5
@@ -497,8 +497,8 @@ def main(argv=None):
     p.add_argument("--docs", help="also write results.md and frontier.png here (the final run: docs/frontier)")
     p.add_argument("--configs", nargs="+", help="the configurations of a round, in order (keys; plain and knnlm always "
                    "first; 'all': every one; default: " + " ".join(DEFAULT_CONFIGS) + ")")
-    p.add_argument("--reto-min-pointers", type=int, nargs="+", default=[4])
-    p.add_argument("--adaptive-skips", type=float, nargs="+", default=[0.3, 0.5])
+    p.add_argument("--reto-min-pointers", type=int, nargs="+", default=[2])
+    p.add_argument("--adaptive-skips", type=float, nargs="+", default=[0.5, 0.6])
     p.add_argument("--prune-k", type=int, default=64, help="knnlm-prune --k (neighbors each entry may absorb)")
     p.add_argument("--prepare-only", action="store_true", help="build the artefacts and list the configurations")
     a = p.parse_args(argv)
