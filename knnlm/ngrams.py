@@ -63,15 +63,6 @@ def _codes(windows):
     return h, (w >= 0).all(axis=1)
 
 
-def _stream_codes(vals, n):
-    """Hashes of the context n-grams values[i-n .. i-1] for i = n .. N-1 (their next token: values[n:])."""
-    h = np.zeros(len(vals) - n, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(n):
-            h = h * _MULT + (vals[j:len(vals) - n + j].astype(np.uint64) + np.uint64(1))
-    return h
-
-
 class NgramStats:
     """Per order n: the sorted distinct context n-grams of the text (hashes), how often each
     occurs, and how many distinct tokens follow it."""
@@ -99,7 +90,10 @@ class NgramStats:
         for n in orders:
             if progress is not None:
                 progress(f"counting {n}-grams of {len(vals):,} tokens")
-            codes, nxt = _stream_codes(vals, n), vals[n:]
+            # context n-gram values[i-n .. i-1] of each i >= n, and its next token values[i]
+            windows = (np.lib.stride_tricks.sliding_window_view(vals[:-1], n) if len(vals) > n
+                       else np.zeros((0, n), dtype=np.int64))
+            codes, nxt = _codes(windows)[0], vals[n:]
             order = np.lexsort((nxt, codes))
             codes, nxt = codes[order], nxt[order]
             new_code = np.ones(len(codes), dtype=bool)

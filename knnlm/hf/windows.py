@@ -88,9 +88,10 @@ def run_windows(model, ids, wins, capture=None, *, batch_size=1, device="cpu", w
         for i, w in enumerate(group):
             pos = torch.arange(w.first - w.begin - 1, w.end - w.begin - 1, device=inputs.device)  # predicts pos+1
             targets = inputs[i, pos + 1]
-            # context: the last tokens each prediction read (adaptive retrieval's n-gram features)
-            r = {"window": w, "targets": targets, "context": context_tokens(inputs[i], pos)}
+            r = {"window": w, "targets": targets}
             if lm:
+                # the last tokens each prediction read (adaptive retrieval's n-gram features)
+                r["context"] = context_tokens(inputs[i], pos)
                 lp = logits[i, pos].float().log_softmax(-1)
                 r["lp_lm"] = lp.gather(-1, targets[:, None])[:, 0]
                 if with_logits:
