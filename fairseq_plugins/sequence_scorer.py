@@ -10,12 +10,12 @@ import logging
 import torch
 from fairseq.sequence_scorer import SequenceScorer
 
+from knnlm import Context
+from knnlm.cache import CacheBatch
 from knnlm.errors import ConfigError
-from knnlm.features import DEFAULT_TOP_K, TokenFeatures, lm_features
-from knnlm.ngrams import context_tokens
+from knnlm.features import lm_features
 from knnlm.model import Tally
-from knnlm.retrieval import RetoMatonRetriever, Streams
-from knnlm.scoring import continuous_cache_log_probs, interpolate
+from knnlm.ngrams import context_tokens
 
 from .hooks import KeyCapture
 
@@ -23,52 +23,37 @@ logger = logging.getLogger(__name__)
 
 
 class KNNSequenceScorer(SequenceScorer):
-    """Scores targets like `SequenceScorer`; on the way, dumps keys or mixes in p_kNN.
+    """Scores targets like `SequenceScorer`; on the way, dumps keys or scores with an evaluation.
 
-    knn: a `knnlm.KNNLM` (kNN-LM scoring) or None; dump: a `knnlm.DumpSession` (started with
-    the model's identity at the first batch) or None; export: a `knnlm.offline.export.ExportWriter`
-    that receives per-token log-probabilities and neighbors; cache: None or a dict with
-    `lmbda`, `theta` and `size` for the continuous cache (optionally `keytype`: the state it
-    remembers, default the scorer's; `context`: also remember the context window's positions;
-    `grid`: a `fairseq_plugins.cache_grid.CacheGrid` to tune lambda and theta). drop_first_block
-    (dump): leave out the rows of blocks with no prior context, as the original code did. `on_first_batch(model)` runs once,
-    before anything is scored: it returns the model's `knnlm.ModelIdentity` (compatibility
-    checks, and what a dump records).
+    evaluation: a `knnlm.evaluation.Evaluation` (kNN-LM, export, continuous cache) or None;
+    dump: a `knnlm.DumpSession` (started with the model's identity at the first batch) or None.
+    drop_first_block (dump): leave out the rows of blocks with no prior context, as the
+    original code did. `on_first_batch(model)` runs once, before anything is scored: it returns
+    the model's `knnlm.ModelIdentity` (compatibility checks, and what a dump records).
     """
 
-    def __init__(self, tgt_dict, softmax_batch=None, *, keytype="last_ffn_input", knn=None, dump=None,
-                 export=None, cache=None, remove_bos=False, on_first_batch=None, drop_first_block=False, **kwargs):
+    def __init__(self, tgt_dict, softmax_batch=None, *, keytype="last_ffn_input", evaluation=None, dump=None,
+                 remove_bos=False, on_first_batch=None, drop_first_block=False, **kwargs):
         super().__init__(tgt_dict, softmax_batch, **kwargs)
         self.keytype = keytype
-        self.knn, self.dump, self.export, self.cache = knn, dump, export, cache
+        self.evaluation, self.dump = evaluation, dump
         self.remove_bos = remove_bos
         self.on_first_batch = on_first_batch
         self.drop_first_block = drop_first_block
         self._capture = None
         self._cache_capture = None
         self._model = None
-        # Our own tally (the kNN-LM's when there is one), so an infinite perplexity is reported
-        # instead of skipped (eval_lm drops inf).
-        self.tally = knn.tally if knn is not None else Tally()
+        # Our own tally (the evaluation's), so an infinite perplexity is reported instead of
+        # skipped (eval_lm drops inf).
+        self.tally = evaluation.tally if evaluation is not None else Tally()
 
     @property
-    def feature_top_k(self):
-        """How many top log-probabilities the LM features hold: the adaptive predictor's, else the default."""
-        return getattr(self.knn.retriever, "top_k", DEFAULT_TOP_K) if self._adaptive else DEFAULT_TOP_K
-
-    @property
-    def _adaptive(self):
-        return self.knn is not None and getattr(self.knn.retriever, "needs_lm_features", False)
-
-    @property
-    def needs_features(self):
-        """The LM's per-token features cost a pass over the (B, T, V) log-probs: only an export or
-        adaptive retrieval pays it."""
-        return self.export is not None or self._adaptive
+    def needs(self):
+        return self.evaluation.needs if self.evaluation is not None else set()
 
     @property
     def needs_keys(self):
-        return self.knn is not None or self.dump is not None or self.cache is not None
+        return self.dump is not None or (self.evaluation is not None and self.evaluation.needs_keys)
 
     def _attach(self, models):
         if len(models) != 1:
@@ -84,7 +69,7 @@ class KNNSequenceScorer(SequenceScorer):
                 self._cache_capture.remove()
                 self._cache_capture = None
             self._capture = KeyCapture(model, self.keytype)
-            cache_kt = (self.cache or {}).get("keytype") or self.keytype
+            cache_kt = self.evaluation.cache_keytype if self.evaluation is not None else self.keytype
             if cache_kt != self.keytype:
                 self._cache_capture = KeyCapture(model, cache_kt)
             self._model = model
@@ -97,8 +82,9 @@ class KNNSequenceScorer(SequenceScorer):
         if not self.needs_keys:
             return super().generate(models, sample, **kwargs)
         self._attach(models)
-        if self.needs_features and self.dump is None:
-            with FeatureTap(models[0], self.feature_top_k) as tap:
+        ev = self.evaluation
+        if "lm_features" in self.needs and self.dump is None:
+            with FeatureTap(models[0], ev.feature_top_k) as tap:
                 hypos = super().generate(models, sample, **kwargs)
             features = tap.result(sample["target"].shape)  # (B, T, F)
         else:
@@ -116,61 +102,39 @@ class KNNSequenceScorer(SequenceScorer):
         targets = target[rows, cols]
         lp_lm = torch.cat([h[0]["positional_scores"] for h in hypos]).float()
         counted = self._not_bos(spans, queries.device)  # the positions eval_lm counts
-        context = None
-        if features is not None:
-            features = features[rows.to(features.device), cols.to(features.device)]
-            # The tokens each prediction read last (input position t predicts target t), for the
-            # n-gram features of adaptive retrieval and the export.
-            context = context_tokens(sample["net_input"]["src_tokens"], cols, rows=rows)
 
-        final = lp_lm
         if self.dump is not None:
             kept = counted
             if self.drop_first_block:  # the original dump's: a block with no prior context is left out
                 kept = counted & torch.cat([torch.full((n,), s > 0, dtype=torch.bool)
                                             for _, s, n in spans]).to(counted.device)
             self.dump.add(queries[kept], targets[kept])
+            final = lp_lm
         else:
-            if self.knn is not None:
-                # Only an export reads the neighbors' order (nearest first); scores do not.
-                # A strategy that follows the text (RetoMaton) is told where each row's stream is.
-                state = (Streams([n for _, _, n in spans], targets)
-                         if isinstance(self.knn.retriever, RetoMatonRetriever) else None)
-                if self._adaptive:  # adaptive retrieval decides from the LM's features
-                    state = TokenFeatures(features, context)
-                scored = self.knn.score(queries, targets, lp_lm, state=state, nearest_first=self.export is not None,
-                                        count=counted if self.cache is None else False)
-                final = scored.final
-                if self.export is not None:
-                    n = scored.neighbors[counted.to(scored.neighbors.distances.device)]
-                    self.export.add(lp_lm[counted], scored.lp_knn[counted], targets[counted], dists=n.distances,
-                                    ids=n.ids, vals=n.values, valid=n.valid,
-                                    features=features[counted.to(features.device)],
-                                    context=context[counted.to(context.device)])
-            if self.cache is not None:
+            context = Context()
+            if "streams" in self.needs:  # each row is a stream of contiguous text
+                context.lengths = [n for _, _, n in spans]
+            if features is not None:
+                context.lm_features = features[rows.to(features.device), cols.to(features.device)]
+            if "context_tokens" in self.needs:
+                # The tokens each prediction read last (input position t predicts target t).
+                context.context_tokens = context_tokens(sample["net_input"]["src_tokens"], cols, rows=rows)
+            cache = None
+            if ev.cache is not None:
                 memory, memory_targets = target.ne(self.pad), None
-                if self.cache.get("context"):
+                if ev.cache.include_context:
                     memory, memory_targets = self._context_memory(sample, target, spans)
-                grid = self.cache.get("grid")
-                thetas = [self.cache["theta"]] + (list(grid.thetas) if grid is not None else [])
-                lps = [lp[rows, cols] for lp in continuous_cache_log_probs(
-                    cache_keys, target, self._scored_mask(spans, target), thetas,
-                    self.cache.get("size"), memory=memory, memory_targets=memory_targets)]
-                if grid is not None:
-                    c = counted.to(lps[0].device)
-                    bases = {"lm": lp_lm[c]}
-                    if self.knn is not None:
-                        bases["knn"] = final[c.to(final.device)]
-                    grid.add([lp[c] for lp in lps[1:]], bases)
-                final = interpolate(final, lps[0].to(final.device), self.cache["lmbda"])
-        if self.knn is None or self.cache is not None or self.dump is not None:
-            self.tally.add(lp_lm[counted], final[counted.to(final.device)])
+                cache = CacheBatch(cache_keys, target, self._scored_mask(spans, target), rows, cols,
+                                   memory=memory, memory_targets=memory_targets)
+            final = ev.score(queries, targets, lp_lm, context=context, count=counted, cache=cache)
         offset = 0
         for (i, s, n), h in zip(spans, hypos):
             scores = final[offset:offset + n].to(h[0]["positional_scores"].dtype)
             h[0]["positional_scores"] = scores
             h[0]["score"] = scores.sum() / max(n, 1)
             offset += n
+        if self.dump is not None:
+            self.tally.add(lp_lm[counted], final[counted.to(final.device)])
         return hypos
 
     def _not_bos(self, spans, device):

@@ -9,7 +9,6 @@ task is fairseq's language-modeling task, unchanged.
 
 import argparse
 import logging
-import math
 import os
 import sys
 
@@ -19,13 +18,11 @@ from fairseq.tasks import register_task
 from fairseq.data import LMContextWindowDataset
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
+from knnlm import options
+from knnlm.cache import check_cache_options
 from knnlm.dump import DumpSession
 from knnlm.errors import ConfigError, KNNLMError
-from knnlm.model import KNNLM, summary_line
-from knnlm.retrieval import AdaptiveRetriever, ExactRetriever, FaissRetriever, RetoMatonRetriever
-from knnlm.retrieval.exact import parse_devices
-from knnlm.scoring import SIM_FUNCS, check_lambda, check_temperature
-from knnlm.store import open_datastore as open_store
+from knnlm.evaluation import Evaluation
 
 from .config import OPTION_GROUPS, KNNLMConfig
 from .hooks import KEYTYPES
@@ -102,7 +99,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         sys.excepthook = _excepthook  # our errors are messages for the user, not tracebacks
         # ChoiceEnum members: plain strings from here on
         for name in ("knn_keytype", "knn_sim_func", "knn_search", "knn_exact_dtype"):
-            if hasattr(args, name):
+            if getattr(args, name, None) is not None:
                 setattr(args, name, str(getattr(args, name)))
         check_block_size(args)
         validate(args)
@@ -141,6 +138,12 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         return a.knnlm or a.save_knnlm_dstore or a.continuous_cache
 
     # ---- kNN-LM ----
+    def _options(self):
+        """The run's options as the core's dataclasses (the same fields knnlm-hf has)."""
+        a = self.args
+        return (options.from_namespace(options.RetrievalOptions, a), options.from_namespace(options.ExportOptions, a),
+                options.from_namespace(options.CacheOptions, a))
+
     def build_knn_scorer(self, tgt_dict, softmax_batch=None, **kwargs):
         """What eval_lm gets instead of SequenceScorer(tgt_dict, softmax_batch)."""
         if tgt_dict is not self.target_dictionary:
@@ -153,41 +156,18 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                                              on_first_batch=self._identity,
                                              drop_first_block=getattr(a, "legacy_datastore", False), **common)
         else:
-            knn = self._knnlm() if a.knnlm else None
-            cache = None
-            if a.continuous_cache:
-                from .cache_grid import CacheGrid
-
-                cache = {"lmbda": a.cache_lmbda, "theta": a.cache_theta, "size": a.cache_size,
-                         "keytype": getattr(a, "cache_keytype", None) or a.knn_keytype,
-                         "context": getattr(a, "cache_include_context", False),
-                         "grid": (CacheGrid(a.cache_grid_lambdas, a.cache_grid_thetas, with_knn=a.knnlm)
-                                  if getattr(a, "cache_grid_json", None) else None)}
+            retrieval, export, cache = self._options()
+            evaluation = Evaluation.from_options(retrieval, export, cache, keytype=a.knn_keytype, overwrite=a.overwrite)
             self._scorer = KNNSequenceScorer(
-                tgt_dict, softmax_batch, knn=knn, cache=cache,
-                on_first_batch=(lambda model: self._check_model(model, knn.retriever.datastore)) if a.knnlm else None,
-                **common,
-            )
+                tgt_dict, softmax_batch, evaluation=evaluation,
+                on_first_batch=self._check_model if evaluation.knn is not None else None, **common)
         return self._scorer
 
     def _knnlm(self):
-        """The method object: a retriever over the datastore (FAISS, or exact search), lambda and the temperature."""
-        a = self.args
-        if getattr(a, "knn_search", "faiss") == "exact":
-            retriever = ExactRetriever(open_datastore(a), k=a.k, sim_func=a.knn_sim_func, dtype=a.knn_exact_dtype,
-                                       devices=parse_devices(a.knn_exact_devices))
-        else:
-            retriever = FaissRetriever(a.indexfile, open_datastore(a), k=a.k, nprobe=a.probe,
-                                       sim_func=a.knn_sim_func, gpu=a.knn_gpu, k_factor=a.knn_k_factor,
-                                       allow_index_without_fingerprint=a.knn_allow_index_without_fingerprint)
-        if a.retomaton:
-            retriever = RetoMatonRetriever(retriever, min_pointers=a.retomaton_min_pointers,
-                                           max_pointers=a.retomaton_max_pointers,
-                                           clusters=getattr(a, "retomaton_cluster", None))
-        if getattr(a, "adaptive_retrieval", None):
-            retriever = AdaptiveRetriever(retriever, a.adaptive_retrieval, skip=a.adaptive_skip,
-                                          threshold=a.adaptive_threshold)
-        return KNNLM(retriever, lmbda=a.lmbda, temperature=a.knn_temp)
+        """The method object, from the registry (generation)."""
+        from knnlm.retrieval.registry import build
+
+        return build(self._options()[0])
 
     def build_generator(self, models, args, **kwargs):
         """fairseq-generate / fairseq-interactive: sample or search from the kNN-LM distribution."""
@@ -224,30 +204,13 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             },
         )
 
-    def _check_model(self, model, datastore):
-        """At the first batch: refuse a datastore of another model; open the export if asked."""
+    def _check_model(self, model):
+        """At the first batch: refuse a datastore of another model or of the very split scored; open the export."""
         a = self.args
         identity = self._identity(model)
-        datastore.check_compatible(keytype=a.knn_keytype, allow_model_mismatch=a.knn_allow_model_mismatch,
-                                   **identity.as_dict())
-        datastore.check_split(self._split, a.data, allow_same_split=getattr(a, "knn_allow_same_split", False))
-        predictor = getattr(self._scorer.knn.retriever, "predictor", None)
-        if predictor is not None:
-            predictor.check_compatible(identity=identity, allow_model_mismatch=a.knn_allow_model_mismatch)
-        if a.knnlm_dump_probs:
-            from knnlm.features import feature_names
-            from knnlm.ngrams import MAX_ORDER
-            from knnlm.offline.export import ExportWriter
-
-            kept = a.k if a.knnlm_dump_neighbors < 0 else min(a.knnlm_dump_neighbors, a.k)
-            self._scorer.export = ExportWriter(
-                a.knnlm_dump_probs, kept, sim_func=a.knn_sim_func, temperature=a.knn_temp,
-                lmbda=a.lmbda, with_ids=a.knnlm_dump_ids, overwrite=a.overwrite,
-                feature_names=feature_names(self._scorer.feature_top_k), context_order=MAX_ORDER,
-                meta={"split": self._split, "datastore": datastore.prefix,
-                      "datastore_fingerprint": datastore.fingerprint, "index": a.indexfile,
-                      "context_window": self._context_window, **identity.as_dict()},
-            )
+        ev = self._scorer.evaluation
+        ev.knn.retriever.datastore.check_split(self._split, a.data, allow_same_split=a.knn_allow_same_split)
+        ev.start(identity, meta={"split": self._split, "context_window": self._context_window})
         return identity
 
     def finish(self):
@@ -266,24 +229,9 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                 f"--num-shards or a smaller --max-tokens")
         if s.dump is not None:
             s.dump.finish()
-        if s.export is not None:
-            s.export.finalize()
-            logger.info(f"per-token export written to {self.args.knnlm_dump_probs}")
-        summary = s.summary()
-        if summary and (s.knn is not None or s.cache is not None):
-            a = self.args
-            setting = s.knn.describe() if s.knn is not None else "no datastore"
-            if a.continuous_cache:
-                setting += f"; continuous cache lambda={a.cache_lmbda}, theta={a.cache_theta}"
-                if getattr(a, "cache_keytype", None) or getattr(a, "cache_include_context", False):
-                    setting += (f", {s.cache['keytype']} states, memory {a.cache_size or 'the whole sample'}"
-                                f"{' including the context window' if s.cache['context'] else ''}")
-            logger.info(summary_line(summary, setting, inf_note="; eval_lm's line below skips them"))
-        if s.cache is not None and s.cache.get("grid") is not None:
-            for line in s.cache["grid"].write(a.cache_grid_json, meta={
-                    "split": self._split, "keytype": s.cache["keytype"], "cache_size": a.cache_size,
-                    "include_context": s.cache["context"], "context_window": self._context_window,
-                    "knn_lmbda": a.lmbda if a.knnlm else None}):
+        if s.evaluation is not None:
+            for line in s.evaluation.finish(inf_note="; eval_lm's line below skips them",
+                                            grid_meta={"split": self._split, "context_window": self._context_window}):
                 logger.info(line)
         s.close()
 
@@ -317,107 +265,24 @@ class _FinishOnExhaust:
 
 
 def validate(a):
-    """Refuse impossible option combinations before any model or data is loaded."""
+    """Refuse impossible option combinations before any model or data is loaded: the dump's
+    here, the scoring, export and cache options in the core (the same checks as knnlm-hf)."""
     if a.knnlm and a.save_knnlm_dstore:
         raise ConfigError("--knnlm scores with a datastore and --save-knnlm-dstore writes one: pick one per run")
     if str(a.knn_keytype) not in KEYTYPES:
         raise ConfigError(f"--knn-keytype must be one of {', '.join(KEYTYPES)}, got {a.knn_keytype!r}")
     if a.save_knnlm_dstore and not a.dstore_mmap:
         raise ConfigError("--save-knnlm-dstore needs --dstore-mmap PREFIX (where to write the datastore)")
-    if a.knnlm:
-        exact = str(getattr(a, "knn_search", "faiss")) == "exact"
-        if exact:
-            if not a.dstore_filename:
-                raise ConfigError("--knnlm --knn-search exact needs --dstore-filename PREFIX (no index file)")
-            if str(a.knn_sim_func) == "do_not_recomp_l2":
-                raise ConfigError("--knn-search exact computes exact distances and has no index distances to keep: "
-                                  "--knn-sim-func do_not_recomp_l2 needs --knn-search faiss; use l2 (or dot)")
-            if a.no_load_keys:
-                raise ConfigError("--knn-search exact searches the keys themselves: drop --no-load-keys")
-            if a.knn_k_factor != 1:
-                raise ConfigError("--knn-k-factor re-ranks FAISS's candidates; --knn-search exact has no index to "
-                                  "re-rank: drop it")
-        elif not a.dstore_filename or not a.indexfile:
-            raise ConfigError("--knnlm needs both --dstore-filename PREFIX and --indexfile INDEX")
-        check_lambda(a.lmbda)
-        check_temperature(a.knn_temp)
-        if a.k < 1:
-            raise ConfigError(f"--k must be at least 1, got {a.k}")
-        if a.probe < 1:
-            raise ConfigError(f"--probe must be at least 1, got {a.probe}")
-        if str(a.knn_sim_func) not in SIM_FUNCS:
-            raise ConfigError(f"--knn-sim-func must be one of {', '.join(SIM_FUNCS)}, got {a.knn_sim_func!r}")
-        if a.no_load_keys and a.knn_sim_func != "do_not_recomp_l2":
-            raise ConfigError("--no-load-keys leaves no keys to recompute distances from: add --knn-sim-func do_not_recomp_l2")
-
-
-    if a.retomaton:
-        if not a.knnlm:
-            raise ConfigError("--retomaton changes how --knnlm retrieves: add --knnlm")
-        if a.knnlm_dump_probs:
-            raise ConfigError("--retomaton scores pointer candidates, not the k nearest neighbors an export "
-                              "records for re-scoring: drop --knnlm-dump-probs (export a plain --knnlm run)")
-        if a.retomaton_min_pointers < 1:
-            raise ConfigError(f"--retomaton-min-pointers must be at least 1, got {a.retomaton_min_pointers}")
-    elif getattr(a, "retomaton_cluster", None):
-        raise ConfigError("--retomaton-cluster is an option of RetoMaton: add --retomaton")
-    _validate_adaptive(a)
-    if a.continuous_cache:
-        if a.save_knnlm_dstore:
-            raise ConfigError("--continuous-cache scores; --save-knnlm-dstore dumps: pick one per run")
-        check_lambda(a.cache_lmbda, "--cache-lmbda")
-        if not math.isfinite(a.cache_theta):
-            raise ConfigError(f"--cache-theta must be finite, got {a.cache_theta}")
-        if a.cache_size is not None and a.cache_size < 1:
-            raise ConfigError(f"--cache-size must be at least 1, got {a.cache_size}")
-    _validate_cache_extras(a)
+    if a.continuous_cache and a.save_knnlm_dstore:
+        raise ConfigError("--continuous-cache scores; --save-knnlm-dstore dumps: pick one per run")
     if getattr(a, "legacy_datastore", False) and not a.save_knnlm_dstore:
         raise ConfigError("--legacy-datastore shapes a dump: it needs --save-knnlm-dstore")
-
-
-def _validate_adaptive(a):
-    """--adaptive-retrieval, --adaptive-skip, --adaptive-threshold."""
-    from knnlm.retrieval.adaptive import check_skip
-
-    path = getattr(a, "adaptive_retrieval", None)
-    skip, threshold = getattr(a, "adaptive_skip", None), getattr(a, "adaptive_threshold", None)
-    if not path:
-        if skip is not None or threshold is not None:
-            flag = "--adaptive-skip" if skip is not None else "--adaptive-threshold"
-            raise ConfigError(f"{flag} is an option of adaptive retrieval: add --adaptive-retrieval PREDICTOR")
-        return
-    if not a.knnlm:
-        raise ConfigError("--adaptive-retrieval changes how --knnlm retrieves: add --knnlm")
-    if a.retomaton:
-        raise ConfigError("--adaptive-retrieval and --retomaton both decide which tokens are searched; this "
-                          "version takes one of them per run")
-    if a.knnlm_dump_probs:
-        raise ConfigError("--adaptive-retrieval leaves tokens unsearched, but an export records every token's "
-                          "neighbors for re-scoring: drop --knnlm-dump-probs (export a plain --knnlm run)")
-    if skip is not None and threshold is not None:
-        raise ConfigError("adaptive retrieval takes a target skip fraction or a threshold, not both: "
-                          "drop --adaptive-skip or --adaptive-threshold")
-    if skip is not None:
-        check_skip(skip)
-    if threshold is not None and not math.isfinite(threshold):
-        raise ConfigError(f"--adaptive-threshold must be a finite number, got {threshold}")
-    # (its range depends on the predictor's objective, checked when the predictor is read)
-
-
-def _validate_cache_extras(a):
-    """--cache-keytype, --cache-include-context and the --cache-grid-* options (fairseq_plugins/cache_grid.py)."""
-    kt = getattr(a, "cache_keytype", None)
-    uses = [f for f in ("cache_keytype", "cache_grid_json") if getattr(a, f, None)]
-    if getattr(a, "cache_include_context", False):
-        uses.append("cache_include_context")
-    if uses and not a.continuous_cache:
-        raise ConfigError(f"--{uses[0].replace('_', '-')} is an option of the continuous cache: add --continuous-cache")
-    if kt is not None and kt not in KEYTYPES:
-        raise ConfigError(f"--cache-keytype must be one of {', '.join(KEYTYPES)}, got {kt!r}")
-    if getattr(a, "cache_grid_json", None):
-        from .cache_grid import parse_grid
-
-        parse_grid(a.cache_grid_lambdas, a.cache_grid_thetas)
+    retrieval = options.from_namespace(options.RetrievalOptions, a)
+    options.validate(retrieval, export=options.from_namespace(options.ExportOptions, a))
+    cache = options.from_namespace(options.CacheOptions, a)
+    check_cache_options(cache)
+    if cache.cache_keytype is not None and cache.cache_keytype not in KEYTYPES:
+        raise ConfigError(f"--cache-keytype must be one of {', '.join(KEYTYPES)}, got {cache.cache_keytype!r}")
 
 
 def check_block_size(a):
@@ -449,17 +314,3 @@ def _absolute_data(data):
 class _ShardSafeContextWindowDataset(LMContextWindowDataset):
     def collater(self, samples):
         return {} if len(samples) == 0 else super().collater(samples)
-
-
-def open_datastore(a):
-    """A datastore prefix, or a manifest of shards dumped with --num-shards/--shard-id."""
-    kwargs = {"in_memory": a.move_dstore_to_mem}
-    if a.dstore_size is not None:
-        kwargs["dstore_size"] = a.dstore_size
-    if getattr(a, "dimension", None) is not None:  # an original-format raw datastore's
-        kwargs["dim"] = a.dimension
-    if a.dstore_fp16:
-        kwargs["fp16"] = True
-    if a.no_load_keys:
-        kwargs["load_keys"] = False
-    return open_store(a.dstore_filename, **kwargs)

@@ -24,7 +24,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "KNNLM": "model", "Tally": "model", "DumpSession": "dump", "ModelIdentity": "provenance",
     "Datastore": "store", "DatastoreWriter": "store", "ShardedDatastore": "store", "open_datastore": "store",
-    "Neighbors": "retrieval", "RetoMatonRetriever": "retrieval", "Streams": "retrieval", "Retriever": "retrieval", "FaissRetriever": "retrieval", "ExactRetriever": "retrieval",
+    "Neighbors": "retrieval", "RetoMatonRetriever": "retrieval", "Context": "retrieval", "Retriever": "retrieval",
+    "FaissRetriever": "retrieval", "ExactRetriever": "retrieval", "Wrapper": "retrieval",
+    "register_strategy": "retrieval", "register_wrapper": "retrieval", "build": "retrieval",
+    "RetrievalOptions": "options", "ExportOptions": "options", "CacheOptions": "options",
     "AdaptiveRetriever": "retrieval", "Predictor": "retrieval", "lm_features": "features",
     "load_index": "index",
     "knn_log_prob": "scoring", "interpolate": "scoring", "neighbor_scores": "scoring",

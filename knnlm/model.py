@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from .retrieval.base import Neighbors
+from .errors import ConfigError
+from .retrieval.base import Context, Neighbors
 from .scoring import check_lambda, check_temperature, interpolate, knn_full_log_probs, knn_log_prob, neighbor_scores
 
 
@@ -78,11 +79,29 @@ class KNNLM:
         self.transform = ds.query_transform() if hasattr(ds, "query_transform") else None
         self.weighted = bool(getattr(ds, "weighted", False))
 
-    def retrieve(self, queries, state=None, nearest_first=False):
+    @property
+    def needs(self):
+        """The `Context` fields the strategy reads: a front-end computes only these."""
+        return self.retriever.needs
+
+    @property
+    def lm_feature_top_k(self):
+        return self.retriever.lm_feature_top_k
+
+    def _check_context(self, context, given=()):
+        missing = set(self.needs) - (context.provided() if context is not None else set()) - set(given)
+        if missing:
+            name = type(self.retriever).__name__
+            raise ConfigError(f"{name} reads {', '.join(sorted(missing))} of each call: pass "
+                              f"context=knnlm.Context({', '.join(f'{m}=...' for m in sorted(missing))}) "
+                              f"(see knnlm.retrieval.base.NEEDS)".replace("streams=", "lengths="))
+
+    def retrieve(self, queries, context=None, nearest_first=False):
         """The retriever's neighbors of the (transformed) queries, with their weights if the datastore has any."""
+        self._check_context(context)
         if self.transform is not None:
             queries = self.transform(queries)
-        neighbors = self.retriever.retrieve(queries, state, nearest_first=nearest_first)
+        neighbors = self.retriever.retrieve(queries, context, nearest_first=nearest_first)
         if self.weighted and neighbors.weights is None:
             ids = neighbors.ids.clamp(min=0).cpu().numpy()
             w = torch.from_numpy(self.retriever.datastore.gather_weights(ids).astype("float32"))
@@ -96,9 +115,6 @@ class KNNLM:
     @property
     def k(self):
         return self.retriever.k
-
-    def new_state(self, n_streams=1):
-        return self.retriever.new_state(n_streams)
 
     def neighbor_scores(self, neighbors):
         """Logits of the neighbor softmax: -d / T (L2) or q.k / T (dot), plus log w for weighted entries."""
@@ -121,34 +137,47 @@ class KNNLM:
             final = torch.where(retrieved.to(final.device), final, lp_lm.float())
         return final
 
-    def score(self, queries, targets, lp_lm, *, state=None, nearest_first=False, count=None):
+    def score(self, queries, targets, lp_lm, *, context=None, nearest_first=False, count=None):
         """Score N targets: (N, D) queries, (N,) targets, (N,) log p_LM(target) -> Scored.
 
-        nearest_first: ask for the neighbors sorted (an export needs it). count: which tokens
-        the tally counts: None for all, a (N,) bool mask (a front-end that scores positions its
-        perplexity leaves out, fairseq's --add-bos-token, passes one), False for none (the
-        caller mixes in more, a cache say, and counts the result itself with `count`).
+        context: a `Context` with what the strategy `needs` (its targets are filled in from
+        `targets`). nearest_first: ask for the neighbors sorted (an export needs it). count:
+        which tokens the tally counts: None for all, a (N,) bool mask (a front-end that scores
+        positions its perplexity leaves out, fairseq's --add-bos-token, passes one), False for
+        none (the caller mixes in more, a cache say, and counts the result itself with `count`).
         """
-        neighbors = self.retrieve(queries, state, nearest_first=nearest_first)
+        if "targets" in self.needs:
+            context = dataclasses.replace(context or Context(), targets=targets)
+        neighbors = self.retrieve(queries, context, nearest_first=nearest_first)
         targets = targets.to(neighbors.values.device)
         lp_knn = self.knn_log_prob(neighbors, targets)
         final = self.mix(lp_lm.float(), lp_knn, neighbors.retrieved)
-        self.retriever.feedback(state, neighbors, targets)
         if count is not False:
-            self.count(lp_lm, final, count, neighbors.retrieved)
+            self.count(lp_lm, final, count, neighbors.searched_mask())
         return Scored(final=final, lp_lm=lp_lm.float(), lp_knn=lp_knn, neighbors=neighbors)
 
-    def count(self, lp_lm, final, mask=None, retrieved=None):
-        """Add tokens to the tally (those in `mask`, if given)."""
+    def count(self, lp_lm, final, mask=None, searched=None):
+        """Add tokens to the tally (those in `mask`, if given); `searched`: (N,) bool, the tokens that cost a search."""
         if mask is not None:
             mask = mask.to(final.device)
             lp_lm, final = lp_lm[mask], final[mask]
-            retrieved = None if retrieved is None else retrieved.to(final.device)[mask]
-        self.tally.add(lp_lm, final, None if retrieved is None else int(retrieved.sum()))
+            searched = None if searched is None else searched.to(final.device)[mask]
+        self.tally.add(lp_lm, final, None if searched is None else int(searched.sum()))
 
-    def next_token_log_probs(self, queries, lm_log_probs, *, state=None):
-        """(N, D) queries, (N, V) log p_LM -> (N, V) log of the interpolated next-token distribution."""
-        neighbors = self.retrieve(queries, state, nearest_first=False)  # order-free
+    def next_token_log_probs(self, queries, lm_log_probs, *, context=None):
+        """(N, D) queries, (N, V) log p_LM -> (N, V) log of the interpolated next-token distribution.
+
+        The LM's features a strategy reads (adaptive retrieval) come from `lm_log_probs` itself
+        when the context does not hold them."""
+        if "lm_features" in self.needs and (context is None or context.lm_features is None):
+            from .features import lm_features
+
+            context = dataclasses.replace(context or Context(),
+                                          lm_features=lm_features(lm_log_probs, self.lm_feature_top_k))
+        if "targets" in self.needs:
+            raise ConfigError(f"{type(self.retriever).__name__} follows the text that really came next, which "
+                              f"generation does not know: generate without it (e.g. drop --retomaton)")
+        neighbors = self.retrieve(queries, context, nearest_first=False)  # order-free
         scores = self.neighbor_scores(neighbors).to(lm_log_probs.device)
         out = knn_full_log_probs(lm_log_probs, scores, neighbors.values.to(lm_log_probs.device), self.lmbda,
                                  neighbors.valid.to(lm_log_probs.device))
@@ -160,11 +189,15 @@ class KNNLM:
     def summary(self):
         return self.tally.summary()
 
+    def close(self):
+        """Release the strategy's threads or remote workers (a sharded search's actors)."""
+        self.retriever.close()
+
     def describe(self):
         """The settings as the summary line prints them: 'k=..., lambda=..., T=..., l2', plus the
         strategy's name where it has one (', exact' for ExactRetriever; FAISS has none), then what
         the strategy reports (RetoMaton: the searches it saved)."""
-        name = getattr(self.retriever, "search_name", None)
+        name = self.retriever.search_name
         text = f"k={self.k}, lambda={self.lmbda}, T={self.temperature}, {self.sim_func}" + (f", {name}" if name else "")
         extra = self.retriever.describe()  # e.g. RetoMaton's searches saved
         return text + (f"; {extra}" if extra else "")

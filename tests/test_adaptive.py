@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm import KNNLM, AdaptiveRetriever, Datastore, DatastoreWriter, FaissRetriever, Predictor
+from knnlm import KNNLM, AdaptiveRetriever, Context, Datastore, DatastoreWriter, FaissRetriever, Predictor
 from knnlm.errors import ConfigError, CorruptError, KNNLMError, MismatchError
 from knnlm.features import feature_names, lm_features
 from knnlm.offline import adaptive as trainer
@@ -60,9 +60,9 @@ class Counting:
         self.base, self.calls = base, []
         self.datastore, self.k, self.sim_func = base.datastore, base.k, base.sim_func
 
-    def retrieve(self, queries, state=None, *, nearest_first=True):
+    def retrieve(self, queries, context=None, *, nearest_first=True):
         self.calls.append(queries.clone())
-        return self.base.retrieve(queries, state, nearest_first=nearest_first)
+        return self.base.retrieve(queries, context, nearest_first=nearest_first)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_nothing_skipped_is_the_plain_knnlm_bit_for_bit(small, how):
     base = Counting(FaissRetriever(index, ds, k=K))
     ad = AdaptiveRetriever(base, make_predictor(feats, ds), **how)
     knn = KNNLM(ad, lmbda=0.3, temperature=2.0)
-    got = knn.score(q, t, lp_lm, state=feats)
+    got = knn.score(q, t, lp_lm, context=Context(lm_features=feats))
     assert torch.equal(got.final, plain.final) and torch.equal(got.lp_knn, plain.lp_knn)
     assert len(base.calls) == 1 and torch.equal(base.calls[0], q)
     ref = KNNLM(FaissRetriever(index, ds, k=K), lmbda=0.3, temperature=2.0)
@@ -120,7 +120,7 @@ def test_skip_gives_p_lm_to_exactly_the_lowest_scored_and_searches_only_the_rest
     plain = KNNLM(FaissRetriever(index, ds, k=K), lmbda=0.3, temperature=2.0).score(q, t, lp_lm)
     base = Counting(FaissRetriever(index, ds, k=K))
     knn = KNNLM(AdaptiveRetriever(base, pred, skip=skip), lmbda=0.3, temperature=2.0)
-    got = knn.score(q, t, lp_lm, state=feats)
+    got = knn.score(q, t, lp_lm, context=Context(lm_features=feats))
     # the expected decision, from the predictor's scores ranked here
     scores = pred.scores(feats).numpy()
     order = np.argsort(scores, kind="stable")
@@ -138,7 +138,7 @@ def test_skip_gives_p_lm_to_exactly_the_lowest_scored_and_searches_only_the_rest
     lam = torch.sigmoid(pred.scores(feats))
     cut = float(lam.median())
     got2 = KNNLM(AdaptiveRetriever(FaissRetriever(index, ds, k=K), pred, threshold=cut), lmbda=0.3,
-                 temperature=2.0).score(q, t, lp_lm, state=feats)
+                 temperature=2.0).score(q, t, lp_lm, context=Context(lm_features=feats))
     assert torch.equal(got2.neighbors.retrieved, pred.scores(feats) >= math.log(cut / (1 - cut)))
 
 
@@ -146,7 +146,7 @@ def test_everything_skipped_searches_nothing(small):
     ds, index, q, t, lp_lm, feats = small
     base = Counting(FaissRetriever(index, ds, k=K))
     knn = KNNLM(AdaptiveRetriever(base, make_predictor(feats, ds), threshold=1.0), lmbda=0.3)
-    got = knn.score(q, t, lp_lm, state=feats)
+    got = knn.score(q, t, lp_lm, context=Context(lm_features=feats))
     assert base.calls == [] and torch.equal(got.final, lp_lm) and knn.tally.searched == 0
 
 
@@ -226,7 +226,7 @@ def test_refusals(small, tmp_path, capsys):
     with pytest.raises(ConfigError, match="LM's features"):
         AdaptiveRetriever(FaissRetriever(index, ds, k=K), pred).retrieve(q)
     with pytest.raises(ConfigError, match="takes 4 features"):
-        AdaptiveRetriever(FaissRetriever(index, ds, k=K), pred).retrieve(q, feats[:, :2])
+        AdaptiveRetriever(FaissRetriever(index, ds, k=K), pred).retrieve(q, Context(lm_features=feats[:, :2]))
     # another datastore (here: another model's, other keys)
     w = DatastoreWriter(str(tmp_path / "other"), D, keytype="x", dict_size=V, dict_fingerprint="f")
     w.add(np.ones((10, D), np.float32), np.zeros(10, np.int64))

@@ -220,7 +220,16 @@ def test_lambda_zero_reproduces_stock_eval_lm(results, name):
     assert math.isclose(base, 2 ** stock_loss, rel_tol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["plain", "options without --knnlm"])
+def test_knn_flags_without_knnlm_are_refused_by_name(results):
+    """Issue #29: kNN flags given without --knnlm used to be ignored silently (the run printed the
+    base perplexity); they are refused by name, with the flag that is missing."""
+    r = results["options without --knnlm"]
+    assert r.returncode != 0 and "Traceback" not in r.output
+    assert ("ConfigError: --dstore-filename, --indexfile, --k, --lmbda are options of kNN-LM scoring, ignored "
+            "without --knnlm: add --knnlm") in r.output
+
+
+@pytest.mark.parametrize("name", ["plain"])
 def test_without_knnlm_the_task_is_stock(results, name):
     stock, r = ok(results, stock_name("ckpt", ())), ok(results, name)
     assert word_probs(r.output) == word_probs(stock.output)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from knnlm import Context
+
 from knnlm import KNNLM, AdaptiveRetriever, Datastore, DatastoreWriter, FaissRetriever, Predictor
 from knnlm.errors import ConfigError, CorruptError, KNNLMError
 from knnlm.features import TokenFeatures, lm_features
@@ -123,11 +125,11 @@ def test_nothing_skipped_with_ngram_features_is_the_plain_knnlm_bit_for_bit(tmp_
     index.add(keys)
     plain = KNNLM(FaissRetriever(index, ds, k=16), lmbda=0.3, temperature=2.0).score(q, t, lp_lm)
     got = KNNLM(AdaptiveRetriever(FaissRetriever(index, ds, k=16), pred, skip=0.0), lmbda=0.3,
-                temperature=2.0).score(q, t, lp_lm, state=x)
+                temperature=2.0).score(q, t, lp_lm, context=Context(lm_features=x.lm, context_tokens=x.context))
     assert torch.equal(got.final, plain.final)
     # skipping half: the skipped ones are the lowest scored on LM + n-gram features, and get p_LM
     ad = AdaptiveRetriever(FaissRetriever(index, ds, k=16), pred, skip=0.5)
-    half = KNNLM(ad, lmbda=0.3, temperature=2.0).score(q, t, lp_lm, state=x)
+    half = KNNLM(ad, lmbda=0.3, temperature=2.0).score(q, t, lp_lm, context=Context(lm_features=x.lm, context_tokens=x.context))
     kept = pred.scores(pred.inputs(x)) >= ad.cut
     assert torch.equal(half.neighbors.retrieved, kept) and 0 < int(kept.sum()) < n
     assert torch.equal(half.final[~kept], lp_lm[~kept]) and torch.equal(half.final[kept], plain.final[kept])

@@ -57,7 +57,7 @@ def test_weighted_neighbor_softmax_by_hand():
         datastore = type("DS", (), {"weighted": False, "query_transform": lambda self: None})()
         k, sim_func = 3, "l2"
 
-        def retrieve(self, queries, state=None, *, nearest_first=True):
+        def retrieve(self, queries, context=None, *, nearest_first=True):
             return Neighbors(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[7, 8, 7]]),
                              torch.ones(1, 3, dtype=torch.bool), torch.tensor([[0, 1, 2]]),
                              weights=torch.tensor([[2.0, 1.0, 1.0]]))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm import KNNLM, Datastore, DatastoreWriter, FaissRetriever, RetoMatonRetriever, Streams
+from knnlm import KNNLM, Datastore, DatastoreWriter, FaissRetriever, RetoMatonRetriever, Context
 from knnlm.errors import ConfigError
 from tests.conftest import eval_lm, knn_summary
 
@@ -69,7 +69,7 @@ def test_pointers_searches_and_probabilities_match_the_reference(memorised, min_
     knn = KNNLM(reto, lmbda=0.5, temperature=2.0)
     q = torch.from_numpy(np.concatenate([s[0] for s in streams]))
     t = torch.from_numpy(np.concatenate([s[1] for s in streams]))
-    scored = knn.score(q, t, torch.full((len(q),), -1.0), state=Streams([len(s[0]) for s in streams], t))
+    scored = knn.score(q, t, torch.full((len(q),), -1.0), context=Context(lengths=[len(s[0]) for s in streams]))
     want = [r for qs, ts in streams for r in ref_retomaton(keys, vals, follows, qs, ts, K, min_pointers, max_pointers, 2.0)]
     assert reto.last_searched.tolist() == [w[0] for w in want]
     got_ids = [sorted(i for i, v in zip(row.tolist(), ok.tolist()) if v)
@@ -91,7 +91,7 @@ def test_a_threshold_above_k_searches_every_token_like_the_plain_knnlm(memorised
     lp_lm = torch.full((len(q),), -1.5)
     plain = KNNLM(FaissRetriever(index, ds, k=K), lmbda=0.3).score(q, t, lp_lm)
     reto = RetoMatonRetriever(FaissRetriever(index, ds, k=K), min_pointers=K + 1)
-    got = KNNLM(reto, lmbda=0.3).score(q, t, lp_lm, state=Streams([len(s[0]) for s in streams], t))
+    got = KNNLM(reto, lmbda=0.3).score(q, t, lp_lm, context=Context(lengths=[len(s[0]) for s in streams]))
     assert bool(reto.last_searched.all()) and reto.summary()["searches_saved"] == 0
     assert torch.equal(got.final, plain.final)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm import KNNLM, Datastore, DatastoreWriter, FaissRetriever, RetoMatonRetriever, Streams
+from knnlm import KNNLM, Datastore, DatastoreWriter, FaissRetriever, RetoMatonRetriever, Context
 from knnlm.errors import ConfigError, IncompleteError, MismatchError
 from knnlm.retrieval.retomaton_clusters import cluster_datastore, main as cluster_main
 
@@ -78,7 +78,7 @@ def _run(memorised, clusters, min_pointers, max_pointers):
     q = torch.from_numpy(np.concatenate([s[0] for s in streams]))
     t = torch.from_numpy(np.concatenate([s[1] for s in streams]))
     scored = KNNLM(reto, lmbda=0.5, temperature=2.0).score(q, t, torch.full((len(q),), -1.0),
-                                                           state=Streams([len(s[0]) for s in streams], t))
+                                                           context=Context(lengths=[len(s[0]) for s in streams]))
     return reto, scored
 
 

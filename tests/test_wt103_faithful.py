@@ -56,15 +56,19 @@ def _brute_force_cache(h, tokens, target, start, n, theta, size):
 @pytest.mark.parametrize("size", [None, 20])
 def test_cache_over_the_context_window_matches_a_brute_force_loop(tiny, size):
     from fairseq_plugins.sequence_scorer import KNNSequenceScorer
+    from knnlm.cache import ContinuousCache
+    from knnlm.evaluation import Evaluation
+    from knnlm.options import CacheOptions
 
     model, task, batches = _rows(tiny["ckpt"], tiny["data"])
     states = []  # the final layer's output (decoder_output), by a hook written here
     hook = model.decoder.layers[-1].register_forward_hook(
         lambda mod, args, out: states.append((out[0] if isinstance(out, tuple) else out).transpose(0, 1)))
     theta = 0.05
+    cache = ContinuousCache(CacheOptions(continuous_cache=True, cache_lmbda=1.0, cache_theta=theta, cache_size=size,
+                                         cache_keytype="decoder_output", cache_include_context=True), "last_ffn_input")
     scorer = KNNSequenceScorer(task.target_dictionary, None, keytype="last_ffn_input",
-                               cache={"lmbda": 1.0, "theta": theta, "size": size, "keytype": "decoder_output",
-                                      "context": True})
+                               evaluation=Evaluation(keytype="last_ffn_input", cache=cache))
     checked = with_context = 0
     for sample in batches[:3]:
         hypos = scorer.generate([model], sample)
@@ -89,9 +93,13 @@ def test_cache_over_the_context_window_matches_a_brute_force_loop(tiny, size):
 def test_cache_without_context_is_the_old_cache(tiny):
     """Without --cache-include-context the first scored token of each row has an empty cache."""
     from fairseq_plugins.sequence_scorer import KNNSequenceScorer
+    from knnlm.cache import ContinuousCache
+    from knnlm.evaluation import Evaluation
+    from knnlm.options import CacheOptions
 
     model, task, batches = _rows(tiny["ckpt"], tiny["data"])
-    old = KNNSequenceScorer(task.target_dictionary, None, cache={"lmbda": 1.0, "theta": 0.05, "size": None})
+    cache = ContinuousCache(CacheOptions(continuous_cache=True, cache_lmbda=1.0, cache_theta=0.05), "last_ffn_input")
+    old = KNNSequenceScorer(task.target_dictionary, None, evaluation=Evaluation(keytype="last_ffn_input", cache=cache))
     for sample in batches[:2]:
         for hypo in old.generate([model], sample):
             assert hypo[0]["positional_scores"][0].item() == -math.inf

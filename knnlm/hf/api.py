@@ -12,8 +12,8 @@ scores only each target's probability) and, given `labels`, their mean NLL in `l
 
 import functools
 
-from knnlm import KNNLM, FaissRetriever, open_datastore
 from knnlm.errors import ConfigError
+from knnlm.evaluation import check_model
 
 from .hooks import break_into
 from .identity import model_identity
@@ -56,6 +56,7 @@ class Attached:
         if not self.attached:
             return
         self.capture.remove()
+        self.knn.close()
         if self._had_forward:
             self.model.forward = self._old_forward
         else:
@@ -70,20 +71,43 @@ class Attached:
         return False
 
 
-def attach(model, datastore, index, *, k=1024, lmbda=0.25, temperature=1.0, nprobe=32, sim_func="l2",
-           k_factor=1.0, keytype=DEFAULT_KEYTYPE, tokenizer=None, allow_model_mismatch=False, gpu=False,
-           in_memory=False):
+# attach's keyword names of before the options object -> RetrievalOptions fields
+_ALIASES = {"temperature": "knn_temp", "nprobe": "probe", "sim_func": "knn_sim_func", "k_factor": "knn_k_factor",
+            "gpu": "knn_gpu", "in_memory": "move_dstore_to_mem", "allow_model_mismatch": "knn_allow_model_mismatch",
+            "search": "knn_search", "executor": "knn_executor"}
+
+
+def attach(model, datastore, index=None, *, keytype=DEFAULT_KEYTYPE, tokenizer=None, options=None, **settings):
     """Make `model`'s forward (and so generate) the kNN-LM's; returns an `Attached`.
 
-    datastore: a prefix (or shard manifest) or an opened datastore; index: a path or a FAISS
-    index built from it. The datastore must come from this model (weights fingerprint, key
-    type and dimension; the tokenizer's fingerprint too when `tokenizer` is given).
+    datastore: a prefix (or shard manifest) or an opened datastore; index: a path (or None for
+    `knn_search="exact"`). settings: any `knnlm.RetrievalOptions` field (k=1024, lmbda=0.25,
+    knn_search="exact", knn_exact_dtype="fp16", ...; temperature, nprobe, sim_func, k_factor,
+    gpu, in_memory and allow_model_mismatch are accepted as short names), or a whole
+    `options=RetrievalOptions(...)`. The datastore must come from this model (weights
+    fingerprint, key type and dimension; the tokenizer's fingerprint too when `tokenizer` is given).
     """
-    store = open_datastore(datastore, in_memory=in_memory) if isinstance(datastore, str) else datastore
-    identity = model_identity(model, tokenizer)
-    store.check_compatible(keytype=keytype, allow_model_mismatch=allow_model_mismatch, **identity.as_dict())
-    retriever = FaissRetriever(index, store, k=k, nprobe=nprobe, sim_func=sim_func, gpu=gpu, k_factor=k_factor)
-    knn = KNNLM(retriever, lmbda=lmbda, temperature=temperature)
+    import dataclasses
+
+    from knnlm.options import RetrievalOptions
+    from knnlm.retrieval.registry import build
+
+    fields = {f.name for f in dataclasses.fields(RetrievalOptions)}
+    values = {}
+    for name, value in settings.items():
+        field = _ALIASES.get(name, name)
+        if field not in fields:
+            raise ConfigError(f"attach() got an unknown setting {name!r} (a knnlm.RetrievalOptions field)")
+        values[field] = value
+    opts = dataclasses.replace(options or RetrievalOptions(), knnlm=True, **values)
+    if index is not None:  # a path, or a FAISS index object (the faiss strategy takes either)
+        opts = dataclasses.replace(opts, indexfile=index)
+    if isinstance(datastore, str):
+        opts = dataclasses.replace(opts, dstore_filename=datastore)
+    elif opts.dstore_filename is None:
+        opts = dataclasses.replace(opts, dstore_filename=datastore.prefix)
+    knn = build(opts, None if isinstance(datastore, str) else datastore)
+    check_model(knn, model_identity(model, tokenizer), keytype=keytype,
+                allow_model_mismatch=opts.knn_allow_model_mismatch)
     capture = break_into(model, keytype)
     return Attached(model, knn, capture)
-

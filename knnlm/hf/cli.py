@@ -24,11 +24,14 @@ import warnings
 import numpy as np
 import torch
 
-from knnlm import KNNLM, DumpSession, FaissRetriever, Tally, open_datastore
+from knnlm import Context, DumpSession, options
+from knnlm.cache import CacheBatch
 from knnlm.checks import Replay, Report, check_artefacts, finish
+from knnlm.cli import progress, run_guarded
 from knnlm.errors import ConfigError, KNNLMError
-from knnlm.features import TokenFeatures, lm_features
-from knnlm.model import summary_line
+from knnlm.evaluation import Evaluation, check_model
+from knnlm.features import lm_features
+from knnlm.retrieval.registry import build, load_from_argv
 
 from .hooks import break_into
 from .identity import model_identity
@@ -36,7 +39,6 @@ from .layers import DEFAULT_KEYTYPE, KEYTYPES, check_keytype, max_positions
 from .windows import check_window, run_windows, windows
 
 PROG = "knnlm-hf"
-SIM_FUNCS = ("l2", "do_not_recomp_l2", "dot")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -47,6 +49,11 @@ def load_model(args):
 
     transformers.logging.set_verbosity_error()  # "sequence longer than the model's maximum" etc.
     transformers.logging.disable_progress_bar()
+    for flag, name in (("--model", args.model), ("--tokenizer", args.tokenizer)):
+        if name and _looks_like_path(name) and not os.path.isdir(name):
+            raise ConfigError(f"cannot load the tokenizer {args.tokenizer or args.model}: {flag} {name} is no such "
+                              f"directory (a local model is a directory written by save_pretrained; a hub name has "
+                              f"no leading '/', './' or '~')")
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     except (OSError, ValueError) as e:
@@ -60,6 +67,10 @@ def load_model(args):
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the model {args.model}: {e}") from None
     return model.to(device(args)).eval(), tokenizer
+
+
+def _looks_like_path(name):
+    return name.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name or name.endswith(os.sep)
 
 
 def device(args):
@@ -89,7 +100,7 @@ def text_windows(args, model, n_tokens):
     max_length = args.max_length or max_positions(model)
     if max_length is None:
         raise ConfigError("the model's config does not give its number of positions: pass --max-length")
-    stride = args.stride or max(1, max_length // 2)
+    stride = args.stride if args.stride is not None else max(1, max_length // 2)
     check_window(max_length, stride, max_positions(model))
     wins = windows(n_tokens, max_length, stride)
     if not wins:
@@ -98,52 +109,32 @@ def text_windows(args, model, n_tokens):
 
 
 # ----------------------------------------------------------------------------- kNN-LM
-def validate_knn(args):
-    """Refuse impossible kNN option combinations before the model is loaded."""
-    if getattr(args, "knnlm_dump_probs", None) and not args.knnlm:
-        raise ConfigError("--knnlm-dump-probs exports a kNN-LM evaluation: add --knnlm")
-    adaptive = getattr(args, "adaptive_retrieval", None)
-    skip, threshold = getattr(args, "adaptive_skip", None), getattr(args, "adaptive_threshold", None)
-    if not adaptive and (skip is not None or threshold is not None):
-        flag = "--adaptive-skip" if skip is not None else "--adaptive-threshold"
-        raise ConfigError(f"{flag} is an option of adaptive retrieval: add --adaptive-retrieval PREDICTOR")
-    if adaptive and not args.knnlm:
-        raise ConfigError("--adaptive-retrieval changes how --knnlm retrieves: add --knnlm")
-    if adaptive and getattr(args, "knnlm_dump_probs", None):
-        raise ConfigError("--adaptive-retrieval leaves tokens unsearched, but an export records every token's "
-                          "neighbors for re-scoring: drop --knnlm-dump-probs (export a plain --knnlm run)")
-    if not args.knnlm:
-        return
-    if not args.dstore_filename or not args.indexfile:
-        raise ConfigError("--knnlm needs both --dstore-filename PREFIX and --indexfile INDEX")
-    check_keytype(args.knn_keytype)
-    if args.knn_sim_func not in SIM_FUNCS:
-        raise ConfigError(f"--knn-sim-func must be one of {', '.join(SIM_FUNCS)}, got {args.knn_sim_func!r}")
+def retrieval_options(args):
+    return options.from_namespace(options.RetrievalOptions, args)
 
 
-def build_knnlm(args):
-    """The KNNLM over --dstore-filename / --indexfile (checks lambda, T, k, probe, k-factor, index)."""
-    store = open_datastore(args.dstore_filename, in_memory=args.move_dstore_to_mem)
-    retriever = FaissRetriever(args.indexfile, store, k=args.k, nprobe=args.probe, sim_func=args.knn_sim_func,
-                               gpu=args.knn_gpu, k_factor=args.knn_k_factor)
-    if getattr(args, "adaptive_retrieval", None):
-        from knnlm import AdaptiveRetriever
-
-        retriever = AdaptiveRetriever(retriever, args.adaptive_retrieval, skip=args.adaptive_skip,
-                                      threshold=args.adaptive_threshold)
-    return KNNLM(retriever, lmbda=args.lmbda, temperature=args.knn_temp)
-
-
-def check_datastore(args, knn, identity):
-    knn.retriever.datastore.check_compatible(keytype=args.knn_keytype, allow_model_mismatch=args.knn_allow_model_mismatch,
-                                             **identity.as_dict())
-    predictor = getattr(knn.retriever, "predictor", None)
-    if predictor is not None:
-        predictor.check_compatible(identity=identity, allow_model_mismatch=args.knn_allow_model_mismatch)
+def check_numbers(args):
+    """The commands' own numbers, refused by name before anything loads."""
+    for name, low in (("max_length", 1), ("stride", 1), ("batch_size", 1), ("windows", 1), ("max_new_tokens", 1),
+                      ("num_beams", 1), ("num_return_sequences", 1), ("top_k", 0)):
+        v = getattr(args, name, None)
+        if v is not None and v < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
+    top_p = getattr(args, "top_p", None)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
+    t = getattr(args, "temperature", None)
+    if t is not None and not (t > 0 and np.isfinite(t)):
+        raise ConfigError(f"--temperature must be a finite number above 0, got {t}")
+    if getattr(args, "num_return_sequences", 1) > 1 and not getattr(args, "do_sample", False) \
+            and args.num_return_sequences > args.num_beams:
+        raise ConfigError(f"--num-return-sequences {args.num_return_sequences} needs --do-sample or at least as many "
+                          f"--num-beams (got {args.num_beams})")
 
 
 # ----------------------------------------------------------------------------- commands
 def cmd_dump(args):
+    check_numbers(args)
     check_keytype(args.knn_keytype)
     model, tokenizer = load_model(args)
     ids = read_tokens(args.text, tokenizer)
@@ -159,8 +150,10 @@ def cmd_dump(args):
     )
     try:
         session.start(identity)
-        for r in run_windows(model, ids, wins, capture, batch_size=args.batch_size, device=device(args), lm=False):
-            session.add(r["keys"].float(), r["targets"])
+        with progress(total=sum(w.scored for w in wins), desc="dumping", unit="tok") as bar:
+            for r in run_windows(model, ids, wins, capture, batch_size=args.batch_size, device=device(args), lm=False):
+                session.add(r["keys"].float(), r["targets"])
+                bar.update(len(r["targets"]))
         meta = session.finish()
     except BaseException:
         session.abandon()
@@ -173,69 +166,72 @@ def cmd_dump(args):
 
 
 def cmd_eval(args):
-    validate_knn(args)
-    knn = build_knnlm(args) if args.knnlm else None
+    check_numbers(args)
+    check_keytype(args.knn_keytype)
+    cache_opts = options.from_namespace(options.CacheOptions, args)
+    if cache_opts.cache_keytype is not None:
+        check_keytype(cache_opts.cache_keytype)
+    ev = Evaluation.from_options(retrieval_options(args), options.from_namespace(options.ExportOptions, args),
+                                 cache_opts, keytype=args.knn_keytype, overwrite=args.overwrite)
     model, tokenizer = load_model(args)
-    identity = model_identity(model, tokenizer)
-    if knn is not None:
-        check_datastore(args, knn, identity)
     ids = read_tokens(args.text, tokenizer)
     wins, max_length, stride = text_windows(args, model, len(ids))
-    export = None
-    # The LM's per-token features (entropy, top log-probs): for an export, or adaptive retrieval.
-    adaptive = knn is not None and getattr(knn.retriever, "needs_lm_features", False)
-    top_k = knn.retriever.top_k if adaptive else None
-    if args.knnlm_dump_probs:
-        from knnlm.features import DEFAULT_TOP_K, feature_names
-        from knnlm.ngrams import MAX_ORDER
-        from knnlm.offline.export import ExportWriter
-
-        top_k = DEFAULT_TOP_K
-
-        store = knn.retriever.datastore
-        kept = args.k if args.knnlm_dump_neighbors < 0 else min(args.knnlm_dump_neighbors, args.k)
-        export = ExportWriter(
-            args.knnlm_dump_probs, kept, sim_func=args.knn_sim_func, temperature=args.knn_temp, lmbda=args.lmbda,
-            with_ids=args.knnlm_dump_ids, overwrite=args.overwrite, feature_names=feature_names(top_k),
-            context_order=MAX_ORDER, meta={"frontend": PROG, "model": args.model, "text": os.path.abspath(args.text), "max_length": max_length,
-                  "stride": stride, "datastore": store.prefix, "datastore_fingerprint": store.fingerprint,
-                  "index": args.indexfile, **identity.as_dict()},
-        )
-    tally = knn.tally if knn is not None else Tally()
-    capture = break_into(model, args.knn_keytype) if knn is not None else None
+    ev.start(model_identity(model, tokenizer), meta={
+        "frontend": PROG, "model": args.model, "text": os.path.abspath(args.text), "max_length": max_length,
+        "stride": stride})
+    needs = ev.needs
+    capture = break_into(model, args.knn_keytype) if ev.needs_keys else None
+    cache_capture = (break_into(model, ev.cache_keytype)
+                     if ev.cache is not None and ev.cache_keytype != args.knn_keytype else None)
     try:
+        bar = progress(total=sum(w.scored for w in wins), desc="scoring", unit="tok")
         for r in run_windows(model, ids, wins, capture, batch_size=args.batch_size, device=device(args),
-                             with_logits=top_k is not None):
-            if knn is None:
-                tally.add(r["lp_lm"], r["lp_lm"])
-                continue
-            features = lm_features(r.pop("lm_log_probs"), top_k) if top_k is not None else None
-            scored = knn.score(r["keys"], r["targets"], r["lp_lm"], nearest_first=export is not None,
-                               state=TokenFeatures(features, r["context"]) if adaptive else None)
-            if export is not None:
-                n = scored.neighbors
-                export.add(r["lp_lm"], scored.lp_knn, r["targets"], dists=n.distances, ids=n.ids, vals=n.values,
-                           valid=n.valid, features=features, context=r["context"])
-        if export is not None:
-            export.finalize()
+                             with_logits="lm_features" in needs, whole_window=ev.cache is not None,
+                             cache_capture=cache_capture):
+            n = len(r["targets"])
+            context = Context(lengths=[n] if "streams" in needs else None,
+                              lm_features=(lm_features(r.pop("lm_log_probs"), ev.feature_top_k)
+                                           if "lm_features" in needs else None),
+                              context_tokens=r["context"] if "context_tokens" in needs else None)
+            ev.score(r.get("keys"), r["targets"], r["lp_lm"], context=context,
+                     cache=_cache_batch(r, ev.cache.include_context) if ev.cache is not None else None)
+            bar.update(n)
+        bar.close()
+        lines = ev.finish()
     except BaseException:
-        if export is not None:
-            export.abandon()
+        ev.abandon()
         raise
     finally:
-        if capture is not None:
-            capture.remove()
-    summary = tally.summary()
-    setting = knn.describe() if knn is not None else "no datastore"
-    print(summary_line(summary, setting))
+        for c in (capture, cache_capture):
+            if c is not None:
+                c.remove()
+    for line in lines:
+        print(line)
+    for line in ev.table():  # for the reader; stdout's last line stays the summary scripts parse
+        print(line, file=sys.stderr)
+    summary = ev.summary()
     if args.json:
         result = {**summary, "windows": len(wins), "max_length": max_length, "stride": stride,
-                  "text": args.text, "text_tokens": len(ids), "setting": setting}
-        if knn is not None:
+                  "text": args.text, "text_tokens": len(ids), "setting": ev.setting()}
+        if ev.knn is not None:
+            knn = ev.knn
             result.update(k=knn.k, lmbda=knn.lmbda, temperature=knn.temperature, sim_func=knn.sim_func)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def _cache_batch(r, include_context):
+    """One window as the continuous cache sees it: position t predicts input t + 1; the scored
+    positions are remembered, with --cache-include-context the window's earlier ones too."""
+    inputs, pos = r["inputs"], r["positions"]
+    steps = len(inputs) - 1
+    targets = inputs[1:].unsqueeze(0)
+    scored = torch.zeros((1, steps), dtype=torch.bool, device=inputs.device)
+    scored[0, pos] = True
+    memory = torch.ones_like(scored) if include_context else scored
+    return CacheBatch(r["cache_keys"][:steps].unsqueeze(0), targets, scored, torch.zeros_like(pos), pos,
+                      memory=memory)
 
 
 def cmd_generate(args):
@@ -243,12 +239,16 @@ def cmd_generate(args):
 
     from .generation import KNNLogitsProcessor
 
-    validate_knn(args)
-    knn = build_knnlm(args) if args.knnlm else None
+    check_numbers(args)
+    check_keytype(args.knn_keytype)
+    opts = retrieval_options(args)
+    options.validate(opts)
+    knn = build(opts) if opts.knnlm else None
     model, tokenizer = load_model(args)
     processors, capture = [], None
     if knn is not None:
-        check_datastore(args, knn, model_identity(model, tokenizer))
+        check_model(knn, model_identity(model, tokenizer), keytype=args.knn_keytype,
+                    allow_model_mismatch=opts.knn_allow_model_mismatch)
         capture = break_into(model, args.knn_keytype)
         processors.append(KNNLogitsProcessor(knn, capture))
     enc = tokenizer(args.prompt, return_tensors="pt").to(device(args))
@@ -265,12 +265,15 @@ def cmd_generate(args):
     finally:
         if capture is not None:
             capture.remove()
+        if knn is not None:
+            knn.close()
     for seq in out:
         print(tokenizer.decode(seq, skip_special_tokens=True))
     return 0
 
 
 def cmd_check(args):
+    check_numbers(args)
     report = Report()
     store = check_artefacts(report, args.dstore_filename, args.indexfile,
                             allow_index_without_fingerprint=args.knn_allow_index_without_fingerprint)
@@ -323,7 +326,7 @@ def check_keys(report, args, model, tokenizer, store):
     picks = sorted({0, len(wins) // 2, len(wins) - 1})[:max(1, args.windows)]
     replay = Replay(store)
     with break_into(model, m["keytype"]) as capture:
-        for i in picks:
+        for i in progress(picks, desc="replaying windows", unit="window"):
             r = next(run_windows(model, ids, [wins[i]], capture, device=device(args), lm=False))
             replay.add(np.arange(starts[i], starts[i + 1]), r["keys"].float().cpu().numpy(), r["targets"].cpu().numpy())
     replay.report(report, f"{len(picks)} windows")
@@ -348,20 +351,8 @@ def build_parser():
         s.add_argument("--batch-size", type=int, default=1, help="windows per forward")
 
     def knn_args(s):
-        s.add_argument("--knnlm", action="store_true", help="score with the datastore")
-        s.add_argument("--dstore-filename", help="datastore prefix (or shard manifest)")
-        s.add_argument("--indexfile", help="index from knnlm-build-index")
-        s.add_argument("--k", type=int, default=1024, help="neighbors retrieved")
-        s.add_argument("--probe", type=int, default=32, help="IVF lists visited (nprobe)")
-        s.add_argument("--lmbda", type=float, default=0.25, help="weight of p_kNN")
-        s.add_argument("--knn-temp", type=float, default=1.0, help="softmax temperature over distances")
-        s.add_argument("--knn-sim-func", default="l2", help=f"one of {', '.join(SIM_FUNCS)}")
-        s.add_argument("--knn-k-factor", type=float, default=1.0, help="ask FAISS for ceil(k F) candidates, keep the k nearest")
         s.add_argument("--knn-keytype", default=DEFAULT_KEYTYPE, help=f"one of {', '.join(KEYTYPES)}")
-        s.add_argument("--knn-gpu", action="store_true", help="search a GPU copy of the index")
-        s.add_argument("--move-dstore-to-mem", action="store_true", help="read keys and values into RAM")
-        s.add_argument("--knn-allow-model-mismatch", action="store_true",
-                       help="score although the datastore was dumped with other weights")
+        options.add_arguments(s, options.RetrievalOptions, "hf")
 
     s = sub.add_parser("dump", help="write a datastore: one row per token the windows score")
     model_args(s)
@@ -376,16 +367,9 @@ def build_parser():
     model_args(s)
     text_args(s)
     knn_args(s)
-    s.add_argument("--knnlm-dump-probs", help="per-token export directory for knnlm-tune")
-    s.add_argument("--knnlm-dump-neighbors", type=int, default=-1, help="neighbors per token kept in the export (default all k)")
-    s.add_argument("--knnlm-dump-ids", action="store_true", help="also export neighbor ids and values")
+    options.add_arguments(s, options.ExportOptions, "hf")
+    options.add_arguments(s, options.CacheOptions, "hf")
     s.add_argument("--overwrite", action="store_true", help="replace a complete export")
-    s.add_argument("--adaptive-retrieval", metavar="PREDICTOR",
-                   help="adaptive retrieval (He et al. 2021): a predictor from knnlm-adaptive train; the tokens of "
-                        "lowest predicted lambda are not searched (p_LM alone)")
-    s.add_argument("--adaptive-skip", type=float, help="--adaptive-retrieval: target fraction of tokens not searched, in [0, 1)")
-    s.add_argument("--adaptive-threshold", type=float,
-                   help="--adaptive-retrieval: instead, skip the tokens whose predicted lambda is below this")
     s.add_argument("--json", help="write the summary as JSON here")
     s.set_defaults(run=cmd_eval)
 
@@ -418,12 +402,14 @@ def build_parser():
 def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
     warnings.filterwarnings("ignore")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        return args.run(args)
+        load_from_argv(argv)  # its strategies are --knn-search choices
     except KNNLMError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    args = build_parser().parse_args(argv)
+    return run_guarded(PROG, lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -73,22 +73,26 @@ def batches(wins, batch_size):
 
 
 @torch.no_grad()
-def run_windows(model, ids, wins, capture=None, *, batch_size=1, device="cpu", with_logits=False, lm=True):
+def run_windows(model, ids, wins, capture=None, *, batch_size=1, device="cpu", with_logits=False, lm=True,
+                whole_window=False, cache_capture=None):
     """Run `model` over `wins` of the 1-D token tensor `ids`; yield, per window, a dict:
-    window, targets (n,), lp_lm (n,) log p_LM(target) in fp32, keys (n, D) if `capture`, and
-    lm_log_probs (n, V) if `with_logits`. With lm=False (a dump: keys and targets only) the
-    base model runs without the LM head, whose (T, V) logits would be thrown away, and no
-    lp_lm is given; the key hooks sit inside the base model, so they fire the same."""
+    window, targets (n,), positions (n,) (position t predicts input t + 1), lp_lm (n,) log
+    p_LM(target) in fp32, keys (n, D) if `capture`, and lm_log_probs (n, V) if `with_logits`.
+    whole_window (the continuous cache): also inputs (L,) and cache_keys (L, D), every
+    position's state (from `cache_capture`, else `capture`). With lm=False (a dump: keys and
+    targets only) the base model runs without the LM head, whose (T, V) logits would be thrown
+    away, and no lp_lm is given; the key hooks sit inside the base model, so they fire the same."""
     run = model if lm else model.base_model
     for group in batches(wins, batch_size):
         inputs = torch.stack([ids[w.begin:w.end] for w in group]).to(device)
         out = run(input_ids=inputs)
         logits = out.logits if lm else None
         keys = capture.pop() if capture is not None else None
+        cache_keys = cache_capture.pop() if cache_capture is not None else keys
         for i, w in enumerate(group):
             pos = torch.arange(w.first - w.begin - 1, w.end - w.begin - 1, device=inputs.device)  # predicts pos+1
             targets = inputs[i, pos + 1]
-            r = {"window": w, "targets": targets}
+            r = {"window": w, "targets": targets, "positions": pos}
             if lm:
                 # the last tokens each prediction read (adaptive retrieval's n-gram features)
                 r["context"] = context_tokens(inputs[i], pos)
@@ -98,4 +102,6 @@ def run_windows(model, ids, wins, capture=None, *, batch_size=1, device="cpu", w
                     r["lm_log_probs"] = lp
             if keys is not None:
                 r["keys"] = keys[i, pos]
+            if whole_window:
+                r["inputs"], r["cache_keys"] = inputs[i], cache_keys[i]
             yield r

@@ -40,7 +40,8 @@ from ..features import TokenFeatures, feature_names
 from ..ngrams import ORDERS, NgramStats, text_datastore
 from ..store.datastore import Datastore
 from .export import load_export, lp_knn_at, same_temperature
-from .rescoring import run_command, write_outputs
+from ..cli import run_command
+from .rescoring import write_outputs
 
 SKIPS = [i / 10 for i in range(10)]
 IDENTITY_FIELDS = ("datastore", "datastore_fingerprint", "dim", "dict_size", "dict_fingerprint",

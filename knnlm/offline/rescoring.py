@@ -114,22 +114,6 @@ def json_safe(x):
     return None if isinstance(x, float) and math.isinf(x) else x
 
 
-def run_command(prog, parser, body, argv=None):
-    """Parse argv, run body(args), print a KNNLMError as `PROG: error: ...` and exit 2."""
-    import logging
-    import sys
-
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format=f"{prog}: warning: %(message)s", level=logging.WARNING)
-    try:
-        body(args)
-    except KNNLMError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def write_outputs(json_path, result_json, plot_path, plot):
     """Write the --json and --plot files a command was asked for, naming each."""
     for path, write in ((json_path, lambda p: write_json_atomic(p, result_json())),

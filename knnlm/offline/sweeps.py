@@ -28,8 +28,8 @@ import torch
 from ..errors import ConfigError, CorruptError
 from ..scoring import check_lambda, check_temperature, knn_log_prob, neighbor_scores
 from .export import load_export, same_temperature
-from .rescoring import (DEFAULT_LAMBDAS, best_lambda, check_consistent, json_safe, parse_lambdas, run_command,
-                        write_outputs)
+from ..cli import run_command
+from .rescoring import (DEFAULT_LAMBDAS, best_lambda, check_consistent, json_safe, parse_lambdas, write_outputs)
 from .rescoring import perplexity as _perplexity_and_zeros
 
 

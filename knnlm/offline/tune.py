@@ -19,7 +19,8 @@ import torch
 from ..errors import ConfigError, CorruptError
 from .export import load_export, lp_knn_grid, same_temperature
 from .rescoring import (DEFAULT_LAMBDAS, check_consistent, json_safe, parse_lambdas,  # noqa: F401
-                        parse_temperatures, perplexity, run_command, write_outputs)
+                        parse_temperatures, perplexity, write_outputs)
+from ..cli import run_command
 
 DEFAULT_TABLE_LAMBDAS = "0,0.1,0.25,0.5,0.75,0.9,1"
 

@@ -1,17 +1,19 @@
-"""Retrieval: the contract every strategy implements, and the strategies.
+"""Retrieval: the contract every strategy implements, the registry, and the strategies.
 
-    base.py          Neighbors (the result type) and Retriever (the contract)
-    faiss_search.py  FaissRetriever: FAISS search, k-factor re-ranking, exact recompute, GPU clone
-    retomaton.py     RetoMatonRetriever: pointers to the next entries, a search only when too few survive
-    exact.py         ExactRetriever: exact search by chunked matrix products on the queries' device
-    adaptive.py      AdaptiveRetriever: a predictor on the LM's features decides which tokens are searched
+    base.py          Neighbors (the result type), Context (what a call knows), Retriever, Wrapper
+    registry.py      register_strategy / register_wrapper, --knn-user-module, build(options) -> KNNLM
+    faiss_search.py  FaissRetriever ("faiss"): FAISS search, k-factor re-ranking, exact recompute, GPU clone
+    exact.py         ExactRetriever ("exact"): exact search by chunked matrix products on the queries' device
+    retomaton.py     RetoMatonRetriever (wrapper): pointers to the next entries, a search only when too few survive
+    adaptive.py      AdaptiveRetriever (wrapper): a predictor on the LM's features decides which tokens are searched
 """
 
+from .base import Context, Neighbors, Retriever, Wrapper
+from .registry import build, build_retriever, register_strategy, register_wrapper
 from .adaptive import AdaptiveRetriever, Predictor
-from .base import Neighbors, Retriever
 from .exact import ExactRetriever
 from .faiss_search import FaissRetriever
-from .retomaton import RetoMatonRetriever, Streams
+from .retomaton import RetoMatonRetriever
 
-__all__ = ["AdaptiveRetriever", "ExactRetriever", "FaissRetriever", "Neighbors", "Predictor", "Retriever", "RetoMatonRetriever",
-           "Streams"]
+__all__ = ["AdaptiveRetriever", "Context", "ExactRetriever", "FaissRetriever", "Neighbors", "Predictor", "Retriever",
+           "RetoMatonRetriever", "Wrapper", "build", "build_retriever", "register_strategy", "register_wrapper"]

@@ -19,8 +19,8 @@ call and the result is the plain kNN-LM's, bit for bit.
 
     retriever = AdaptiveRetriever(FaissRetriever(index, ds, k=1024), "pred.json", skip=0.5)
     knn = KNNLM(retriever, lmbda=0.25, temperature=1.0)
-    knn.score(queries, targets, lp_lm, state=TokenFeatures(lm_features(log_probs, retriever.top_k),
-                                                           context_tokens(tokens, positions)))
+    knn.score(queries, targets, lp_lm, context=Context(lm_features=lm_features(log_probs, retriever.top_k),
+                                                       context_tokens=context_tokens(tokens, positions)))
 
 The features: the LM's (entropy, top log-probabilities) and, by default, the paper's n-gram
 features of each token's context in the datastore's text (`knnlm.ngrams`: how often its last
@@ -45,7 +45,8 @@ from ..artefacts import verify_checksum
 from ..features import TokenFeatures, feature_names
 from ..ngrams import NgramStats
 from ..ngrams import feature_names as ngram_feature_names
-from .base import Neighbors, Retriever
+from .base import Neighbors, Wrapper
+from .registry import register_wrapper
 
 FORMAT = "knnlm-adaptive-predictor"
 FORMAT_VERSION = 1
@@ -272,24 +273,54 @@ def logit(p):
     return math.log(p) - math.log1p(-p)
 
 
-class AdaptiveRetriever(Retriever):
+@register_wrapper("adaptive")
+class AdaptiveRetriever(Wrapper):
     """`base` (FaissRetriever, ExactRetriever, ...) searches only the tokens the predictor keeps.
 
     predictor: a `Predictor` or the path of one. Exactly one of skip (target fraction of tokens
     not searched, in [0, 1)) and threshold (tokens scored below it are not searched: a predicted
     lambda in [0, 1], or a predicted gain in nats, by the predictor's objective); neither means
-    skip 0. `retrieve(queries, state=features)`: state is the
-    (N, F) LM features of the queries (`knnlm.features.lm_features(log_probs, self.top_k)`).
+    skip 0. Each call's `Context` carries the (N, 1 + top_k) LM features of the queries
+    (`knnlm.features.lm_features(log_probs, self.top_k)`) and, for a predictor with n-gram
+    features, their context tokens.
     """
 
-    needs_lm_features = True
+    @classmethod
+    def enabled(cls, opts):
+        return bool(opts.adaptive_retrieval)
+
+    @classmethod
+    def validate_options(cls, opts, export=None):
+        skip, threshold = opts.adaptive_skip, opts.adaptive_threshold
+        if not opts.adaptive_retrieval:
+            if skip is not None or threshold is not None:
+                flag = "--adaptive-skip" if skip is not None else "--adaptive-threshold"
+                raise ConfigError(f"{flag} is an option of adaptive retrieval: add --adaptive-retrieval PREDICTOR")
+            return
+        if opts.retomaton:
+            raise ConfigError("--adaptive-retrieval and --retomaton both decide which tokens are searched; this "
+                              "version takes one of them per run")
+        if export is not None and export.knnlm_dump_probs:
+            raise ConfigError("--adaptive-retrieval leaves tokens unsearched, but an export records every token's "
+                              "neighbors for re-scoring: drop --knnlm-dump-probs (export a plain --knnlm run)")
+        if skip is not None and threshold is not None:
+            raise ConfigError("adaptive retrieval takes a target skip fraction or a threshold, not both: "
+                              "drop --adaptive-skip or --adaptive-threshold")
+        if skip is not None:
+            check_skip(skip)
+        if threshold is not None and not math.isfinite(threshold):
+            raise ConfigError(f"--adaptive-threshold must be a finite number, got {threshold}")
+        # (its range depends on the predictor's objective, checked when the predictor is read)
+
+    @classmethod
+    def wrap(cls, base, opts):
+        return cls(base, opts.adaptive_retrieval, skip=opts.adaptive_skip, threshold=opts.adaptive_threshold)
 
     def __init__(self, base, predictor, *, skip=None, threshold=None):
         if skip is not None and threshold is not None:
             raise ConfigError("adaptive retrieval takes a target skip fraction or a threshold, not both: "
                               "drop --adaptive-skip or --adaptive-threshold")
-        self.base = base
-        self.datastore, self.k, self.sim_func = base.datastore, base.k, base.sim_func
+        super().__init__(base)
         self.predictor = predictor if isinstance(predictor, Predictor) else Predictor.load(predictor)
         self.predictor.check_compatible(datastore=self.datastore)
         if threshold is not None:
@@ -307,8 +338,13 @@ class AdaptiveRetriever(Retriever):
         return self.predictor.top_k
 
     @property
-    def search_name(self):
-        return getattr(self.base, "search_name", None)
+    def lm_feature_top_k(self):
+        return self.predictor.top_k
+
+    @property
+    def needs(self):
+        own = {"lm_features", "context_tokens"} if self.predictor.needs_context else {"lm_features"}
+        return frozenset(own) | frozenset(getattr(self.base, "needs", ()))
 
     def summary(self):
         saved = 1.0 - self.searched / self.tokens if self.tokens else 0.0
@@ -322,30 +358,31 @@ class AdaptiveRetriever(Retriever):
     def needs_context(self):
         return self.predictor.needs_context
 
-    def keep(self, state):
-        """(N,) bool on the CPU: which tokens are searched (score at or above the cut)."""
-        return self.predictor.scores(self.predictor.inputs(state)) >= self.cut
+    def keep(self, features):
+        """(N,) bool on the CPU: which tokens are searched (score at or above the cut).
+        features: `TokenFeatures`, or the (N, F) LM features alone."""
+        return self.predictor.scores(self.predictor.inputs(features)) >= self.cut
 
-    def retrieve(self, queries, state=None, *, nearest_first=True):
-        if state is None:
+    def retrieve(self, queries, context=None, *, nearest_first=True):
+        if context is None or context.lm_features is None:
             raise ConfigError("adaptive retrieval decides from the LM's features of each token: pass "
-                              "state=knnlm.features.TokenFeatures(lm_features(log_probs, retriever.top_k), "
-                              "context_tokens(...))")
+                              "context=knnlm.Context(lm_features=lm_features(log_probs, retriever.top_k), "
+                              "context_tokens=context_tokens(...))")
         q = queries if torch.is_tensor(queries) else torch.as_tensor(np.asarray(queries))
         n = len(q)
-        rows = len(state.lm if isinstance(state, TokenFeatures) else state)
+        rows = len(context.lm_features)
         if rows != n:
             raise ValueError(f"adaptive retrieval: {rows} feature rows for {n} queries")
-        keep = self.keep(state)
+        keep = self.keep(TokenFeatures(context.lm_features, context.context_tokens))
         self.last_kept = keep
         self.tokens += n
         kept = int(keep.sum())
         self.searched += kept
         if kept == n:  # nothing skipped: the base's own answer, untouched
-            return self.base.retrieve(q, nearest_first=nearest_first)
+            return self.base.retrieve(q, context, nearest_first=nearest_first)
         device = q.device
         rows = keep.nonzero().squeeze(1)
-        sub = self.base.retrieve(q[rows.to(device)], nearest_first=nearest_first) if kept else None
+        sub = self.base.retrieve(q[rows.to(device)], context.rows(rows), nearest_first=nearest_first) if kept else None
         width = sub.distances.shape[1] if sub is not None else self.k
         at = rows.to(device)
         out = Neighbors(

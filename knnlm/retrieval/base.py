@@ -4,17 +4,19 @@ A strategy (FAISS search, exact search, RetoMaton pointers, adaptive skipping, .
 subclass of `Retriever` implementing `retrieve`. Callers (`knnlm.KNNLM`, and through it every
 front-end) never look past this contract, so a new strategy is one new file.
 
-    neighbors = retriever.retrieve(queries, state=None)     # (N, D) queries -> Neighbors
+    neighbors = retriever.retrieve(queries, context)     # (N, D) queries -> Neighbors
 
-`state` is an optional per-stream object a strategy may carry from one call to the next
-(`new_state()` makes one; None for strategies that need none). `feedback(state, neighbors,
-targets)` is called after the tokens of a call were scored, with their targets, for
-strategies whose next step depends on what the text really was (RetoMaton's pointers).
+`context` is one `Context` per call, filled by the front-end: where the streams of text
+break, the token that really follows each query, the LM's own features, the last context
+tokens. A strategy declares in `needs` which of those it reads; a front-end computes only
+those, and `KNNLM` refuses a call that lacks one (nothing is silently searched instead).
+Strategies are registered by name (`knnlm.retrieval.registry`) and built from
+`RetrievalOptions`, so a new one is one file.
 """
 
 import dataclasses
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -33,8 +35,10 @@ class Neighbors:
     ids (N, k) int64: datastore rows, -1 where missing (None if the strategy has no rows);
     weights (N, k) float32 or None: per-neighbor multiplicities (a pruned datastore's merged
         entries count w times in the softmax); None means 1 each;
-    retrieved (N,) bool or None: False for tokens the strategy decided not to search (they
-        get p_LM alone); None means every token was searched.
+    retrieved (N,) bool or None: False for tokens the strategy gave no neighbors (they get
+        p_LM alone); None means every token has neighbors;
+    searched (N,) bool or None: which tokens cost an index search (RetoMaton's pointer-fed
+        tokens have neighbors without one); None means the same as `retrieved`.
     """
 
     distances: torch.Tensor
@@ -43,6 +47,7 @@ class Neighbors:
     ids: Optional[torch.Tensor] = None
     weights: Optional[torch.Tensor] = None
     retrieved: Optional[torch.Tensor] = None
+    searched: Optional[torch.Tensor] = None
 
     def __len__(self):
         return self.distances.shape[0]
@@ -51,7 +56,14 @@ class Neighbors:
         """The neighbors of a subset of the queries (a mask or an index tensor)."""
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return Neighbors(self.distances[rows], self.values[rows], self.valid[rows], pick(self.ids),
-                         pick(self.weights), pick(self.retrieved))
+                         pick(self.weights), pick(self.retrieved), pick(self.searched))
+
+    def searched_mask(self):
+        """(N,) bool: the tokens that cost a search."""
+        for mask in (self.searched, self.retrieved):
+            if mask is not None:
+                return mask
+        return torch.ones(len(self), dtype=torch.bool, device=self.distances.device)
 
     def as_tuple(self, return_ids=False):
         """(distances, values, valid[, ids]): what `Retriever.__call__` returned before the contract."""
@@ -59,9 +71,48 @@ class Neighbors:
         return out + (self.ids,) if return_ids else out
 
 
+# What a strategy may ask of the front-end, per call (`Retriever.needs`):
+#   "streams"        Context.lengths: the queries are consecutive runs of text (RetoMaton's pointers)
+#   "targets"        Context.targets: the token that really follows each query (teacher-forced scoring)
+#   "lm_features"    Context.lm_features: the LM's (N, 1 + top_k) features (knnlm.features.lm_features)
+#   "context_tokens" Context.context_tokens: each query's last context tokens (knnlm.ngrams.context_tokens)
+NEEDS = ("streams", "targets", "lm_features", "context_tokens")
+
+
+@dataclasses.dataclass
+class Context:
+    """What a front-end knows about the N queries of one call, beyond the queries.
+
+    lengths: the queries are `len(lengths)` streams of consecutive text, one after the other
+        (sum(lengths) == N); fairseq: the rows of an eval batch, knnlm-hf: its windows;
+    targets (N,) int64: the token that really follows each query (`KNNLM.score` fills it);
+    lm_features (N, 1 + top_k) float32: the LM's entropy and top log-probabilities;
+    context_tokens (N, C) int64: the last tokens each prediction read, -1 where none.
+    """
+
+    lengths: Optional[List[int]] = None
+    targets: Optional[torch.Tensor] = None
+    lm_features: Optional[torch.Tensor] = None
+    context_tokens: Optional[torch.Tensor] = None
+
+    def provided(self):
+        """The `NEEDS` names this context holds."""
+        have = {"streams": self.lengths, "targets": self.targets, "lm_features": self.lm_features,
+                "context_tokens": self.context_tokens}
+        return {name for name, value in have.items() if value is not None}
+
+    def rows(self, index):
+        """The context of a subset of the queries (an index tensor; streams are not kept)."""
+        pick = lambda t: None if t is None else t[index.to(t.device)]  # noqa: E731
+        return Context(None, pick(self.targets), pick(self.lm_features), pick(self.context_tokens))
+
+
 class Retriever:
     """Base class of retrieval strategies. Subclasses set `datastore`, `k`, `sim_func` and
     implement `retrieve`; the rest has defaults.
+
+    needs: the `Context` fields the strategy reads (see NEEDS); lm_feature_top_k: how many
+    top log-probabilities its LM features hold, where it needs them.
 
     sim_func is stored here once: "l2" (exact squared L2), "do_not_recomp_l2" (the index's
     quantized L2 distances) or "dot" (inner products). Everything that turns distances into
@@ -71,21 +122,17 @@ class Retriever:
     datastore = None
     k = None
     sim_func = "l2"
+    needs = frozenset()
+    lm_feature_top_k = None
+    search_name = None  # a name for the summary line's settings (', exact'); FAISS has none
 
-    def retrieve(self, queries, state=None, *, nearest_first=True):
-        """(N, D) queries (tensor or array) -> Neighbors on the queries' device.
+    def retrieve(self, queries, context=None, *, nearest_first=True):
+        """(N, D) queries (tensor or array), a `Context` -> Neighbors on the queries' device.
 
         nearest_first: whether the k must come sorted nearest first (an export needs it, its k
         sweeps take each row's first k); scores never depend on the order.
         """
         raise NotImplementedError
-
-    def new_state(self, n_streams=1):
-        """A fresh per-stream state for `retrieve(..., state=)`, or None if the strategy keeps none."""
-        return None
-
-    def feedback(self, state, neighbors, targets):
-        """Told, after scoring, which token really followed each query; stateless strategies ignore it."""
 
     def summary(self):
         """Counters worth a word in the run's summary line (e.g. searches saved), or {}."""
@@ -109,9 +156,43 @@ class Retriever:
             return (keys * q.unsqueeze(1)).sum(-1)
         return (keys - q.unsqueeze(1)).pow(2).sum(-1)
 
+    def close(self):
+        """Release what the strategy holds beyond memory (threads, remote workers); idempotent."""
+
     def __call__(self, queries, return_ids=False, nearest_first=True):
         """The pre-contract call: (distances, values, valid[, ids]) tensors."""
         return self.retrieve(queries, nearest_first=nearest_first).as_tuple(return_ids)
+
+
+class Wrapper(Retriever):
+    """A strategy over another (`base`): RetoMaton, adaptive retrieval. It shares the base's
+    datastore, k and similarity, reads the context the base reads plus its own `own_needs`, and
+    passes on what it does not change."""
+
+    own_needs = frozenset()
+
+    def __init__(self, base):
+        self.base = base
+        self.datastore, self.k, self.sim_func = base.datastore, base.k, base.sim_func
+
+    # A base may be any object with retrieve/datastore/k/sim_func (duck-typed), hence the defaults.
+    @property
+    def needs(self):
+        return frozenset(self.own_needs) | frozenset(getattr(self.base, "needs", ()))
+
+    @property
+    def lm_feature_top_k(self):
+        return getattr(self.base, "lm_feature_top_k", None)
+
+    @property
+    def search_name(self):
+        return getattr(self.base, "search_name", None)
+
+    def exact_distances(self, queries, ids):
+        return self.base.exact_distances(queries, ids)
+
+    def close(self):
+        getattr(self.base, "close", lambda: None)()
 
 
 def check_common(datastore, k, sim_func):

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ConfigError, CorruptError
 from .base import Neighbors, Retriever, check_common
+from .registry import register_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class _Shard:
         return self.stop - self.start
 
 
+@register_strategy("exact")
 class ExactRetriever(Retriever):
     """Exact k nearest neighbors by brute force on a device (CUDA or CPU), keys resident there.
 
@@ -224,6 +226,26 @@ class ExactRetriever(Retriever):
         self.devices = None if devices is None else [str(d) for d in devices]
         if self.devices is not None:
             self._load(self.devices)
+
+    @classmethod
+    def validate_options(cls, opts):
+        if not opts.dstore_filename:
+            raise ConfigError("--knnlm --knn-search exact needs --dstore-filename PREFIX (no index file)")
+        if opts.knn_sim_func == "do_not_recomp_l2":
+            raise ConfigError("--knn-search exact computes exact distances and has no index distances to keep: "
+                              "--knn-sim-func do_not_recomp_l2 needs --knn-search faiss; use l2 (or dot)")
+        if opts.no_load_keys:
+            raise ConfigError("--knn-search exact searches the keys themselves: drop --no-load-keys")
+        if opts.knn_k_factor != 1:
+            raise ConfigError("--knn-k-factor re-ranks FAISS's candidates; --knn-search exact has no index to "
+                              "re-rank: drop it")
+        if opts.knn_exact_dtype not in EXACT_DTYPES:
+            raise ConfigError(f"--knn-exact-dtype must be one of {', '.join(EXACT_DTYPES)}, got {opts.knn_exact_dtype!r}")
+
+    @classmethod
+    def from_options(cls, opts, datastore):
+        return cls(datastore, k=opts.k, sim_func=opts.knn_sim_func, dtype=opts.knn_exact_dtype,
+                   devices=parse_devices(opts.knn_exact_devices))
 
     # ---- loading ----
 
@@ -399,10 +421,10 @@ class ExactRetriever(Retriever):
             out[a:a + per] = keys.mul_(qs).sum(-1) if self.sim_func == "dot" else keys.sub_(qs).pow_(2).sum(-1)
         return out
 
-    def retrieve(self, queries, state=None, *, nearest_first=True):
+    def retrieve(self, queries, context=None, *, nearest_first=True):
         """(N, D) queries (tensor or array) -> Neighbors on the queries' device: exact fp32
         distances, values, valid (all True: k <= datastore size), ids; sorted nearest first
-        if asked (else in any order). `state` is unused."""
+        if asked (else in any order). The context is unused."""
         if torch.is_tensor(queries):
             q = queries.detach()
         else:

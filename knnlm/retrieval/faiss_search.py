@@ -16,6 +16,7 @@ from ..index import load_index
 from ..index.load import check_metric
 from ..index.faiss_utils import FAISS_GPU_MAX_K, maybe_to_gpu, set_nprobe
 from .base import Neighbors, Retriever, check_common, check_k_factor
+from .registry import register_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def advise_random_beyond_memory(datastore):
                     "(no read-around)", datastore.prefix, datastore.keys_bytes / 2**30, avail / 2**30)
 
 
+@register_strategy("faiss")
 class FaissRetriever(Retriever):
     """Search `index` for the k nearest datastore entries of each query.
 
@@ -92,6 +94,18 @@ class FaissRetriever(Retriever):
         if gpu:
             self.index = self._to_gpu(index)
 
+    @classmethod
+    def validate_options(cls, opts):
+        if not opts.dstore_filename or not opts.indexfile:
+            raise ConfigError("--knnlm needs both --dstore-filename PREFIX and --indexfile INDEX")
+        check_k_factor(opts.knn_k_factor, opts.knn_sim_func)
+
+    @classmethod
+    def from_options(cls, opts, datastore):
+        return cls(opts.indexfile, datastore, k=opts.k, nprobe=opts.probe, sim_func=opts.knn_sim_func,
+                   gpu=opts.knn_gpu, k_factor=opts.knn_k_factor,
+                   allow_index_without_fingerprint=opts.knn_allow_index_without_fingerprint)
+
     def _to_gpu(self, index):
         if self.k_search > FAISS_GPU_MAX_K:
             raise ConfigError(
@@ -126,7 +140,7 @@ class FaissRetriever(Retriever):
         candidates with k_factor > 1)."""
         return self.index.search(self._host_queries(queries), self.k_search)
 
-    def retrieve(self, queries, state=None, *, nearest_first=True):
+    def retrieve(self, queries, context=None, *, nearest_first=True):
         """(N, D) queries -> Neighbors on the queries' device.
 
         distances: exact squared L2 or inner products if recomputing, else FAISS's;
@@ -135,7 +149,7 @@ class FaissRetriever(Retriever):
         nearest_first (k_factor > 1 only): the k kept come sorted by exact distance, as an
         export needs (its k sweeps take each row's first k); False leaves them in any order,
         which no score depends on, and keeps them about 3x faster. With k_factor 1 the order is
-        FAISS's. `state` is unused: plain FAISS search keeps none.
+        FAISS's. The context is unused.
         """
         device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
         q = self._host_queries(queries)  # searched and (on the fast path) recomputed on the host

@@ -10,29 +10,34 @@ them) and no search happens; otherwise the base strategy searches as usual. Eith
 neighbors or the candidates are used, never both, so with `min_pointers` above k every token is
 searched and the result is the plain kNN-LM's, bit for bit.
 
-Scoring is teacher-forced: the text is known, so one call scores whole streams. The queries of
-a call are `Streams(lengths, targets)`: consecutive streams of tokens (fairseq: the rows of an
-eval batch, each a block of contiguous text); pointers are followed within a stream, and the
-streams advance together, position by position, so the searches of one position are one batch.
+Scoring is teacher-forced: the text is known, so one call scores whole streams. The call's
+`Context` says how its queries are laid out (`lengths`: consecutive streams of tokens; fairseq:
+the rows of an eval batch, knnlm-hf: its windows) and which token really follows each (`targets`,
+filled by `KNNLM.score`); pointers are followed within a stream, and the streams advance
+together, position by position, so the searches of one position are one batch. Generation
+knows no next token, so RetoMaton does not generate (refused by name).
 """
 
-import dataclasses
 import os
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .base import Neighbors, Retriever
+from .base import Neighbors, Wrapper
+from .registry import register_wrapper
 
 
-@dataclasses.dataclass
-class Streams:
-    """How the N queries of one call are laid out: `lengths` streams one after the other
-    (sum(lengths) == N), and the token that really follows each query (N,)."""
+DO_NOT_RECOMP = ("--retomaton scores pointer candidates by their exact distances, which FAISS does not give: use "
+                 "--knn-sim-func l2 or dot, not do_not_recomp_l2")
 
-    lengths: list
-    targets: torch.Tensor
+
+def check_pointers(min_pointers, max_pointers):
+    if int(min_pointers) != min_pointers or min_pointers < 1:
+        raise ConfigError(f"--retomaton-min-pointers must be a whole number of at least 1, got {min_pointers}")
+    if max_pointers is not None and (int(max_pointers) != max_pointers or max_pointers < 1):
+        raise ConfigError(f"--retomaton-max-pointers must be a whole number of at least 1 (leave it out for "
+                          f"--k), got {max_pointers}")
 
 
 def pointer_targets(datastore):
@@ -59,7 +64,8 @@ def pointer_targets(datastore):
     return follows
 
 
-class RetoMatonRetriever(Retriever):
+@register_wrapper("retomaton")
+class RetoMatonRetriever(Wrapper):
     """Pointers first, `base` search (FaissRetriever, ExactRetriever, ...) when too few survive.
 
     min_pointers: search when fewer candidates than this survive (1: only when none does);
@@ -69,18 +75,42 @@ class RetoMatonRetriever(Retriever):
     max_pointers); whether it searches still depends on the pointers alone.
     """
 
+    own_needs = frozenset({"streams", "targets"})
+
+    @classmethod
+    def enabled(cls, opts):
+        return bool(opts.retomaton)
+
+    @classmethod
+    def validate_options(cls, opts, export=None):
+        if not opts.retomaton:
+            if opts.retomaton_cluster:
+                raise ConfigError("--retomaton-cluster is an option of RetoMaton: add --retomaton")
+            for name in ("retomaton_min_pointers", "retomaton_max_pointers"):
+                if getattr(opts, name) != cls._defaults[name]:
+                    raise ConfigError(f"--{name.replace('_', '-')} is an option of RetoMaton: add --retomaton")
+            return
+        if export is not None and export.knnlm_dump_probs:
+            raise ConfigError("--retomaton scores pointer candidates, not the k nearest neighbors an export "
+                              "records for re-scoring: drop --knnlm-dump-probs (export a plain --knnlm run)")
+        check_pointers(opts.retomaton_min_pointers, opts.retomaton_max_pointers)
+        if opts.knn_sim_func == "do_not_recomp_l2":
+            raise ConfigError(DO_NOT_RECOMP)
+
+    @classmethod
+    def wrap(cls, base, opts):
+        return cls(base, min_pointers=opts.retomaton_min_pointers, max_pointers=opts.retomaton_max_pointers,
+                   clusters=opts.retomaton_cluster)
+
+    _defaults = {"retomaton_min_pointers": 1, "retomaton_max_pointers": None}
+
     def __init__(self, base, *, min_pointers=1, max_pointers=None, clusters=None):
-        if min_pointers < 1:
-            raise ConfigError(f"--retomaton-min-pointers must be at least 1, got {min_pointers}")
+        check_pointers(min_pointers, max_pointers)
         if base.sim_func == "do_not_recomp_l2":
-            raise ConfigError("--retomaton scores pointer candidates by their exact distances, which FAISS "
-                              "does not give: use --knn-sim-func l2 or dot, not do_not_recomp_l2")
-        self.base = base
-        self.datastore, self.k, self.sim_func = base.datastore, base.k, base.sim_func
+            raise ConfigError(DO_NOT_RECOMP)
+        super().__init__(base)
         self.min_pointers = int(min_pointers)
-        self.max_pointers = int(max_pointers or base.k)
-        if self.max_pointers < 1:
-            raise ConfigError(f"--retomaton-max-pointers must be at least 1, got {max_pointers}")
+        self.max_pointers = int(max_pointers if max_pointers is not None else base.k)
         self.follows = torch.from_numpy(pointer_targets(self.datastore))
         self.members = None
         if clusters is not None:
@@ -96,10 +126,6 @@ class RetoMatonRetriever(Retriever):
         self.searched = 0
         self.tokens = 0
 
-    @property
-    def search_name(self):
-        return getattr(self.base, "search_name", None)
-
     def summary(self):
         saved = 1.0 - self.searched / self.tokens if self.tokens else 0.0
         return {"tokens": self.tokens, "searched": self.searched, "searches_saved": saved}
@@ -110,14 +136,13 @@ class RetoMatonRetriever(Retriever):
         return (f"retomaton min-pointers {self.min_pointers}{states}: {100 * s['searches_saved']:.1f}% of "
                 f"{s['tokens']:,} searches saved")
 
-    def retrieve(self, queries, state=None, *, nearest_first=True):
-        """Without `state` (or a Streams state), every query is searched."""
-        if state is None:
-            out = self.base.retrieve(queries, nearest_first=nearest_first)
-            self.searched += len(out)
-            self.tokens += len(out)
-            return out
-        return self._follow(queries, state)
+    def retrieve(self, queries, context=None, *, nearest_first=True):
+        """Neighbors of a call's streams (`context.lengths`, `context.targets`): pointers where
+        enough survive, the base's search elsewhere."""
+        if context is None or context.lengths is None or context.targets is None:
+            raise ConfigError("RetoMaton follows the text: pass a knnlm.Context with the streams' lengths (and "
+                              "the targets, which KNNLM.score fills in); generation knows no next token")
+        return self._follow(queries, context)
 
     def _follow(self, queries, streams):
         device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
@@ -148,7 +173,7 @@ class RetoMatonRetriever(Retriever):
             b_d = torch.full((len(live), width), float("nan"), dtype=torch.float32)
             b_v = torch.full((len(live), width), -1, dtype=torch.int64)
             if search.any():
-                nb = self.base.retrieve(q[rows[search]], nearest_first=True)  # nearest first: candidates keep the order
+                nb = self.base.retrieve(q[rows[search]], streams.rows(rows[search]), nearest_first=True)  # nearest first: candidates keep the order
                 keep = nb.valid.cpu()
                 i, d, v = nb.ids.cpu().long(), nb.distances.cpu().float(), nb.values.cpu().long()
                 if not bool(keep.all()):  # valid neighbors first, in their order
@@ -195,4 +220,4 @@ class RetoMatonRetriever(Retriever):
             cands[live], count[live] = new, ok.sum(1)
         valid = ids >= 0
         return Neighbors(distances=dists.nan_to_num(0.0).to(device), values=vals.clamp(min=0).to(device),
-                         valid=valid.to(device), ids=ids.to(device))
+                         valid=valid.to(device), ids=ids.to(device), searched=self.last_searched.to(device))
