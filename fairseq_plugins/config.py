@@ -38,14 +38,20 @@ class DumpConfig(FairseqDataclass):
     overwrite: bool = field(default=False, metadata={"help": "replace a complete datastore or export at the same path"})
 
 
-def _fairseq_dataclass(name, options_cls, doc, only=None):
+def _fairseq_dataclass(name, options_cls, doc, only=None, registered=False):
     """A FairseqDataclass with `options_cls`'s flags for fairseq (help, defaults, and a
-    `ChoiceEnum` for each field with choices): the options are defined once, in knnlm.options."""
+    `ChoiceEnum` for each field with choices): the options are defined once, in knnlm.options.
+
+    Choices that depend on the registry (--knn-search) are a `ChoiceEnum` only in the parser
+    built at run time (`registered=True`, after --knn-user-module was imported); the config
+    registered with the task keeps them a plain string, checked by `knnlm.options.validate`."""
     specs = []
     for f in options.fields(options_cls, "fairseq"):
         if only is not None and f.name not in only:
             continue
         choices = options.choices_of(f)
+        if callable(f.metadata.get("choices")) and not registered:
+            choices = None
         kind = ChoiceEnum(list(choices)) if choices else f.type
         specs.append((f.name, kind, field(default=f.default, metadata={"help": f.metadata["help"]})))
     cls = make_dataclass(name, specs, bases=(FairseqDataclass,))
@@ -55,27 +61,25 @@ def _fairseq_dataclass(name, options_cls, doc, only=None):
 
 
 def _groups(options_cls):
-    """(title, FairseqDataclass) per --help group of `options_cls`."""
+    """(title, FairseqDataclass) per --help group of `options_cls`, with the registry's choices as they are now."""
     return [(title, _fairseq_dataclass(f"{options_cls.__name__}Group{i}", options_cls, title,
-                                       only={f.name for f in fs}))
+                                       only={f.name for f in fs}, registered=True))
             for i, (title, fs) in enumerate(options.groups(options_cls, "fairseq"))]
 
 
-# --knn-user-module's strategies must be --knn-search choices before the parser is built.
-load_from_argv(sys.argv)
+def option_groups(argv=None):
+    """The groups of --help, in order: (title, dataclass). --knn-user-module is imported first,
+    so its strategies are --knn-search choices (fairseq imports --user-dir the same way)."""
+    load_from_argv(sys.argv[1:] if argv is None else argv)
+    return ((("kNN-LM: dumping a datastore", DumpConfig),)
+            + tuple(_groups(options.RetrievalOptions)) + tuple(_groups(options.ExportOptions))
+            + tuple(_groups(options.CacheOptions)))
+
 
 ScoringConfig = _fairseq_dataclass("ScoringConfig", options.RetrievalOptions,
                                    "Scoring (and generating) with a datastore and its index; fewer searches.")
 ExportConfig = _fairseq_dataclass("ExportConfig", options.ExportOptions, options.ExportOptions.__doc__)
 CacheConfig = _fairseq_dataclass("CacheConfig", options.CacheOptions, options.CacheOptions.__doc__)
-
-
-# The groups of --help, in order: (title, dataclass).
-OPTION_GROUPS = (
-    (("kNN-LM: dumping a datastore", DumpConfig),)
-    + tuple(_groups(options.RetrievalOptions)) + tuple(_groups(options.ExportOptions))
-    + tuple(_groups(options.CacheOptions))
-)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from knnlm.dump import DumpSession
 from knnlm.errors import ConfigError, KNNLMError
 from knnlm.evaluation import Evaluation
 
-from .config import OPTION_GROUPS, KNNLMConfig
+from .config import KNNLMConfig, option_groups
 from .hooks import KEYTYPES
 from .identity import model_identity
 from .sequence_scorer import KNNSequenceScorer
@@ -91,7 +91,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
     def add_args(cls, parser):
         """fairseq's language-modeling flags, then ours in one group per job (see --help)."""
         gen_parser_from_dataclass(parser, LanguageModelingConfig())
-        for title, group in OPTION_GROUPS:
+        for title, group in option_groups():
             gen_parser_from_dataclass(parser.add_argument_group(title), group())
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):

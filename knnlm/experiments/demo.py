@@ -537,7 +537,7 @@ def results_markdown(cfg, results, total):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="python -m knnlm.demo",
+        prog="knnlm-demo",
         description="kNN-LM demo on Jane Austen: corpus, LM, datastore, index, tuned kNN-LM, results table.",
         epilog="Settings: any field of the config as key=value, e.g. k=64 train.max_update=500 "
                "workdir=demo_runs/other.")

@@ -109,3 +109,107 @@ def set_nprobe(index, nprobe):
         faiss.extract_index_ivf(index).nprobe = nprobe
     except RuntimeError:
         pass  # a flat index: nothing to probe
+
+
+def training_iterations(index):
+    """How many k-means iterations `index.train` runs (the coarse quantizer's, then each PQ
+    sub-quantizer's), as FAISS's verbose output counts them; 0 if it runs none we can see."""
+    import faiss
+
+    total = 0
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    if ivf is not None:
+        total += ivf.cp.niter
+        inner = faiss.downcast_index(ivf)
+        pq = getattr(inner, "pq", None)
+        if pq is not None:
+            total += pq.M * pq.cp.niter
+    return total
+
+
+def set_verbose(index, on=True):
+    """FAISS's own per-iteration lines for the coarse quantizer and the PQ (the progress bar reads them)."""
+    import faiss
+
+    index.verbose = on
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return
+    ivf.verbose = on
+    ivf.cp.verbose = on
+    inner = faiss.downcast_index(ivf)
+    if getattr(inner, "pq", None) is not None:
+        inner.pq.verbose = on
+        inner.pq.cp.verbose = on
+
+
+class TrainingProgress:
+    """`with TrainingProgress(index, desc):` around `index.train(x)`: a progress bar with an ETA
+    fed by FAISS's own k-means iteration lines. FAISS prints them from C++ on file descriptor 1;
+    they go to a temporary file (never a pipe: a full pipe would block a training that holds the
+    GIL) that a thread reads through a descriptor of its own, counting 'Iteration' lines."""
+
+    def __init__(self, index, desc="training (k-means iterations)"):
+        self.index, self.desc = index, desc
+        self.total = training_iterations(index)
+
+    def __enter__(self):
+        import sys
+        import tempfile
+        import threading
+
+        from ..cli import progress
+
+        self.bar = None
+        if not self.total:  # nothing FAISS counts for us (a flat index trains in no time)
+            return self
+        self.bar = progress(total=self.total, desc=self.desc, unit="iter")
+        set_verbose(self.index, True)
+        sys.stdout.flush()
+        self.dir = tempfile.mkdtemp(prefix="knnlm-train-")
+        path = os.path.join(self.dir, "faiss.log")
+        # FAISS appends through fd 1; we read through our own descriptor: no shared file offset.
+        writer = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.reader = open(path, "rb")
+        self.saved = os.dup(1)
+        os.dup2(writer, 1)
+        os.close(writer)
+        self.seen, self.tail = 0, b""
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.thread.start()
+        return self
+
+    def _follow(self):
+        while not self.stop.wait(0.5):
+            self._advance()
+
+    def _advance(self):
+        import re
+
+        chunk = self.tail + self.reader.read()
+        cut = max(chunk.rfind(b"\r"), chunk.rfind(b"\n")) + 1  # whole lines only
+        self.seen += len(re.findall(rb"Iteration \d+ \(", chunk[:cut]))
+        self.tail = chunk[cut:]
+        n = min(self.seen, self.total)
+        if n > self.bar.n:
+            self.bar.update(n - self.bar.n)
+
+    def __exit__(self, *exc):
+        import shutil
+
+        if self.total:
+            self.stop.set()
+            self.thread.join()
+            os.dup2(self.saved, 1)
+            os.close(self.saved)
+            self._advance()
+            self.reader.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            set_verbose(self.index, False)
+            self.bar.close()
+        return False

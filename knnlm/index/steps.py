@@ -14,7 +14,7 @@ from .. import provenance
 from ..artefacts import file_checksum, read_json_or_none, refuse_to_replace, write_json_atomic
 from ..errors import ConfigError, CorruptError, DiskSpaceError, KNNLMError
 from ..store.npy import free_bytes
-from .faiss_utils import maybe_to_gpu, save_index, to_cpu
+from .faiss_utils import TrainingProgress, maybe_to_gpu, save_index, to_cpu
 from .load import meta_path
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,8 @@ def train_or_reuse(plan, state):
     logger.info("training %s on %s keys of dimension %d%s", plan.factory, f"{len(x):,}", x.shape[1],
                 " on the GPU" if on_gpu else f" with {plan.threads} threads")
     try:
-        index.train(x)
+        with TrainingProgress(index):
+            index.train(x)
     except RuntimeError as e:
         raise ConfigError(f"FAISS could not train {plan.factory} on {len(x):,} keys: "
                           f"{str(e).strip().splitlines()[-1]}") from None
