@@ -165,7 +165,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
 
     def _knnlm(self):
         """The method object, from the registry (generation)."""
-        from knnlm.retrieval.registry import build
+        from knnlm.retrieval.factory import build
 
         return build(self._options()[0])
 

@@ -47,7 +47,7 @@ class Evaluation:
     @classmethod
     def from_options(cls, retrieval=None, export=None, cache=None, *, keytype, datastore=None, overwrite=False):
         """Validate the options together and build what they ask for (the KNNLM from the registry)."""
-        from .retrieval.registry import build
+        from .retrieval.factory import build
 
         retrieval = retrieval if retrieval is not None else RetrievalOptions()
         export = export if export is not None else ExportOptions()

@@ -90,7 +90,7 @@ def attach(model, datastore, index=None, *, keytype=DEFAULT_KEYTYPE, tokenizer=N
     import dataclasses
 
     from knnlm.options import RetrievalOptions
-    from knnlm.retrieval.registry import build
+    from knnlm.retrieval.factory import build
 
     fields = {f.name for f in dataclasses.fields(RetrievalOptions)}
     values = {}

@@ -31,7 +31,8 @@ from knnlm.cli import progress, run_guarded
 from knnlm.errors import ConfigError, KNNLMError
 from knnlm.evaluation import Evaluation, check_model
 from knnlm.features import lm_features
-from knnlm.retrieval.registry import build, load_from_argv
+from knnlm.retrieval.factory import build
+from knnlm.retrieval.registry import load_from_argv
 
 from .hooks import break_into
 from .identity import model_identity

@@ -9,7 +9,8 @@
 """
 
 from .base import Context, Neighbors, Retriever, Wrapper
-from .registry import build, build_retriever, register_strategy, register_wrapper
+from .factory import build, build_retriever
+from .registry import register_strategy, register_wrapper
 from .adaptive import AdaptiveRetriever, Predictor
 from .exact import ExactRetriever
 from .faiss_search import FaissRetriever

@@ -126,6 +126,11 @@ class Retriever:
     lm_feature_top_k = None
     search_name = None  # a name for the summary line's settings (', exact'); FAISS has none
 
+    @classmethod
+    def validate_options(cls, opts):
+        """Refuse options this strategy cannot serve, before anything is loaded (a registered
+        strategy may override it; `from_options(opts, datastore)` then builds it)."""
+
     def retrieve(self, queries, context=None, *, nearest_first=True):
         """(N, D) queries (tensor or array), a `Context` -> Neighbors on the queries' device.
 

@@ -5,7 +5,7 @@
         @classmethod
         def from_options(cls, opts, datastore): return cls(datastore, k=opts.k, sim_func=opts.knn_sim_func)
 
-    knn = build(opts)                       # RetrievalOptions -> KNNLM
+    knn = knnlm.build(opts)                 # RetrievalOptions -> KNNLM (knnlm/retrieval/factory.py)
 
 A strategy searches (`faiss`, `exact`, a researcher's own); a wrapper composes over whichever
 strategy was chosen (RetoMaton, adaptive retrieval) when its options are set, in registration
@@ -138,30 +138,3 @@ def get_strategy(name):
 def wrappers():
     _load_builtins()
     return list(_WRAPPERS.values())
-
-
-def build_retriever(opts, datastore=None):
-    """The retriever the options describe: the strategy over the datastore, wrappers over it."""
-    from ..options import open_datastore, validate
-
-    validate(opts)
-    if not opts.knnlm:
-        raise ConfigError("build() makes a kNN-LM: the options need knnlm=True (--knnlm)")
-    if datastore is None:
-        datastore = open_datastore(opts)
-    elif isinstance(datastore, (str, os.PathLike)):
-        from ..store import open_datastore as open_store
-
-        datastore = open_store(str(datastore), in_memory=opts.move_dstore_to_mem)
-    retriever = get_strategy(opts.knn_search).from_options(opts, datastore)
-    for cls in wrappers():
-        if cls.enabled(opts):
-            retriever = cls.wrap(retriever, opts)
-    return retriever
-
-
-def build(opts, datastore=None):
-    """RetrievalOptions (+ an opened datastore, or its prefix) -> KNNLM. The one factory."""
-    from ..model import KNNLM
-
-    return KNNLM(build_retriever(opts, datastore), lmbda=opts.lmbda, temperature=opts.knn_temp)
