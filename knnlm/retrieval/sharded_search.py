@@ -37,6 +37,8 @@ from ..index import shard_manifest
 from .base import Neighbors, Retriever, check_common, check_k_factor
 
 logger = logging.getLogger(__name__)
+# How long a shard's actor may take to be placed and to load its part of the index.
+ACTOR_START_TIMEOUT_S = 600
 
 
 class ShardSearcher:
@@ -115,7 +117,7 @@ class ShardedRetriever(Retriever):
     """
 
     def __init__(self, index_manifest, datastore, *, k=1024, nprobe=32, sim_func="l2", k_factor=1.0,
-                 executor=None, gpu=False, in_memory=False, threads=None, actor_cpus=1):
+                 executor=None, gpu=False, in_memory=False, threads=None, actor_cpus=0):
         check_common(datastore, k, sim_func)
         check_k_factor(k_factor, sim_func)
         if nprobe < 1:
@@ -162,16 +164,19 @@ class ShardedRetriever(Retriever):
         resources = ray.cluster_resources()
         actor = ray.remote(ShardSearcher)
         self.actors = []
+        placed = [cluster.shard_options(i, resources) for i in range(len(self.shards))]
+        if not threads and not all(placed):  # actors side by side on one machine share its cores
+            threads = max(1, (os.cpu_count() or 1) // len(self.shards))
         for i, s in enumerate(self.shards):
-            opts = cluster.shard_options(i, resources)
+            opts = placed[i]
             if s.get("resource") and s["resource"] not in resources:
                 logger.warning("shard %d was built on the node with resource %s, which this cluster lacks: "
                                "its actor goes anywhere (it must read %s there)", i, s["resource"], s["index"])
             self.actors.append(actor.options(num_cpus=actor_cpus, max_restarts=0, **opts)
-                               .remote(i, s, threads=threads or actor_cpus, **kwargs))
+                               .remote(i, s, threads=threads, **kwargs))
         # Wait until each holds its index: a shard that cannot load fails here, by name.
         for i, a in enumerate(self.actors):
-            self.nodes[i] = self._get(i, a.where.remote())
+            self.nodes[i] = self._get(i, a.where.remote(), timeout=ACTOR_START_TIMEOUT_S)
 
     def _name(self, i):
         return f"shard {i} ({self.shards[i]['datastore']})"
@@ -182,10 +187,14 @@ class ShardedRetriever(Retriever):
             return f"{node[0][:12]} ({node[1]})"
         return self.shards[i].get("node")
 
-    def _get(self, i, ref):
+    def _get(self, i, ref, timeout=None):
         ray = cluster.import_ray()
         try:
-            return ray.get(ref)
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise cluster.ShardUnavailableError(
+                f"{self._name(i)}: no node took its actor within {timeout} s (does a node advertise the "
+                f"resource {cluster.SHARD_RESOURCE.format(k=i)}, with the memory it needs?); see `ray status`") from None
         except Exception as e:  # noqa: BLE001 - Ray's errors, sorted below
             if cluster.is_actor_error(e):
                 raise cluster.died(e, self._name(i), self._node(i)) from None
