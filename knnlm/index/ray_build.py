@@ -73,7 +73,7 @@ def _add(job, trained_blob):
     """On the shard's node: add its keys to a copy of the trained index (or reuse an earlier run's part)."""
     import faiss
 
-    from .sharded_build import _shard_done, add_shard
+    from .shard_add import _shard_done, add_shard
 
     node = cluster.where()
     extra = {"node": node[1], "node_id": node[0], "resource": job.get("resource")}
@@ -104,7 +104,7 @@ def add_shards(plan, jobs):
     import faiss
 
     from ..artefacts import write_json_atomic
-    from .sharded_build import _shard_done
+    from .shard_add import _shard_done
 
     ray = cluster.connect()
     resources = ray.cluster_resources()
