@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	# main branch. --no-deps: its torchaudio requirement would replace torch.
 	$(PY) -m pip install -q --no-deps ve-fairseq==0.12.3
 	# The hf extra (transformers, tokenizers) installs beside torch 2.13 without replacing it.
+	# The ray extra (Ray Core, ~245 MiB, ~10 s more) serves --knn-executor ray and knnlm-shard-dump.
 	# FAISS=auto: torch.version.cuda 12.x -> faiss-gpu-cu12, 13.x -> faiss-gpu-cuvs, none -> faiss-cpu.
 	@extra=$(FAISS); \
 	if [ "$$extra" = auto ]; then \
@@ -28,8 +29,8 @@ $(STAMP): pyproject.toml Makefile
 	fi; \
 	case "$$extra" in cpu|gpu|gpu-cu12|gpu-cu13) ;; \
 	    *) echo "FAISS must be cpu, gpu-cu12, gpu-cu13 or auto, got '$$extra'" >&2; exit 2;; esac; \
-	echo "$(PY) -m pip install -q -e '.[$$extra,dev,hf]'"; \
-	$(PY) -m pip install -q -e ".[$$extra,dev,hf]"
+	echo "$(PY) -m pip install -q -e '.[$$extra,dev,hf,ray]'"; \
+	$(PY) -m pip install -q -e ".[$$extra,dev,hf,ray]"
 	touch $@
 
 # Two workers, one test file each at a time (a file's fixtures are built once): most tests wait on

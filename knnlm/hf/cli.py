@@ -37,7 +37,7 @@ from knnlm.retrieval.registry import load_from_argv
 from .hooks import break_into
 from .identity import model_identity
 from .layers import DEFAULT_KEYTYPE, KEYTYPES, check_keytype, max_positions
-from .windows import check_window, run_windows, windows
+from .windows import check_window, run_windows, shard_windows, windows
 
 PROG = "knnlm-hf"
 
@@ -140,6 +140,7 @@ def cmd_dump(args):
     model, tokenizer = load_model(args)
     ids = read_tokens(args.text, tokenizer)
     wins, max_length, stride = text_windows(args, model, len(ids))
+    wins = shard_windows(wins, args.num_shards, args.shard_id)  # issue 25: this shard's windows only
     identity = model_identity(model, tokenizer)
     capture = break_into(model, args.knn_keytype)  # before any file is written: the key type may not apply
     session = DumpSession(
@@ -147,7 +148,8 @@ def cmd_dump(args):
         expected_size=sum(w.scored for w in wins),
         extra={"frontend": PROG, "model": _ref(args.model), "tokenizer": _ref(args.tokenizer or args.model),
                "model_type": model.config.model_type, "text": os.path.abspath(args.text),
-               "text_tokens": len(ids), "max_length": max_length, "stride": stride},
+               "text_tokens": len(ids), "max_length": max_length, "stride": stride,
+               **({"num_shards": args.num_shards, "shard_id": args.shard_id} if args.num_shards > 1 else {})},
     )
     try:
         session.start(identity)
@@ -360,6 +362,8 @@ def build_parser():
     text_args(s)
     s.add_argument("--dstore-mmap", required=True, help="datastore prefix to write")
     s.add_argument("--dstore-fp16", action="store_true", help="store keys as float16")
+    s.add_argument("--num-shards", type=int, default=1, help="dump only shard --shard-id of N contiguous runs of windows")
+    s.add_argument("--shard-id", type=int, default=0, help="which shard (0..N-1); see knnlm-shard-dump")
     s.add_argument("--knn-keytype", default=DEFAULT_KEYTYPE, help=f"one of {', '.join(KEYTYPES)}")
     s.add_argument("--overwrite", action="store_true", help="replace a complete datastore")
     s.set_defaults(run=cmd_dump)

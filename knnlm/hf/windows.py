@@ -56,6 +56,23 @@ def windows(n_tokens, max_length, stride):
     return out
 
 
+def shard_windows(wins, num_shards, shard_id):
+    """The windows of shard `shard_id` of `num_shards` (`knnlm-hf dump --num-shards N --shard-id i`):
+    contiguous runs, as numpy's array_split cuts a list, so the shards' rows in shard order are
+    the unsharded dump's rows in order (a shard manifest's global ids = the single dump's rows)."""
+    if num_shards < 1:
+        raise ConfigError(f"--num-shards must be at least 1, got {num_shards}")
+    if not 0 <= shard_id < num_shards:
+        raise ConfigError(f"--shard-id must lie in [0, --num-shards {num_shards}), got {shard_id}")
+    base, extra = divmod(len(wins), num_shards)
+    start = shard_id * base + min(shard_id, extra)
+    part = wins[start:start + base + (shard_id < extra)]
+    if not part:
+        raise ConfigError(f"shard {shard_id} of {num_shards} gets no window: the text has only {len(wins)} "
+                          f"window(s); use fewer --num-shards")
+    return part
+
+
 def scored_count(n_tokens, max_length, stride):
     return sum(w.scored for w in windows(n_tokens, max_length, stride))
 

@@ -25,8 +25,12 @@ FIELDS = {
     "num_keys_to_add_at_a_time": int, "starting_point": int, "checkpoint_interval_s": float,
     "gpu": bool, "threads": int, "overwrite": bool, "dstore_size": int, "dimension": int,
     "dstore_fp16": bool, "shards": list, "shard_workers": int, "ondisk_merge": bool,
+    "executor": str, "merge": str,
 }
-OPTIONAL = {"threads", "dstore_size", "dimension", "dstore_fp16", "shards"}
+OPTIONAL = {"threads", "dstore_size", "dimension", "dstore_fp16", "shards", "executor"}
+# How the shards' indexes end: merged on disk into one index, or kept one per shard (an index
+# manifest, knnlm.index.shard_manifest) for indexes no machine can hold.
+MERGES = ("ondisk", "none")
 METRICS = ("l2", "ip")
 # How the training keys are drawn (knnlm.index.steps.sample_training_keys): "default": numpy's
 # default_rng(seed), rows read in ascending order; "legacy": the original build_dstore.py's
@@ -93,6 +97,10 @@ def _validated(cfg):
             raise ConfigError(f"{name} must not be negative, got {c[name]}")
     if c.get("sampler", "default") not in SAMPLERS:
         raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {c['sampler']!r}")
+    if c.get("merge", "ondisk") not in MERGES:
+        raise ConfigError(f"merge must be one of {', '.join(MERGES)}, got {c['merge']!r}")
+    if c.get("executor") not in (None, "local", "ray"):
+        raise ConfigError(f"executor must be local or ray, got {c['executor']!r}")
     if c["metric"] not in METRICS:
         raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {c['metric']!r}")
     if isinstance(c["shards"], list) and not all(isinstance(p, str) for p in c["shards"]):
@@ -126,6 +134,8 @@ class Plan:
     ondisk: bool
     shard_workers: int
     sampler: str = "default"
+    executor: str = "local"  # where shards are sampled and added: local processes or Ray tasks
+    merge: str = "ondisk"    # "none": one index per shard and an index manifest
 
     @property
     def trained_path(self):
@@ -145,7 +155,8 @@ class Plan:
             "factory": self.factory, "metric": self.metric, "seed": self.seed, "n_train": self.n_train,
             "starting_point": self.starting_point, "dim": self.datastore.dim,
             "datastore_fingerprint": self.datastore.fingerprint,
-            "route": "ondisk" if self.ondisk else "single",
+            # merge=none parts hold shard rows as ids, merged parts global ids: not interchangeable
+            "route": ("parts" if self.merge == "none" else "ondisk") if self.ondisk else "single",
             **({"sampler": self.sampler} if self.sampler != "default" else {}),
         }
 
@@ -178,6 +189,12 @@ def _open_datastore(c):
         if have != want:
             raise MismatchError(f"datastore {ds.prefix} holds {have} keys but --dstore_fp16 says {want}")
     return ds
+
+
+def _executor(name):
+    from ..cluster import resolve_executor
+
+    return resolve_executor(name)
 
 
 def _divisors(n):
@@ -234,8 +251,10 @@ def make_plan(cfg):
         n_train=n_train, seed=c["seed"], probe=c["probe"], starting_point=c["starting_point"],
         chunk=c["num_keys_to_add_at_a_time"], checkpoint_interval_s=c["checkpoint_interval_s"],
         gpu=c["gpu"], threads=c["threads"] or os.cpu_count() or 1, overwrite=c["overwrite"],
-        ondisk=isinstance(ds, ShardedDatastore) or c["ondisk_merge"],
+        ondisk=isinstance(ds, ShardedDatastore) or c["ondisk_merge"] or c.get("merge") == "none"
+        or c.get("executor") == "ray",
         shard_workers=c["shard_workers"], sampler=c.get("sampler") or "default",
+        executor=_executor(c.get("executor")), merge=c.get("merge") or "ondisk",
     )
     if plan.starting_point:
         logger.warning("starting_point=%s: the index will hold only rows %s..%s, and load_index will "

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artefacts import read_json, read_json_or_none, write_json_atomic
-from ..errors import ConfigError, CorruptError, KNNLMError, MismatchError
-from ..store.datastore import Datastore
+from ..artefacts import read_json, refuse_to_replace, write_json_atomic
+from ..errors import ConfigError, CorruptError, KNNLMError
 from ..store.sharded import ShardedDatastore
-from . import faiss_utils, steps
+from . import shard_manifest, steps
+from .shard_add import _shard_done, add_shard  # noqa: F401 - add_shard_main runs add_shard
 
 logger = logging.getLogger(__name__)
 
@@ -39,46 +39,6 @@ def _parts(datastore):
 
 def shard_index_path(index_path, k):
     return f"{index_path}.shard{k}"
-
-
-def add_shard(job):
-    """Run in a child process: add one shard's keys into a copy of the trained index.
-
-    Writes job['out'] (via a temporary name) and job['out'].json; returns a summary dict.
-    """
-    import faiss
-
-    faiss_utils.set_threads(job["threads"])
-    ds = Datastore.open(job["prefix"], **job["open_kwargs"])
-    if ds.fingerprint != job["fingerprint"]:
-        raise MismatchError(
-            f"shard {job['prefix']} changed while the index was being built (fingerprint "
-            f"{ds.fingerprint}, expected {job['fingerprint']}); build again"
-        )
-    index = faiss.read_index(job["trained"])
-    index, on_gpu = faiss_utils.maybe_to_gpu(index, job["gpu"], "adding")
-    t0 = time.perf_counter()
-    steps.add_rows(index, ds.keys, 0, ds.size, id_offset=job["offset"], chunk=job["chunk"],
-                desc=f"shard {job['k']}", position=job.get("position"), where=f"datastore {ds.prefix}")
-    seconds = time.perf_counter() - t0
-    faiss_utils.save_index(index, job["out"])
-    done = {"identity": job["identity"], "fingerprint": ds.fingerprint, "offset": job["offset"],
-            "ntotal": ds.size, "add_seconds": seconds, "gpu": on_gpu}
-    write_json_atomic(f"{job['out']}.json", done)
-    return done
-
-
-def _shard_done(job):
-    """The summary of a shard added by an earlier (interrupted) run of the same build, or None."""
-    path = f"{job['out']}.json"
-    if not (os.path.exists(job["out"]) and os.path.exists(path)):
-        return None
-    done = read_json_or_none(path)
-    if done is None:
-        return None
-    same = (done.get("identity") == job["identity"] and done.get("fingerprint") == job["fingerprint"]
-            and done.get("offset") == job["offset"])
-    return done if same else None
 
 
 def add_shard_main(job_path):
@@ -122,8 +82,25 @@ def _run_jobs(jobs, workers):
         os.remove(f"{job['out']}.job.json")
 
 
+def shard_jobs(plan, threads):
+    """One job per shard: what `add_shard` needs, in a child process or a Ray task."""
+    parts = plan.merge == "none"
+    jobs = []
+    for k, (prefix, fingerprint, offset, size, open_kwargs) in enumerate(_parts(plan.datastore)):
+        jobs.append({
+            "k": k, "prefix": prefix, "fingerprint": fingerprint, "offset": offset, "size": size,
+            "open_kwargs": open_kwargs, "trained": plan.trained_path,
+            "out": shard_manifest.part_path(plan.index_path, k) if parts else shard_index_path(plan.index_path, k),
+            "part": parts, "index": plan.index_path, "factory": plan.factory, "probe": plan.probe,
+            "chunk": plan.chunk, "threads": threads, "gpu": plan.gpu, "identity": plan.identity(),
+            "position": k if plan.shard_workers > 1 else None,
+        })
+    return jobs
+
+
 def build_sharded(plan, state, t_start=None):
-    """Train (or reuse INDEX.trained), add each shard in its own process, merge on disk.
+    """Train (or reuse INDEX.trained), add each shard in its own process (or Ray task), then merge
+    on disk (merge=ondisk) or keep one index per shard with an index manifest (merge=none).
 
     `plan` and `state` come from index_builder (see build_index); returns the summary dict.
     """
@@ -132,36 +109,42 @@ def build_sharded(plan, state, t_start=None):
 
     if plan.starting_point:
         raise ConfigError("starting_point is not supported with shards or ondisk_merge; leave it at 0")
-    train_seconds = steps.train_or_reuse(plan, state)
+    if plan.merge == "none":
+        refuse_to_replace(shard_manifest.manifest_path(plan.index_path), plan.overwrite, lambda old: (
+            f"a complete index manifest already exists at {shard_manifest.manifest_path(plan.index_path)}; "
+            f"pass overwrite=true to replace it, or choose another faiss_index"))
+    ray_build = None
+    if plan.executor == "ray":
+        from . import ray_build
+    train_seconds = steps.train_or_reuse(plan, state, sample=ray_build.sample_training_keys if ray_build else None)
     try:
         faiss.extract_index_ivf(faiss.read_index(plan.trained_path))
     except RuntimeError:
-        raise ConfigError(f"factory {plan.factory!r} is not an IVF index: merging shards on disk needs one") from None
+        raise ConfigError(f"factory {plan.factory!r} is not an IVF index: sharding it needs one") from None
 
-    threads = max(1, plan.threads // max(1, plan.shard_workers))
-    jobs = []
-    for k, (prefix, fingerprint, offset, size, open_kwargs) in enumerate(_parts(plan.datastore)):
-        jobs.append({
-            "k": k, "prefix": prefix, "fingerprint": fingerprint, "offset": offset, "size": size,
-            "open_kwargs": open_kwargs, "trained": plan.trained_path,
-            "out": shard_index_path(plan.index_path, k), "chunk": plan.chunk, "threads": threads,
-            "gpu": plan.gpu, "identity": plan.identity(),
-            "position": k if plan.shard_workers > 1 else None,
-        })
-    done = {job["k"]: _shard_done(job) for job in jobs}
-    todo = [job for job in jobs if done[job["k"]] is None]
-    for k in sorted(k for k, d in done.items() if d is not None):
-        logger.info("shard %d (%s) was already added by an earlier run: reusing %s", k, jobs[k]["prefix"], jobs[k]["out"])
-    t0 = time.perf_counter()
-    if todo:
-        logger.info("adding %d shard(s) in separate processes (%d at a time, %d FAISS threads each)",
-                    len(todo), min(plan.shard_workers, len(todo)), threads)
-        _run_jobs(todo, plan.shard_workers)
-        done.update({job["k"]: _shard_done(job) for job in todo})
-        if any(d is None for d in done.values()):
-            raise CorruptError(f"a shard process ended without writing its index; remove {plan.index_path}.shard* and build again")
+    if ray_build is not None:  # each shard's node uses its own cores
+        jobs = shard_jobs(plan, plan.threads)
+        t0 = time.perf_counter()
+        done, todo = ray_build.add_shards(plan, jobs)
+    else:
+        jobs = shard_jobs(plan, max(1, plan.threads // max(1, plan.shard_workers)))
+        done = {job["k"]: _shard_done(job) for job in jobs}
+        todo = [job for job in jobs if done[job["k"]] is None]
+        for k in sorted(k for k, d in done.items() if d is not None):
+            logger.info("shard %d (%s) was already added by an earlier run: reusing %s", k, jobs[k]["prefix"], jobs[k]["out"])
+        t0 = time.perf_counter()
+        if todo:
+            logger.info("adding %d shard(s) in separate processes (%d at a time, %d FAISS threads each)",
+                        len(todo), min(plan.shard_workers, len(todo)), jobs[0]["threads"])
+            _run_jobs(todo, plan.shard_workers)
+            done.update({job["k"]: _shard_done(job) for job in todo})
+            if any(d is None for d in done.values()):
+                raise CorruptError(f"a shard process ended without writing its index; remove {plan.index_path}.shard* and build again")
     add_wall = time.perf_counter() - t0
     rows_added_now = sum(job["size"] for job in todo)
+    if plan.merge == "none":
+        return _finish_parts(plan, jobs, done, train_seconds=train_seconds, add_seconds=add_wall,
+                             rows_added=rows_added_now, t_start=t_start)
 
     # Merge: the trained (empty) index receives all inverted lists, stored in INDEX.ivfdata.
     # Merged into a temporary file beside the old index, which stays usable until finalize
@@ -197,7 +180,27 @@ def build_sharded(plan, state, t_start=None):
         "gpu": any(d.get("gpu") for d in done.values()),
     }
     leftovers = [job["out"] for job in jobs] + [f"{job['out']}.json" for job in jobs]
-    extra["shards_reused"] = [job["k"] for job in jobs if job not in todo]  # added by an interrupted run
+    extra["shards_reused"] = [job["k"] for job in jobs if job["k"] not in {t["k"] for t in todo}]  # an interrupted run's
+    if plan.executor == "ray":
+        extra["executor"] = "ray"
     return steps.finalize(plan, index, train_seconds=train_seconds, add_seconds=add_wall + merge_seconds,
                        rows_added=rows_added_now, extra_meta=extra, leftovers=leftovers, t_start=t_start,
                        moves=[(ivf_tmp, ivfdata)])
+
+
+def _finish_parts(plan, jobs, done, *, train_seconds, add_seconds, rows_added, t_start):
+    """merge=none: write the index manifest listing the parts (last: it makes the index complete)."""
+    parts = [{"k": job["k"], "index": job["out"], "datastore": job["prefix"],
+              "datastore_fingerprint": job["fingerprint"], "offset": job["offset"], "size": job["size"],
+              "resource": done[job["k"]].get("resource"), "node": done[job["k"]].get("node")} for job in jobs]
+    path = shard_manifest.write(plan.index_path, plan, parts, overwrite=plan.overwrite)
+    for p in [plan.trained_path, plan.progress_path] + [f"{job['out']}.json" for job in jobs]:
+        if os.path.exists(p):
+            os.remove(p)
+    wall = time.perf_counter() - t_start if t_start is not None else None
+    print(f"{steps.PROG}: built {len(parts)} index parts of {plan.factory} over {plan.datastore.prefix} "
+          f"({plan.datastore.size:,} keys), listed in {path}; train {train_seconds:.1f} s, add "
+          f"{add_seconds:.1f} s ({rows_added:,} keys added now, {plan.executor} executor)")
+    return {"index": plan.index_path, "manifest": path, "parts": parts, "train_seconds": train_seconds,
+            "add_seconds": add_seconds, "rows_added": rows_added, "wall_seconds": wall,
+            "meta": shard_manifest.read(path)}

@@ -173,13 +173,16 @@ def load_state(plan):
     return None
 
 
-def train_or_reuse(plan, state):
-    """Train a new index on the sample and save it to INDEX.trained, or reuse an earlier run's."""
+def train_or_reuse(plan, state, sample=None):
+    """Train a new index on the sample and save it to INDEX.trained, or reuse an earlier run's.
+
+    sample(plan) -> the training keys (default: sample_training_keys; the Ray build reads them
+    on the shards' nodes)."""
     if state is not None and state.get("train_seconds") is not None:
         logger.info("reusing the trained index %s from an earlier run of this build", plan.trained_path)
         return state["train_seconds"]
     t0 = time.perf_counter()
-    x = sample_training_keys(plan)
+    x = (sample or sample_training_keys)(plan)
     index = new_index(plan)
     index, on_gpu = maybe_to_gpu(index, plan.gpu, "training")
     logger.info("training %s on %s keys of dimension %d%s", plan.factory, f"{len(x):,}", x.shape[1],
