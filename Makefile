@@ -35,8 +35,10 @@ $(STAMP): pyproject.toml Makefile
 
 # Two workers, one test file each at a time (a file's fixtures are built once): most tests wait on
 # fairseq's start-up or run one thread, so two at once use both cores.
+# In a network namespace of its own (tools/netns.sh): the Ray tests' simulated cluster binds
+# loopback, and nothing a test starts can reach the network.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	tools/netns.sh $(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
 	$(PY) -m knnlm.experiments.demo $(ARGS)

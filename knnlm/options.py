@@ -71,6 +71,11 @@ class RetrievalOptions:
                                                     "(default), 'all' visible GPUs, or a comma list "
                                                     "(cuda:0,cuda:1); rows are split across them and the results "
                                                     "merged")
+    knn_executor: Optional[str] = option(None, "search an index kept in parts (knnlm-build-index merge=none) with "
+                                               "one searcher per shard: local (threads of this process) or ray "
+                                               "(one Ray actor per shard, on the node holding it; RAY_ADDRESS or a "
+                                               "local instance); default: ray when RAY_ADDRESS is set, else local",
+                                         choices=("local", "ray"))
     knn_allow_model_mismatch: bool = option(False, "score even though the datastore was dumped by different "
                                                    "model weights")
     knn_allow_same_split: bool = option(False, "score the very split (or text) the datastore was dumped from (a "
@@ -266,7 +271,7 @@ def validate(opts, export=None, cache=None):
     if opts.no_load_keys and opts.knn_sim_func != "do_not_recomp_l2":
         raise ConfigError("--no-load-keys leaves no keys to recompute distances from: add --knn-sim-func "
                           "do_not_recomp_l2")
-    get_strategy(opts.knn_search).validate_options(opts)
+    get_strategy(opts.knn_search, opts).validate_options(opts)
     for cls in wrappers():
         cls.validate_options(opts, export=export)
 

@@ -250,16 +250,9 @@ def test_each_shard_actor_runs_on_its_own_node(dumps, indexes, cluster):
         r.close()
 
 
-# ----------------------------------------------------------------------------- front-ends (once the flag exists)
-
-def _has_flag(tool, *sub):
-    p = subprocess.run([str(BIN / tool), *sub, "--help"], capture_output=True, text=True)
-    return "--knn-executor" in p.stdout + p.stderr
-
+# ----------------------------------------------------------------------------- front-ends
 
 def test_fairseq_eval_lm_with_ray_executor_equals_the_merged_index(tiny, dumps, indexes, cluster):
-    if not _has_flag("fairseq-eval-lm", "--user-dir", PLUGIN, "--task", "knnlm"):
-        pytest.skip("fairseq-eval-lm has no --knn-executor yet (the integrator's method-surface refactor adds it)")
     ds = dumps["prefix"] + "_shards.json"
     common = ("--tokens-per-sample", "64", "--gen-subset", "test", "--knnlm", "--dstore-filename", ds,
               "--k", "8", "--probe", "2")
@@ -272,8 +265,6 @@ def test_fairseq_eval_lm_with_ray_executor_equals_the_merged_index(tiny, dumps, 
 
 def test_knnlm_hf_eval_with_ray_executor_equals_the_merged_index(cluster, tmp_path):
     pytest.importorskip("transformers")
-    if not _has_flag("knnlm-hf", "eval"):
-        pytest.skip("knnlm-hf eval has no --knn-executor yet (the integrator's method-surface refactor adds it)")
     from .test_hf import WORDS, make_tokenizer, text, tiny as tiny_hf
 
     tok = make_tokenizer(WORDS)

@@ -22,7 +22,7 @@ def build_retriever(opts, datastore=None):
         from ..store import open_datastore as open_store
 
         datastore = open_store(str(datastore), in_memory=opts.move_dstore_to_mem)
-    retriever = get_strategy(opts.knn_search).from_options(opts, datastore)
+    retriever = get_strategy(opts.knn_search, opts).from_options(opts, datastore)
     for cls in wrappers():
         if cls.enabled(opts):
             retriever = cls.wrap(retriever, opts)

@@ -24,20 +24,27 @@ from ..errors import ConfigError
 logger = logging.getLogger(__name__)
 
 _STRATEGIES = {}
+_VARIANTS = {}  # name -> [(when(opts), cls)]: the same strategy served another way
 _WRAPPERS = {}
 _LOADED = {"builtins": False, "entry_points": False}
 ENTRY_POINT_GROUP = "knnlm.retrievers"
 
 
-def register_strategy(name):
+def register_strategy(name, when=None):
     """Class decorator: `--knn-search NAME` builds this class with `cls.from_options(opts, datastore)`.
 
     The class may define `validate_options(opts)` (a classmethod that raises ConfigError before
-    anything is loaded) and `needs_datastore_keys` / `needs_index` (defaults: True / False)."""
+    anything is loaded). With `when` (a function of the options), the class is a variant of the
+    strategy NAME, built instead of it when `when(opts)` holds (FAISS search over an index kept in
+    parts, or with --knn-executor, is the `faiss` strategy served by several searchers)."""
 
     def decorate(cls):
         if not hasattr(cls, "from_options"):
             raise TypeError(f"strategy {name!r}: {cls.__name__} needs a from_options(opts, datastore) classmethod")
+        if when is not None:
+            cls.strategy_name = name
+            _VARIANTS.setdefault(name, []).append((when, cls))
+            return cls
         old = _STRATEGIES.get(name)
         if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ConfigError(f"two strategies named {name!r}: {old.__module__}.{old.__qualname__} and "
@@ -126,12 +133,17 @@ def strategy_names():
     return sorted(_STRATEGIES)
 
 
-def get_strategy(name):
+def get_strategy(name, opts=None):
+    """The class registered as `name` (with options: the variant they ask for, if any)."""
     names = strategy_names()
     if name not in _STRATEGIES:
         raise ConfigError(f"--knn-search {name!r} is not a registered strategy (known: {', '.join(names)}); a "
                           f"strategy of your own is registered with @knnlm.register_strategy in a module passed "
                           f"by --knn-user-module PATH")
+    if opts is not None:
+        for when, cls in _VARIANTS.get(name, ()):
+            if when(opts):
+                return cls
     return _STRATEGIES[name]
 
 

@@ -35,6 +35,7 @@ from .. import cluster
 from ..errors import ConfigError, CorruptError, MismatchError
 from ..index import shard_manifest
 from .base import Neighbors, Retriever, check_common, check_k_factor
+from .registry import register_strategy
 
 logger = logging.getLogger(__name__)
 # How long a shard's actor may take to be placed and to load its part of the index.
@@ -108,6 +109,7 @@ class _Pending:
         self.parts, self.n, self.device, self.started = parts, n, device, started
 
 
+@register_strategy("faiss", when=lambda opts: _served_in_parts(opts))  # the faiss strategy, index in parts
 class ShardedRetriever(Retriever):
     """The k nearest entries of a datastore whose index is kept in parts (an index manifest).
 
@@ -303,6 +305,13 @@ class ShardedRetriever(Retriever):
         self.actors = []
 
     @classmethod
+    def validate_options(cls, opts):
+        if not opts.dstore_filename or not opts.indexfile:
+            raise ConfigError("--knnlm needs both --dstore-filename PREFIX and --indexfile INDEX")
+        check_k_factor(opts.knn_k_factor, opts.knn_sim_func)
+        cluster.resolve_executor(opts.knn_executor)
+
+    @classmethod
     def from_options(cls, options, datastore):
         """From a front-end's options: indexfile, k, probe, knn_sim_func, knn_k_factor, knn_gpu,
         knn_executor, move_dstore_to_mem."""
@@ -312,6 +321,10 @@ class ShardedRetriever(Retriever):
                    in_memory=getattr(options, "move_dstore_to_mem", False))
 
 
+def _served_in_parts(opts):
+    return opts.knn_search == "faiss" and (bool(opts.knn_executor) or is_sharded_index(opts.indexfile))
+
+
 def is_sharded_index(path):
     """Whether `path` (--indexfile) names an index kept in parts, for ShardedRetriever."""
-    return path is not None and shard_manifest.find(path) is not None
+    return isinstance(path, (str, os.PathLike)) and shard_manifest.find(path) is not None
