@@ -13,9 +13,8 @@ from fairseq.sequence_scorer import SequenceScorer
 from knnlm import Context
 from knnlm.cache import CacheBatch
 from knnlm.errors import ConfigError
-from knnlm.features import lm_features
+from knnlm.retrieval.adaptive import context_tokens, lm_features
 from knnlm.model import Tally
-from knnlm.ngrams import context_tokens
 
 from .hooks import KeyCapture
 
@@ -183,7 +182,7 @@ class KNNSequenceScorer(SequenceScorer):
 
 class FeatureTap:
     """Within `with FeatureTap(model, top_k) as tap:`, every log-probability tensor the model's
-    `get_normalized_probs` returns is reduced to the LM features (`knnlm.features`) on the way
+    `get_normalized_probs` returns is reduced to the LM features (`knnlm.retrieval.adaptive.features`) on the way
     out; `tap.result((B, T))` puts them together as (B, T, F).
 
     fairseq's SequenceScorer gathers only the targets' log-probs, and may split the positions

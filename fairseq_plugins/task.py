@@ -22,7 +22,7 @@ from knnlm import options
 from knnlm.cache import check_cache_options
 from knnlm.dump import DumpSession
 from knnlm.errors import ConfigError, KNNLMError
-from knnlm.evaluation import Evaluation
+from knnlm.evaluation import Evaluation, check_model
 
 from .config import KNNLMConfig, option_groups
 from .hooks import KEYTYPES
@@ -176,13 +176,9 @@ class KNNLanguageModelingTask(LanguageModelingTask):
 
             if len(models) != 1:
                 raise ConfigError("kNN-LM generation takes one model (pass one checkpoint to --path)")
-            if getattr(self.args, "adaptive_retrieval", None):
-                raise ConfigError("--adaptive-retrieval is not wired into generation in this version: it "
-                                  "scores with fairseq-eval-lm (and knnlm.AdaptiveRetriever in Python)")
             knn = self._knnlm()
-            knn.retriever.datastore.check_compatible(keytype=self.args.knn_keytype,
-                                                     allow_model_mismatch=self.args.knn_allow_model_mismatch,
-                                                     **self._identity(models[0]).as_dict())
+            check_model(knn, self._identity(models[0]), keytype=self.args.knn_keytype,
+                        allow_model_mismatch=self.args.knn_allow_model_mismatch)
             models = [KNNLMForGeneration(models[0], knn, keytype=self.args.knn_keytype)]
         return super().build_generator(models, args, **kwargs)
 

@@ -28,7 +28,7 @@ _EXPORTS = {
     "FaissRetriever": "retrieval", "ExactRetriever": "retrieval", "Wrapper": "retrieval",
     "register_strategy": "retrieval", "register_wrapper": "retrieval", "build": "retrieval",
     "RetrievalOptions": "options", "ExportOptions": "options", "CacheOptions": "options",
-    "AdaptiveRetriever": "retrieval", "Predictor": "retrieval", "lm_features": "features",
+    "AdaptiveRetriever": "retrieval", "Predictor": "retrieval", "lm_features": "retrieval.adaptive",
     "load_index": "index",
     "knn_log_prob": "scoring", "interpolate": "scoring", "neighbor_scores": "scoring",
     "knn_full_log_probs": "scoring", "continuous_cache_log_prob": "scoring",

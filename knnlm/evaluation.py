@@ -16,7 +16,7 @@ import logging
 import torch
 
 from .cache import ContinuousCache
-from .features import DEFAULT_TOP_K
+from .retrieval.adaptive.features import DEFAULT_TOP_K
 from .model import Tally, summary_line
 from .options import CacheOptions, ExportOptions, RetrievalOptions, validate
 from .scoring import interpolate
@@ -98,8 +98,7 @@ class Evaluation:
             self.export = self._open_export(self.knn.retriever.datastore, identity, meta or {})
 
     def _open_export(self, datastore, identity, meta):
-        from .features import feature_names
-        from .ngrams import MAX_ORDER
+        from .retrieval.adaptive import MAX_ORDER, feature_names
         from .offline.export import ExportWriter
 
         e, knn = self.export_opts, self.knn

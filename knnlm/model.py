@@ -170,7 +170,7 @@ class KNNLM:
         The LM's features a strategy reads (adaptive retrieval) come from `lm_log_probs` itself
         when the context does not hold them."""
         if "lm_features" in self.needs and (context is None or context.lm_features is None):
-            from .features import lm_features
+            from .retrieval.adaptive.features import lm_features
 
             context = dataclasses.replace(context or Context(),
                                           lm_features=lm_features(lm_log_probs, self.lm_feature_top_k))
@@ -195,7 +195,7 @@ class KNNLM:
 
     def describe(self):
         """The settings as the summary line prints them: 'k=..., lambda=..., T=..., l2', plus the
-        strategy's name where it has one (', exact' for ExactRetriever; FAISS has none), then what
+        strategy's name where it has one (', exact' for --knn-search exact; FAISS has none), then what
         the strategy reports (RetoMaton: the searches it saved)."""
         name = self.retriever.search_name
         text = f"k={self.k}, lambda={self.lmbda}, T={self.temperature}, {self.sim_func}" + (f", {name}" if name else "")

@@ -16,10 +16,10 @@ import torch
 
 from knnlm import KNNLM, AdaptiveRetriever, Context, Datastore, DatastoreWriter, FaissRetriever, Predictor
 from knnlm.errors import ConfigError, CorruptError, KNNLMError, MismatchError
-from knnlm.features import feature_names, lm_features
-from knnlm.offline import adaptive as trainer
+from knnlm.retrieval.adaptive.features import feature_names, lm_features
+from knnlm.retrieval.adaptive import train as trainer
 from knnlm.offline.export import ExportWriter, load_export
-from knnlm.retrieval.adaptive import CALIBRATION_POINTS, build_net
+from knnlm.retrieval.adaptive.retriever import CALIBRATION_POINTS, build_net
 from tests.helpers import EvalLM, knn_argv
 from tests.conftest import knn_summary
 

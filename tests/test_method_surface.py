@@ -181,7 +181,7 @@ def test_hf_pca_and_pruned_datastores(capsys, hf, tmp_path):
 
     run(["knnlm-reduce", hf.prefix, str(tmp_path / "pca"), "--dim", "16"])
     reduced, _ = hf_eval(capsys, hf, "--dstore-filename", str(tmp_path / "pca"), "--knn-search", "exact")
-    run(["knnlm-prune", hf.prefix, str(tmp_path / "pruned"), "--k", "4", "--index", hf.flat])
+    run(["knnlm-prune", hf.prefix, hf.flat, str(tmp_path / "pruned"), "--k", "4"])
     pruned, _ = hf_eval(capsys, hf, "--dstore-filename", str(tmp_path / "pruned"), "--knn-search", "exact")
     # each through the Python API gives the same perplexity as through the command line
     for prefix, out in ((str(tmp_path / "pca"), reduced), (str(tmp_path / "pruned"), pruned)):

@@ -13,9 +13,9 @@ from knnlm import Context
 
 from knnlm import KNNLM, AdaptiveRetriever, Datastore, DatastoreWriter, FaissRetriever, Predictor
 from knnlm.errors import ConfigError, CorruptError, KNNLMError
-from knnlm.features import TokenFeatures, lm_features
-from knnlm.ngrams import NgramStats, context_tokens, feature_names
-from knnlm.retrieval.adaptive import CALIBRATION_POINTS, build_net, stats_path
+from knnlm.retrieval.adaptive.features import TokenFeatures, lm_features
+from knnlm.retrieval.adaptive.ngrams import NgramStats, context_tokens, feature_names
+from knnlm.retrieval.adaptive.retriever import CALIBRATION_POINTS, build_net, stats_path
 
 
 def brute_counts(text, n):
@@ -139,7 +139,7 @@ def test_the_trainer_counts_the_exports_own_datastore_and_refuses_another(tmp_pa
     from types import SimpleNamespace
 
     from knnlm.errors import MismatchError
-    from knnlm.offline.adaptive import ngram_stats
+    from knnlm.retrieval.adaptive.train import ngram_stats
 
     ds, _, vals = _store(tmp_path)
     export = SimpleNamespace(path="E", meta={"datastore": ds.prefix, "datastore_fingerprint": ds.fingerprint})

@@ -12,7 +12,7 @@ import torch
 
 from knnlm import KNNLM, Datastore, DatastoreWriter, FaissRetriever, RetoMatonRetriever, Context
 from knnlm.errors import ConfigError, IncompleteError, MismatchError
-from knnlm.retrieval.retomaton_clusters import cluster_datastore, main as cluster_main
+from knnlm.offline.retomaton_clusters import cluster_datastore, main as cluster_main
 
 D, V, K = 8, 5, 4
 

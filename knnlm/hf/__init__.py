@@ -9,7 +9,7 @@
     cli.py         the knnlm-hf command: dump, eval, generate, check
 
 Like fairseq_plugins/, it reaches the core only through its public objects (KNNLM,
-DumpSession, open_datastore, FaissRetriever, ModelIdentity, the errors).
+DumpSession, open_datastore, RetrievalOptions and build, ModelIdentity, the errors).
 """
 
 from .hooks import KeyCapture, break_into, break_out
@@ -18,7 +18,7 @@ from .layers import KEYTYPES, LAYERS
 __all__ = ["KEYTYPES", "LAYERS", "KeyCapture", "attach", "break_into", "break_out"]
 
 
-def attach(model, datastore, index, **kwargs):
+def attach(model, datastore, index=None, **kwargs):
     """See knnlm.hf.api.attach (imported on first use: it loads FAISS)."""
     from .api import attach as _attach
 

@@ -30,7 +30,7 @@ from knnlm.checks import Replay, Report, check_artefacts, finish
 from knnlm.cli import progress, run_guarded
 from knnlm.errors import ConfigError, KNNLMError
 from knnlm.evaluation import Evaluation, check_model
-from knnlm.features import lm_features
+from knnlm.retrieval.adaptive import lm_features
 from knnlm.retrieval.factory import build
 from knnlm.retrieval.registry import load_from_argv
 

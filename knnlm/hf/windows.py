@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from knnlm.errors import ConfigError
-from knnlm.ngrams import context_tokens
+from knnlm.retrieval.adaptive import context_tokens
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ PATH is a directory:
     match.npy    (N, K) bool     neighbor value == target (False where no neighbor was found)
     ids.npy      (N, K) int64    datastore rows, -1 where missing   } only with with_ids=True
     vals.npy     (N, K) int64    neighbor values, -1 where missing  }
-    features.npy (N, F) float32  the LM's own features of each token (`knnlm.features`: entropy,
+    features.npy (N, F) float32  the LM's own features of each token (`knnlm.retrieval.adaptive.features`: entropy,
                                  top log-probabilities), named by meta feature_names; for
                                  adaptive retrieval (knnlm-adaptive). Exports before it lack it.
     meta.json    sim_func, k (the run's), k_kept (K), temperature, lmbda, count, the files,

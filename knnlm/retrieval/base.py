@@ -74,8 +74,8 @@ class Neighbors:
 # What a strategy may ask of the front-end, per call (`Retriever.needs`):
 #   "streams"        Context.lengths: the queries are consecutive runs of text (RetoMaton's pointers)
 #   "targets"        Context.targets: the token that really follows each query (teacher-forced scoring)
-#   "lm_features"    Context.lm_features: the LM's (N, 1 + top_k) features (knnlm.features.lm_features)
-#   "context_tokens" Context.context_tokens: each query's last context tokens (knnlm.ngrams.context_tokens)
+#   "lm_features"    Context.lm_features: the LM's (N, 1 + top_k) features (knnlm.retrieval.adaptive.features.lm_features)
+#   "context_tokens" Context.context_tokens: each query's last context tokens (knnlm.retrieval.adaptive.ngrams.context_tokens)
 NEEDS = ("streams", "targets", "lm_features", "context_tokens")
 
 

@@ -114,7 +114,7 @@ class RetoMatonRetriever(Wrapper):
         self.follows = torch.from_numpy(pointer_targets(self.datastore))
         self.members = None
         if clusters is not None:
-            from .retomaton_clusters import ClusterMembers, load_clusters
+            from ..offline.retomaton_clusters import ClusterMembers, load_clusters
 
             if isinstance(clusters, (str, os.PathLike)):
                 clusters = load_clusters(clusters, self.datastore)

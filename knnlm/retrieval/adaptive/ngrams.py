@@ -21,8 +21,8 @@ import os
 import numpy as np
 import torch
 
-from .artefacts import file_checksum
-from .errors import ConfigError, CorruptError, KNNLMError
+from ...artefacts import file_checksum
+from ...errors import ConfigError, CorruptError, KNNLMError
 
 FORMAT = "knnlm-ngram-stats"
 FORMAT_VERSION = 1
@@ -178,7 +178,7 @@ def text_datastore(datastore):
     src = datastore.meta.get("pruned_from")
     if not src:
         return datastore
-    from .store.datastore import Datastore
+    from ...store.datastore import Datastore
 
     try:
         return Datastore.open(src, load_keys=False)

@@ -6,7 +6,7 @@ per-token export, and print the curve of skipped fraction vs perplexity.
 
 The export must hold the LM features (features.npy: written by `--knnlm-dump-probs` since
 adaptive retrieval exists). The network reads them and, when the export holds each token's
-context tokens (context.npy), the paper's n-gram features too (`knnlm.ngrams`: count and
+context tokens (context.npy), the paper's n-gram features too (`knnlm.retrieval.adaptive.ngrams`: count and
 fertility of the context's last 1..4 tokens in the text of the export's datastore, counted here
 and saved beside the predictor as PRED.ngrams.npz; --no-ngrams leaves them out), and scores
 each token, with p_kNN at the temperature the kNN-LM will use. `--objective lambda` (the paper's): a per-token lambda trained
@@ -31,17 +31,17 @@ import time
 import numpy as np
 import torch
 
-from .. import provenance
-from ..errors import ConfigError
-from ..retrieval.adaptive import ARCHS, CALIBRATION_POINTS, FEATURE_FLOOR, OBJECTIVES, Predictor, build_net, check_skip
-from ..scoring import check_lambda, check_temperature, interpolate
-from ..errors import MismatchError
-from ..features import TokenFeatures, feature_names
-from ..ngrams import ORDERS, NgramStats, text_datastore
-from ..store.datastore import Datastore
-from .export import load_export, lp_knn_at, same_temperature
-from ..cli import run_command
-from .rescoring import write_outputs
+from ... import provenance
+from ...errors import ConfigError
+from .retriever import ARCHS, CALIBRATION_POINTS, FEATURE_FLOOR, OBJECTIVES, Predictor, build_net, check_skip
+from ...scoring import check_lambda, check_temperature, interpolate
+from ...errors import MismatchError
+from .features import TokenFeatures, feature_names
+from .ngrams import ORDERS, NgramStats, text_datastore
+from ...store.datastore import Datastore
+from ...offline.export import load_export, lp_knn_at, same_temperature
+from ...cli import run_command
+from ...offline.rescoring import write_outputs
 
 SKIPS = [i / 10 for i in range(10)]
 IDENTITY_FIELDS = ("datastore", "datastore_fingerprint", "dim", "dict_size", "dict_fingerprint",
@@ -59,7 +59,7 @@ def training_data(export, lmbda=None, temperature=None, tune_json=None):
     if export.count == 0:
         raise ConfigError(f"export {export.path} holds no tokens")
     if tune_json is not None:
-        from ..artefacts import read_json
+        from ...artefacts import read_json
 
         best = read_json(tune_json, f"tune result {tune_json}")
         try:

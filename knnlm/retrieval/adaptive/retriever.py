@@ -2,7 +2,7 @@
 Language Models", section 4): search only for the tokens where p_kNN is predicted to help.
 
 A small network (`Predictor`, trained by `knnlm-adaptive train` on a held-out export) reads the
-LM's own features of each token (`knnlm.features`: entropy and top log-probabilities of p_LM)
+LM's own features of each token (`knnlm.retrieval.adaptive.features`: entropy and top log-probabilities of p_LM)
 and scores how much the search is worth there. Objective "lambda" (the paper's): the score is
 the logit of the weight lambda that maximizes log(lambda p_kNN + (1 - lambda) p_LM) for that
 token. Objective "gain": the score is the predicted gain in log-probability of the kNN-LM at
@@ -23,7 +23,7 @@ call and the result is the plain kNN-LM's, bit for bit.
                                                        context_tokens=context_tokens(tokens, positions)))
 
 The features: the LM's (entropy, top log-probabilities) and, by default, the paper's n-gram
-features of each token's context in the datastore's text (`knnlm.ngrams`: how often its last
+features of each token's context in the datastore's text (`knnlm.retrieval.adaptive.ngrams`: how often its last
 1..4 tokens occur there and how many distinct tokens follow them). The predictor file is JSON,
 self-describing: the feature names, the normalization, the weights (with a checksum), the
 calibration quantiles, and the fingerprints of the datastore and model whose export trained it
@@ -39,14 +39,13 @@ import os
 import numpy as np
 import torch
 
-from ..artefacts import read_json, write_json_atomic
-from ..errors import ConfigError, CorruptError, KNNLMError, MismatchError
-from ..artefacts import verify_checksum
-from ..features import TokenFeatures, feature_names
-from ..ngrams import NgramStats
-from ..ngrams import feature_names as ngram_feature_names
-from .base import Neighbors, Wrapper
-from .registry import register_wrapper
+from ...artefacts import read_json, verify_checksum, write_json_atomic
+from ...errors import ConfigError, CorruptError, KNNLMError, MismatchError
+from .features import TokenFeatures, feature_names
+from .ngrams import NgramStats
+from .ngrams import feature_names as ngram_feature_names
+from ..base import Neighbors, Wrapper
+from ..registry import register_wrapper
 
 FORMAT = "knnlm-adaptive-predictor"
 FORMAT_VERSION = 1
@@ -89,7 +88,7 @@ class Predictor:
 
     `scores(features)` -> (N,) float32, higher where the search helps more: the logit of the
     predicted lambda (objective "lambda") or the predicted gain in nats (objective "gain").
-    With n-gram features (`ngrams`: `knnlm.ngrams.NgramStats` of the datastore's text, saved
+    With n-gram features (`ngrams`: `knnlm.retrieval.adaptive.ngrams.NgramStats` of the datastore's text, saved
     beside the predictor), `inputs(TokenFeatures(lm, context))` builds the network's input.
     """
 
@@ -192,14 +191,14 @@ class Predictor:
             return lm
         if context is None:
             raise ConfigError(f"predictor {self.path or ''} reads n-gram features of each token's context: pass "
-                              f"state=knnlm.features.TokenFeatures(lm_features, knnlm.ngrams.context_tokens(...))")
+                              f"state=knnlm.retrieval.adaptive.features.TokenFeatures(lm_features, knnlm.retrieval.adaptive.ngrams.context_tokens(...))")
         lm = torch.as_tensor(lm).detach().to("cpu", torch.float32)
         return torch.cat([lm, torch.from_numpy(self.ngrams.features(context))], dim=1)
 
     # ---- using it ----
     @torch.no_grad()
     def scores(self, features):
-        """(N, F) LM features (`knnlm.features.lm_features`) -> (N,) float32 scores, on the CPU."""
+        """(N, F) LM features (`knnlm.retrieval.adaptive.features.lm_features`) -> (N,) float32 scores, on the CPU."""
         x = torch.as_tensor(features).detach().to("cpu", torch.float32)
         if x.ndim != 2 or x.shape[1] != len(self.feature_names):
             raise ConfigError(f"adaptive retrieval: the predictor takes {len(self.feature_names)} features per "
@@ -281,7 +280,7 @@ class AdaptiveRetriever(Wrapper):
     not searched, in [0, 1)) and threshold (tokens scored below it are not searched: a predicted
     lambda in [0, 1], or a predicted gain in nats, by the predictor's objective); neither means
     skip 0. Each call's `Context` carries the (N, 1 + top_k) LM features of the queries
-    (`knnlm.features.lm_features(log_probs, self.top_k)`) and, for a predictor with n-gram
+    (`knnlm.retrieval.adaptive.features.lm_features(log_probs, self.top_k)`) and, for a predictor with n-gram
     features, their context tokens.
     """
 

@@ -7,7 +7,7 @@ EMNLP 2021, "Efficient Nearest Neighbor Language Models", section 4).
 Only what the LM alone gives at test time, before any retrieval: the entropy of p_LM (nats)
 and its top-k log-probabilities, largest first (the paper's "lm_ent" and "lm_max", the latter
 widened to the top k). The paper's n-gram frequency and fertility features are computed by
-`knnlm.ngrams`; its context-vector feature (the query itself) is not used. Front-ends (fairseq,
+`knnlm.retrieval.adaptive.ngrams`; its context-vector feature (the query itself) is not used. Front-ends (fairseq,
 Hugging Face) hand this function the log-probs they already computed; it is the one
 implementation of the math.
 """
@@ -27,7 +27,7 @@ CHUNK_ROWS = 256
 class TokenFeatures:
     """What adaptive retrieval reads of each token before searching: the LM's features (N, 1 +
     top_k) and, for n-gram features, the last tokens of its context (N, C) int64, -1 where the
-    text has none (`knnlm.ngrams.context_tokens`)."""
+    text has none (`knnlm.retrieval.adaptive.ngrams.context_tokens`)."""
 
     lm: torch.Tensor
     context: Optional[torch.Tensor] = None
