@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 
-from .errors import ConfigError, CorruptError, DiskSpaceError, KNNLMError
+from .errors import ConfigError, CorruptError, DiskSpaceError, KNNLMError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,8 @@ class AtomicOutput:
         self.targets = [os.path.normpath(str(t)) for t in targets]
         self.what, self.overwrite, self.option = what, bool(overwrite), option
         self.replaceable = replaceable or (lambda path: False)
-        self.describe_existing = describe_existing or (lambda path: f"{path} already exists")
+        self.describe_existing = describe_existing or (lambda path: f"{path} already exists (this command's "
+                                                                      f"earlier output, or another file)")
         self.temps = {t: temp_name(t) for t in self.targets}
         self.committed = False
         self._key = None
@@ -217,8 +218,8 @@ class AtomicOutput:
             return
         for t in self.targets:
             if os.path.lexists(t) and not self.replaceable(t):
-                raise KNNLMError(f"{self.what}: {self.describe_existing(t)} and was not written by this "
-                                 f"command; pass {self.option} to replace it, or choose another path")
+                raise OutputExistsError(f"{self.what}: {self.describe_existing(t)}; pass {self.option} to replace "
+                                        f"it (only once the new one is complete), or choose another path")
 
     def path(self, target):
         """The temporary name to write `target`'s new content at (the target itself when the

@@ -36,3 +36,7 @@ class MemorisationError(MismatchError):
 
 class InputError(KNNLMError, ValueError):
     """Tensors handed to the Python API that cannot be what it asks for (knnlm.validation)."""
+
+
+class OutputExistsError(ConfigError):
+    """An output path already holds something the command may replace only with --overwrite."""

@@ -42,10 +42,10 @@ def install_signal_handlers():
         pass
 
 
-def interrupted_message(prog, e):
+def interrupted_message(prog, e, again="Run the command again to start over"):
     name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
     return (f"{prog}: interrupted ({name}); unfinished files were removed and every complete artefact "
-            f"is as it was. Run the command again to start over")
+            f"is as it was. {again}")
 
 
 def _cleanup():
@@ -63,7 +63,7 @@ def _cleanup():
             signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-def run_main(prog, body):
+def run_main(prog, body, again="Run the command again to start over"):
     """Run body() -> exit status (None is 0); a KNNLMError is `PROG: error: ...` and status 2,
     SIGINT/SIGTERM one line and status 130; unfinished outputs are removed either way."""
     install_signal_handlers()
@@ -76,7 +76,7 @@ def run_main(prog, body):
         return EXIT_ERROR
     except KeyboardInterrupt as e:
         _cleanup()
-        print(interrupted_message(prog, e), file=sys.stderr)
+        print(interrupted_message(prog, e, again), file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as e:  # a write error no writer named: still one line, with what to do
         from .artefacts import write_error
