@@ -185,7 +185,7 @@ class AtomicOutput:
     """
 
     def __init__(self, targets, *, what, overwrite=False, replaceable=None, option="--overwrite",
-                 describe_existing=None):
+                 describe_existing=None, make_dirs=True):
         self.targets = [os.path.normpath(str(t)) for t in targets]
         self.what, self.overwrite, self.option = what, bool(overwrite), option
         self.replaceable = replaceable or (lambda path: False)
@@ -193,6 +193,7 @@ class AtomicOutput:
                                                                       f"earlier output, or another file)")
         self.temps = {t: temp_name(t) for t in self.targets}
         self.committed = False
+        self.make_dirs = make_dirs
         self._key = None
 
     # ---- the steps ----
@@ -203,7 +204,7 @@ class AtomicOutput:
                 logger.warning("removing %s, left by an interrupted run", p)
                 _remove_quietly(p)
         self.check_existing()
-        for t in self.targets:
+        for t in self.targets if self.make_dirs else ():
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(t)), exist_ok=True)
             except OSError as e:
