@@ -21,6 +21,10 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 
 from knnlm.dump import DumpSession
 from knnlm.errors import ConfigError, KNNLMError
+from knnlm.lifecycle import end_process
+from knnlm.memorisation import check_memorisation
+
+from .memorisation import split_tokens
 from knnlm.model import KNNLM, summary_line
 from knnlm.retrieval import AdaptiveRetriever, ExactRetriever, FaissRetriever, RetoMatonRetriever
 from knnlm.retrieval.exact import parse_devices
@@ -48,20 +52,9 @@ def _checkpoint_path():
 
 
 def _excepthook(kind, value, tb, _default=sys.excepthook):
-    if isinstance(value, KNNLMError):
-        sys.stderr.write(f"{value.__class__.__name__}: {value}\n")
-        # Exit now, with fairseq's status for a failed run: tearing the interpreter down with
-        # FAISS/OpenMP and recompute threads still alive could abort ("terminate called
-        # without an active exception", exit 134) after the message.
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001 - a closed stream must not hide the exit status
-                pass
-        logging.shutdown()
-        os._exit(1)
-    else:
-        _default(kind, value, tb)
+    # Our errors and SIGINT/SIGTERM: one line, unfinished files removed, exit at once (knnlm.lifecycle).
+    end_process(value, "fairseq-eval-lm")
+    _default(kind, value, tb)
 
 
 class _InfScoresFilter(logging.Filter):
@@ -231,6 +224,8 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         datastore.check_compatible(keytype=a.knn_keytype, allow_model_mismatch=a.knn_allow_model_mismatch,
                                    **identity.as_dict())
         datastore.check_split(self._split, a.data, allow_same_split=getattr(a, "knn_allow_same_split", False))
+        check_memorisation(datastore, split_tokens(self, self._split), allow=getattr(a, "knn_allow_same_split", False),
+                           what=f"split '{self._split}' of {a.data}")
         predictor = getattr(self._scorer.knn.retriever, "predictor", None)
         if predictor is not None:
             predictor.check_compatible(identity=identity, allow_model_mismatch=a.knn_allow_model_mismatch)

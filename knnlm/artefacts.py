@@ -7,8 +7,8 @@ import glob
 import json
 import logging
 import os
-import threading
 
+from .cleanup import abort_all, register_cleanup, unregister_cleanup  # noqa: F401 - abort_all: re-exported
 from .errors import ConfigError, CorruptError, DiskSpaceError, KNNLMError, OutputExistsError
 
 logger = logging.getLogger(__name__)
@@ -120,48 +120,6 @@ def stale_temporaries(path):
         if pid.isdigit() and not pid_alive(pid):
             found.append(p)
     return found
-
-
-# --------------------------------------------------------------------------- writers in progress
-
-_ACTIVE = {}  # id -> cleanup callable of every unfinished output of this process
-_ACTIVE_LOCK = threading.Lock()
-_ATEXIT = False
-
-
-def register_cleanup(key, cleanup):
-    """Remember how to undo an unfinished write, so a signal or an uncaught error removes it
-    (`abort_all`); the first registration also turns SIGTERM into KeyboardInterrupt."""
-    global _ATEXIT
-    with _ACTIVE_LOCK:
-        _ACTIVE[key] = cleanup
-        first, _ATEXIT = not _ATEXIT, True
-    if first:
-        import atexit
-
-        atexit.register(abort_all)  # an uncaught error: the interpreter still runs this
-    from .lifecycle import install_signal_handlers
-
-    install_signal_handlers()
-
-
-def unregister_cleanup(key):
-    with _ACTIVE_LOCK:
-        _ACTIVE.pop(key, None)
-
-
-def abort_all():
-    """Undo every unfinished write of this process (temporaries, locks); called when it is
-    about to end without finishing them (an uncaught error, SIGINT/SIGTERM)."""
-    with _ACTIVE_LOCK:
-        pending = list(_ACTIVE.items())
-        _ACTIVE.clear()
-    for _, cleanup in reversed(pending):
-        try:
-            cleanup()
-        except Exception:  # noqa: BLE001 - cleaning up the rest matters more than one failure
-            pass
-    return len(pending)
 
 
 class AtomicOutput:

@@ -13,33 +13,12 @@ import signal
 import sys
 import threading
 
+from .artefacts import write_error
+from .cleanup import Terminated, _on_sigterm, abort_all, install_signal_handlers
 from .errors import KNNLMError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the main thread is, like SIGINT's KeyboardInterrupt."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
-def install_signal_handlers():
-    """SIGTERM -> Terminated (a KeyboardInterrupt) in the main thread, unless someone set a
-    handler of their own; SIGXFSZ (a file-size limit) ignored, so a write past the limit fails
-    with EFBIG, a named error, instead of killing the process without a word."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    try:
-        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, _on_sigterm)
-        if hasattr(signal, "SIGXFSZ") and signal.getsignal(signal.SIGXFSZ) == signal.SIG_DFL:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    except (ValueError, OSError):  # not the main interpreter thread, or an embedded interpreter
-        pass
 
 
 def interrupted_message(prog, e, again="Run the command again to start over"):
@@ -49,8 +28,6 @@ def interrupted_message(prog, e, again="Run the command again to start over"):
 
 
 def _cleanup():
-    from .artefacts import abort_all
-
     old = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
         if old is not None:
@@ -79,8 +56,6 @@ def run_main(prog, body, again="Run the command again to start over"):
         print(interrupted_message(prog, e, again), file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as e:  # a write error no writer named: still one line, with what to do
-        from .artefacts import write_error
-
         _cleanup()
         print(f"{prog}: error: {write_error(e, e.filename or '?', prog)}", file=sys.stderr)
         return EXIT_ERROR

@@ -17,6 +17,7 @@ import torch
 
 from .retrieval.base import Neighbors
 from .scoring import check_lambda, check_temperature, interpolate, knn_full_log_probs, knn_log_prob, neighbor_scores
+from .validation import check_distribution, check_k, check_score_inputs, vocab_of
 
 
 @dataclasses.dataclass
@@ -70,6 +71,7 @@ class KNNLM:
     def __init__(self, retriever, *, lmbda=0.25, temperature=1.0):
         check_lambda(lmbda)
         check_temperature(temperature)
+        check_k(getattr(retriever, "k", 1), "the retriever's k")
         self.retriever, self.lmbda, self.temperature = retriever, float(lmbda), float(temperature)
         self.tally = Tally()
         ds = retriever.datastore
@@ -129,6 +131,7 @@ class KNNLM:
         perplexity leaves out, fairseq's --add-bos-token, passes one), False for none (the
         caller mixes in more, a cache say, and counts the result itself with `count`).
         """
+        check_score_inputs(queries, targets, lp_lm, vocab_of(self.retriever))  # knnlm.validation: named errors
         neighbors = self.retrieve(queries, state, nearest_first=nearest_first)
         targets = targets.to(neighbors.values.device)
         lp_knn = self.knn_log_prob(neighbors, targets)
@@ -148,6 +151,7 @@ class KNNLM:
 
     def next_token_log_probs(self, queries, lm_log_probs, *, state=None):
         """(N, D) queries, (N, V) log p_LM -> (N, V) log of the interpolated next-token distribution."""
+        check_distribution(queries, lm_log_probs, vocab_of(self.retriever))  # knnlm.validation: named errors
         neighbors = self.retrieve(queries, state, nearest_first=False)  # order-free
         scores = self.neighbor_scores(neighbors).to(lm_log_probs.device)
         out = knn_full_log_probs(lm_log_probs, scores, neighbors.values.to(lm_log_probs.device), self.lmbda,

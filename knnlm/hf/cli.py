@@ -27,6 +27,8 @@ import torch
 from knnlm import KNNLM, DumpSession, FaissRetriever, Tally, open_datastore
 from knnlm.checks import Replay, Report, check_artefacts, finish
 from knnlm.errors import ConfigError, KNNLMError
+from knnlm.lifecycle import run_main
+from knnlm.memorisation import check_memorisation
 from knnlm.features import TokenFeatures, lm_features
 from knnlm.model import summary_line
 
@@ -180,6 +182,8 @@ def cmd_eval(args):
     if knn is not None:
         check_datastore(args, knn, identity)
     ids = read_tokens(args.text, tokenizer)
+    if knn is not None:  # the text the datastore was dumped from is refused (knnlm.memorisation)
+        check_memorisation(knn.retriever.datastore, ids.numpy(), allow=args.knn_allow_same_split, what=f"text {args.text}")
     wins, max_length, stride = text_windows(args, model, len(ids))
     export = None
     # The LM's per-token features (entropy, top log-probs): for an export, or adaptive retrieval.
@@ -380,6 +384,8 @@ def build_parser():
     s.add_argument("--knnlm-dump-neighbors", type=int, default=-1, help="neighbors per token kept in the export (default all k)")
     s.add_argument("--knnlm-dump-ids", action="store_true", help="also export neighbor ids and values")
     s.add_argument("--overwrite", action="store_true", help="replace a complete export")
+    s.add_argument("--knn-allow-same-split", action="store_true",
+                   help="score the very text the datastore was dumped from (a memorisation experiment; otherwise refused)")
     s.add_argument("--adaptive-retrieval", metavar="PREDICTOR",
                    help="adaptive retrieval (He et al. 2021): a predictor from knnlm-adaptive train; the tokens of "
                         "lowest predicted lambda are not searched (p_LM alone)")
@@ -419,11 +425,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
     warnings.filterwarnings("ignore")
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except KNNLMError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    return run_main(PROG, lambda: args.run(args))  # knnlm.lifecycle: errors and SIGINT/SIGTERM as one line
 
 
 if __name__ == "__main__":
