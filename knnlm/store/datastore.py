@@ -12,6 +12,7 @@ import errno
 import glob
 import mmap
 import os
+import sys
 import threading
 import time
 import uuid
@@ -367,6 +368,14 @@ class Datastore:
             vals = np.load(files["vals"], mmap_mode="r")
         except Exception as e:  # noqa: BLE001 - numpy parses a damaged header many ways (ValueError, SyntaxError, tokenize.TokenError, ...)
             raise CorruptError(f"datastore {prefix}: cannot read its files ({e}); they are truncated or damaged") from None
+        for what, a in (("keys", keys), ("vals", vals)):
+            if a is not None and not a.dtype.isnative:
+                raise CorruptError(
+                    f"datastore {prefix}: {files[what]} stores {a.dtype.name} in "
+                    f"{'big' if a.dtype.byteorder == '>' else 'little'}-endian byte order, not this machine's "
+                    f"({sys.byteorder}-endian): FAISS and the scoring read native numbers only. Convert it once: "
+                    f"python -c \"import numpy as np; a = np.load('{files[what]}'); "
+                    f"np.save('{files[what]}', a.astype(a.dtype.newbyteorder('='))\"")
         if (keys is not None and not keys.flags.c_contiguous) or not vals.flags.c_contiguous:
             raise CorruptError(f"datastore {prefix}: its .npy headers are not the C-order arrays a dump writes; "
                                f"the files were damaged or replaced. Dump it again")
@@ -482,7 +491,7 @@ class Datastore:
                 and m["model_fingerprint"] != model_fingerprint and not allow_model_mismatch):
             raise MismatchError(
                 f"datastore {self.prefix} was dumped with different model weights (fingerprint "
-                f"{m['model_fingerprint']}, checkpoint {m.get('checkpoint')}) than the model "
+                f"{m['model_fingerprint']}, {_dumped_by(m)}) than the model "
                 f"scoring now ({model_fingerprint}); scoring would silently give a worse "
                 f"perplexity. Pass --knn-allow-model-mismatch if you mean it."
             )
@@ -529,6 +538,15 @@ class Datastore:
             f"the split being scored: every target is in the datastore, so the perplexity measures "
             f"memorisation, not the kNN-LM. Score another split (--gen-subset), or pass "
             f"--knn-allow-same-split if that is the experiment")
+
+
+def _dumped_by(meta):
+    """What the metadata says made the dump: fairseq records its checkpoint, knnlm-hf its model."""
+    if meta.get("checkpoint"):
+        return f"checkpoint {meta['checkpoint']}"
+    if meta.get("model"):
+        return f"model {meta['model']}"
+    return "model not recorded"
 
 
 def resolve_data_path(path, prefix):
