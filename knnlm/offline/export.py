@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .. import provenance
-from ..artefacts import (WriteLock, check_schema, is_complete, read_json, read_json_or_none, refuse_to_replace,
+from ..artefacts import (AtomicOutput, WriteLock, check_schema, is_complete, read_json, read_json_or_none, refuse_to_replace,
                          register_cleanup, unregister_cleanup, write_error, write_json_atomic)
 from ..errors import ConfigError, CorruptError, IncompleteError, KNNLMError
 from ..scoring import SIM_FUNCS, check_lambda, check_temperature, knn_log_prob, neighbor_scores
@@ -318,19 +318,23 @@ class ExportWriter:
         try:
             if self.replacing:
                 # The old export stayed whole until now. The new metadata is written whole
-                # beside the new arrays first; then the old is marked incomplete, the new arrays
-                # move in (dropping old arrays the new export lacks), and the metadata last:
-                # renames only, which a full disk cannot stop.
+                # beside the new arrays first; then (AtomicOutput.commit) the old is marked
+                # incomplete, old arrays the new export lacks are dropped, the new arrays move
+                # in and the metadata last: renames only, which a full disk cannot stop.
                 write_json_atomic(os.path.join(self.write_dir, META), self.meta)
-                old = read_json_or_none(meta_path) or {}
-                write_json_atomic(meta_path, {**old, "complete": False, "being_replaced": self.meta["finished"]})
-                for name in FILES:
-                    src, dst = os.path.join(self.write_dir, f"{name}.npy"), os.path.join(self.path, f"{name}.npy")
-                    if name in self._files:
-                        os.replace(src, dst)
-                    elif os.path.exists(dst):
-                        os.remove(dst)
-                os.replace(os.path.join(self.write_dir, META), meta_path)
+                targets = [os.path.join(self.path, f"{name}.npy") for name in self._files] + [meta_path]
+                output = AtomicOutput(targets, what=f"export {self.path}", overwrite=True).begin()
+                output.temps = {t: os.path.join(self.write_dir, os.path.basename(t)) for t in targets}
+
+                def retire_old():
+                    old = read_json_or_none(meta_path) or {}
+                    write_json_atomic(meta_path, {**old, "complete": False, "being_replaced": self.meta["finished"]})
+                    for name in FILES:
+                        dst = os.path.join(self.path, f"{name}.npy")
+                        if name not in self._files and os.path.exists(dst):
+                            os.remove(dst)
+
+                output.commit(before=retire_old)
                 shutil.rmtree(self.write_dir, ignore_errors=True)
             else:
                 write_json_atomic(meta_path, self.meta)

@@ -17,7 +17,7 @@ def check_out_prefix(out_prefix, overwrite, side_files=()):
 # Metadata the writer sets itself; everything else is copied from the source.
 WRITER_FIELDS = {"format_version", "uuid", "complete", "size", "dim", "keys_dtype", "vals_dtype",
                  "keytype", "dict_size", "dict_fingerprint", "model_fingerprint", "started",
-                 "finished", "versions", "bytes", "checksum", "checksums"}
+                 "finished", "versions", "bytes", "checksum", "checksums", "token_sketch"}
 
 
 def open_source(prefix, out_prefix, what):
