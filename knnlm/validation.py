@@ -76,10 +76,16 @@ def check_distribution(queries, lm_log_probs, vocab_size=None, tol=LOGSUMEXP_TOL
     if vocab_size is not None and lm_log_probs.shape[1] < vocab_size:
         raise InputError(f"lm_log_probs has {lm_log_probs.shape[1]} columns, fewer than the datastore's "
                          f"vocabulary of {vocab_size}")
-    check_log_probs(lm_log_probs, "lm_log_probs")
     if lm_log_probs.numel() == 0:
         return
-    norm = torch.logsumexp(lm_log_probs.float(), dim=-1)
+    if not lm_log_probs.is_floating_point():
+        raise InputError(f"lm_log_probs must hold floating-point log-probabilities, got {lm_log_probs.dtype}")
+    # One max per row finds NaN (it propagates) and positive values; the element is located
+    # only on failure. Then one logsumexp per row: the distribution sums to 1.
+    top = lm_log_probs.amax(dim=-1)
+    if bool((torch.isnan(top) | (top > LP_MAX)).any()):
+        check_log_probs(lm_log_probs, "lm_log_probs")
+    norm = torch.logsumexp(lm_log_probs, dim=-1)
     off = (norm.abs() > tol) | torch.isnan(norm)
     if bool(off.any()):
         i = int(off.nonzero()[0])
