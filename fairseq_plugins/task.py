@@ -275,7 +275,7 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                                 f"{' including the context window' if s.cache['context'] else ''}")
             logger.info(summary_line(summary, setting, inf_note="; eval_lm's line below skips them"))
         if s.cache is not None and s.cache.get("grid") is not None:
-            for line in s.cache["grid"].write(a.cache_grid_json, meta={
+            for line in s.cache["grid"].write(a.cache_grid_json, overwrite=a.overwrite, meta={
                     "split": self._split, "keytype": s.cache["keytype"], "cache_size": a.cache_size,
                     "include_context": s.cache["context"], "context_window": self._context_window,
                     "knn_lmbda": a.lmbda if a.knnlm else None}):

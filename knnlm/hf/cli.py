@@ -15,7 +15,6 @@ meanings. Errors print `knnlm-hf: error: ...` and exit 2.
 """
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -29,6 +28,7 @@ from knnlm.checks import Replay, Report, check_artefacts, finish
 from knnlm.errors import ConfigError, KNNLMError
 from knnlm.lifecycle import run_main
 from knnlm.memorisation import check_memorisation
+from knnlm.offline.rescoring import write_outputs
 from knnlm.features import TokenFeatures, lm_features
 from knnlm.model import summary_line
 
@@ -237,8 +237,7 @@ def cmd_eval(args):
                   "text": args.text, "text_tokens": len(ids), "setting": setting}
         if knn is not None:
             result.update(k=knn.k, lmbda=knn.lmbda, temperature=knn.temperature, sim_func=knn.sim_func)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_outputs(args.json, lambda: result, None, None, prog=PROG, overwrite=args.overwrite, announce=False)
     return 0
 
 

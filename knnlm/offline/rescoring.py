@@ -151,14 +151,15 @@ def written_by_us(path):
     return isinstance(obj, dict) and str(obj.get("written_by", "")).startswith(WRITTEN_BY)
 
 
-def write_outputs(json_path, result_json, plot_path, plot, *, prog="knnlm", overwrite=False):
+def write_outputs(json_path, result_json, plot_path, plot, *, prog="knnlm", overwrite=False, announce=True,
+                  option="--overwrite"):
     """Write the --json and --plot files a command was asked for, naming each: under temporary
     names, moved into place together once both are whole. A file already there is replaced only
     if one of our commands wrote it (its own earlier result), or with --overwrite."""
     targets = [p for p in (json_path, plot_path) if p]
     if not targets:
         return
-    output = AtomicOutput(targets, what=prog, overwrite=overwrite, replaceable=written_by_us,
+    output = AtomicOutput(targets, what=prog, overwrite=overwrite, replaceable=written_by_us, option=option,
                           describe_existing=lambda p: f"{p} already exists and is not a result this library wrote",
                           make_dirs=False)
     with output:
@@ -169,5 +170,5 @@ def write_outputs(json_path, result_json, plot_path, plot, *, prog="knnlm", over
         if plot_path:
             plot(output.path(plot_path))
         output.commit()
-    for path in targets:
+    for path in targets if announce else ():
         print(f"wrote {path}")
