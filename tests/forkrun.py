@@ -35,6 +35,7 @@ ENTRY_POINTS = {  # console script -> module:function (pyproject.toml [project.s
     "knnlm-retomaton-cluster": "knnlm.retrieval.retomaton_clusters:main",
     "knnlm.subset": "knnlm.store.subset:main",
     "knnlm.sweeps": "knnlm.offline.sweeps:main",
+    "knnlm-hf": "knnlm.hf.cli:main",
 }
 
 

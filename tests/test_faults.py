@@ -62,6 +62,10 @@ def _export(base, out):
                     base["dstore"], "--indexfile", base["index"], "--k", "8", "--knnlm-dump-probs", out)
 
 
+def _hf(base, *args):
+    return ["--model", base["hf_model"], "--max-length", "24", "--stride", "12", *args]
+
+
 WRITERS = {
     "dump": Writer("fairseq-eval-lm", _dump),
     "export": Writer("fairseq-eval-lm", _export),
@@ -79,6 +83,10 @@ WRITERS = {
                                                "--plot", o.replace(".json", ".png")], out="out.json"),
     "sweeps": Writer("knnlm.sweeps", lambda b, o: ["k", b["export"], "--ks", "2,4,8", "--json", o], out="out.json",
                      fsize=128),
+    "hf-dump": Writer("knnlm-hf", lambda b, o: ["dump", *_hf(b, "--text", b["hf_train"], "--dstore-mmap", o)]),
+    "hf-export": Writer("knnlm-hf", lambda b, o: ["eval", *_hf(b, "--text", b["hf_valid"], "--knnlm", "--dstore-filename",
+                                                               b["hf_dstore"], "--indexfile", b["hf_index"], "--k", "4",
+                                                               "--knnlm-dump-probs", o)]),
 }
 
 
@@ -123,6 +131,21 @@ def base(tiny, runner, tmp_path_factory):
     for cmd, argv in (("fairseq-eval-lm", _dump(b, b["dstore"])),
                       ("knnlm-build-index", [f"dstore_mmap={b['dstore']}", f"faiss_index={b['index']}", "factory=Flat"]),
                       ("fairseq-eval-lm", _export(b, b["export"]))):
+        r = runner.run(cmd, argv)
+        assert r.returncode == 0, str(r)
+    # the Hugging Face front-end: a tiny GPT-2 saved as a model directory, its datastore and index
+    from .test_hf import WORDS, make_tokenizer, text, tiny as tiny_hf
+
+    tok = make_tokenizer(WORDS)
+    tiny_hf("gpt2", len(tok), seed=0).save_pretrained(root / "hf_model")
+    tok.save_pretrained(root / "hf_model")
+    (root / "hf_train.txt").write_text(text(40, 1))
+    (root / "hf_valid.txt").write_text(text(12, 2))
+    b.update(hf_model=str(root / "hf_model"), hf_train=str(root / "hf_train.txt"), hf_valid=str(root / "hf_valid.txt"),
+             hf_dstore=str(root / "hf_ds"), hf_index=str(root / "hf_ds.index"))
+    for cmd, argv in (("knnlm-hf", ["dump", *_hf(b, "--text", b["hf_train"], "--dstore-mmap", b["hf_dstore"])]),
+                      ("knnlm-build-index", [f"dstore_mmap={b['hf_dstore']}", f"faiss_index={b['hf_index']}",
+                                             "factory=Flat"])):
         r = runner.run(cmd, argv)
         assert r.returncode == 0, str(r)
     return b
