@@ -57,22 +57,22 @@ def name_max(folder):
         return 255
 
 
-def check_names(paths, what):
-    """Refuse, before any work, a target whose name or a name derived from it (PATH.tmpPID...,
-    PATH.lock) would exceed the file system's limit: the write would otherwise fail at the end."""
+def check_names(paths, what, derived=".tmp9999999"):
+    """Refuse, before any work, a target whose name or a name derived from it (PATH.tmpPID...;
+    `derived`: the longest suffix added to it) would exceed the file system's limit: the write
+    would otherwise fail at the end."""
     for p in paths:
         folder = os.path.dirname(os.path.abspath(p))
         while folder and not os.path.isdir(folder):
             folder = os.path.dirname(folder)
         limit = name_max(folder or ".")
-        # The longest derived names: ".tmp" + a pid (up to 7 digits) + ".progress.json"-like suffixes
-        longest = len(os.path.basename(os.path.normpath(p)).encode()) + len(".tmp9999999.progress.json")
+        base = os.path.basename(os.path.normpath(p))
+        longest = len(base.encode()) + len(derived.encode())
         if longest > limit:
             raise ConfigError(
-                f"{what}: the name {os.path.basename(os.path.normpath(p))!r} is too long: with the suffixes of the "
-                f"files written beside it ({os.path.basename(os.path.normpath(p))}.tmpPID.progress.json, ...) it "
-                f"needs {longest} bytes and the file system allows {limit}; choose a name at least "
-                f"{longest - limit} bytes shorter")
+                f"{what}: the name {base!r} is too long: with the suffixes of the files written beside it "
+                f"({base}{derived.replace('9999999', 'PID')}) it needs {longest} bytes and the file system "
+                f"allows {limit}; choose a name at least {longest - limit} bytes shorter")
 
 
 def _remove_quietly(path):

@@ -137,7 +137,7 @@ def check_target(plan):
     mpath = meta_path(path)
     # The longest names derived from INDEX (INDEX.progress.json.tmpPID) must fit: found now,
     # not after training.
-    check_names([path], f"index {path}")
+    check_names([path], f"index {path}", derived=".progress.json.tmp9999999")
     meta = refuse_to_replace(mpath, plan.overwrite, lambda meta: (
         f"a complete index already exists at {path} (built {meta.get('built', '?')} from "
         f"{meta.get('datastore', '?')}); pass overwrite=true (--overwrite) to replace it, "

@@ -111,7 +111,8 @@ class DatastoreWriter:
         self.keys = self.vals = None
         self.output = None
         self.sketch = TokenSketch()
-        check_names([self.files["keys"], self.files["meta"], *self.side_files.values()], f"datastore {prefix}")
+        check_names([self.files["keys"], self.files["meta"], *self.side_files.values()], f"datastore {prefix}",
+                    derived=".tmp9999999.npy")
         try:
             # One writer per prefix: a second dump to it at once is refused by name.
             self.lock = WriteLock(prefix, f"datastore {prefix}").acquire()
