@@ -93,6 +93,9 @@ def _hashes(record):
     """The sorted uint64 hashes of a recorded sketch, or None if the record is not one."""
     if not isinstance(record, dict) or record.get("algo") != ALGO or not isinstance(record.get("hashes"), list):
         return None
+    n, k = record.get("ngram"), record.get("k")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 1 << 20 for x in (n, k)):
+        return None  # damaged: treated as no record (the check says it could not be done)
     try:
         return np.unique(np.asarray(record["hashes"], dtype=np.uint64))
     except (TypeError, ValueError, OverflowError):
