@@ -18,6 +18,8 @@ def write_json_atomic(path, obj):
     """Write then rename, so a reader never sees half a metadata file (the temporary name is
     removed if the write fails; a full disk is a DiskSpaceError)."""
     tmp = f"{path}.tmp{os.getpid()}"
+    for p in stale_temporaries(path):  # a killed earlier write's
+        _remove_quietly(p)
     try:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True, default=str)
@@ -111,16 +113,22 @@ def _split_ext(path):
 
 
 def stale_temporaries(path):
-    """Temporary names of PATH left by processes that are gone (a killed or interrupted run)."""
+    """Temporary names of PATH left by processes that are gone (a killed or interrupted run):
+    NAME.tmpPID.EXT (AtomicOutput) and PATH.tmpPID (write_json_atomic, earlier versions)."""
     root, ext = _split_ext(path)
+    path = os.path.normpath(str(path))
     found = []
-    for p in glob.glob(f"{glob.escape(root)}.tmp[0-9]*{glob.escape(ext)}"):
-        pid = os.path.basename(p)[len(os.path.basename(root)) + 4:]
-        pid = pid[:len(pid) - len(ext)] if ext else pid
-        if pid.isdigit() and not pid_alive(pid):
-            found.append(p)
+    for pattern, head, tail in ((f"{glob.escape(root)}.tmp[0-9]*{glob.escape(ext)}", root, ext),
+                                (f"{glob.escape(path)}.tmp[0-9]*", path, "")):
+        for p in glob.glob(pattern):
+            pid = p[len(head) + 4:]
+            pid = pid[:len(pid) - len(tail)] if tail else pid
+            if pid.isdigit() and not pid_alive(pid) and p not in found:
+                found.append(p)
     return found
 
+
+# --------------------------------------------------------------------------- writers in progress
 
 class AtomicOutput:
     """The files (or folders) of one artefact, written under temporary names beside their
