@@ -23,6 +23,10 @@ from knnlm.cache import check_cache_options
 from knnlm.dump import DumpSession
 from knnlm.errors import ConfigError, KNNLMError
 from knnlm.evaluation import Evaluation, check_model
+from knnlm.lifecycle import end_process
+from knnlm.memorisation import check_memorisation
+
+from .memorisation import split_tokens
 
 from .config import KNNLMConfig, option_groups
 from .hooks import KEYTYPES
@@ -45,20 +49,9 @@ def _checkpoint_path():
 
 
 def _excepthook(kind, value, tb, _default=sys.excepthook):
-    if isinstance(value, KNNLMError):
-        sys.stderr.write(f"{value.__class__.__name__}: {value}\n")
-        # Exit now, with fairseq's status for a failed run: tearing the interpreter down with
-        # FAISS/OpenMP and recompute threads still alive could abort ("terminate called
-        # without an active exception", exit 134) after the message.
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001 - a closed stream must not hide the exit status
-                pass
-        logging.shutdown()
-        os._exit(1)
-    else:
-        _default(kind, value, tb)
+    # Our errors and SIGINT/SIGTERM: one line, unfinished files removed, exit at once (knnlm.lifecycle).
+    end_process(value, "fairseq-eval-lm")
+    _default(kind, value, tb)
 
 
 class _InfScoresFilter(logging.Filter):
@@ -205,7 +198,10 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         a = self.args
         identity = self._identity(model)
         ev = self._scorer.evaluation
-        ev.knn.retriever.datastore.check_split(self._split, a.data, allow_same_split=a.knn_allow_same_split)
+        datastore = ev.knn.retriever.datastore
+        datastore.check_split(self._split, a.data, allow_same_split=a.knn_allow_same_split)
+        check_memorisation(datastore, split_tokens(self, self._split), allow=a.knn_allow_same_split,
+                           what=f"split '{self._split}' of {a.data}")
         ev.start(identity, meta={"split": self._split, "context_window": self._context_window})
         return identity
 

@@ -20,9 +20,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .artefacts import write_json_atomic
 from .errors import ConfigError
-from .offline.rescoring import parse_lambdas, parse_temperatures
+from .offline.rescoring import parse_lambdas, parse_temperatures, write_outputs
 from .scoring import check_lambda, continuous_cache_log_probs
 
 
@@ -64,9 +63,12 @@ class CacheGrid:
                          "best_lambda": self.lambdas[j], "best_theta": self.thetas[i], "best_ppl": float(ppl[i, j])}
         return out
 
-    def write(self, path, meta=None):
+    def write(self, path, meta=None, overwrite=False):
+        """Write the grid as JSON (knnlm.offline.rescoring.write_outputs: a file this library did
+        not write is replaced only with overwrite, and only once the new one is whole)."""
         r = dict(self.result(), **(meta or {}), complete=True)
-        write_json_atomic(path, r)
+        write_outputs(path, lambda: r, None, None, prog=f"--cache-grid-json {path}", overwrite=overwrite,
+                      announce=False, option="--overwrite (or choose another --cache-grid-json path)")
         what = {"lm": "LM + cache", "knn": "kNN-LM + cache"}
         return [f"cache grid ({what[b]}, {self.tokens} tokens): best lambda={r[b]['best_lambda']}, "
                 f"theta={r[b]['best_theta']}, perplexity {r[b]['best_ppl']:.4f}; grid in {path}" for b in self.bases]

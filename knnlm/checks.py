@@ -20,6 +20,33 @@ from .index import load_index, read_index_meta
 from .store import open_datastore
 
 
+def byte_order(store):
+    """(ok, 'byte order', detail): the keys' and values' byte order (a datastore opens only in native order)."""
+    parts = store.shards if hasattr(store, "shards") else [store]
+    orders = set()
+    for s in parts:
+        for a in (s.keys, s.vals):
+            if a is not None:
+                orders.add("little" if a.dtype.byteorder == "<" or (a.dtype.byteorder in "=|" and sys.byteorder == "little")
+                           else "big")
+    ok = orders <= {sys.byteorder}
+    return ok, "byte order", f"{'/'.join(sorted(orders)) or '?'}-endian keys and values (this machine: {sys.byteorder}-endian)"
+
+
+def text_fingerprint(store):
+    """(True, 'text fingerprint', detail): the dumped text's fingerprint (knnlm.memorisation), or
+    that none is recorded (a datastore dumped before: memorisation by content cannot be checked)."""
+    from .memorisation import datastore_sketch
+
+    sketch = datastore_sketch(store)
+    if sketch is None:
+        return True, "text fingerprint", ("none recorded (dumped before this version): scoring the text it was "
+                                          "dumped from cannot be caught by content")
+    digest = format(int(sketch["hashes"][0]), "016x") if len(sketch["hashes"]) else "empty"
+    return True, "text fingerprint", (f"bottom-{sketch['k']} MinHash of its {sketch['ngram']}-token n-grams, "
+                                      f"{len(sketch['hashes']):,} hashes (smallest {digest})")
+
+
 class Report:
     """Prints one line per check and counts the failures."""
 
@@ -41,6 +68,8 @@ def check_artefacts(report, prefix, indexfile=None, *, allow_index_without_finge
         return None
     m = store.meta
     report.line(True, "datastore", f"{store.prefix}: complete, {store.size:,} entries, dim {store.dim}, {m.get('keytype')} keys")
+    report.line(*byte_order(store))
+    report.line(*text_fingerprint(store))
     try:
         store.check_values(m.get("dict_size") or np.iinfo(np.int64).max)
         report.line(True, "values in dictionary", f"all {store.size:,} values < {m.get('dict_size')}")

@@ -62,11 +62,26 @@ def compose(name, overrides=(), known=None):
             msg = f"unknown setting '{m[1]}'" + (f" (known: {', '.join(known)})" if known else "")
         elif "Ambiguous value" in msg:
             msg += "; quote values that hold commas, e.g. \"factory='IVF4096,PQ64'\""
+        elif "LexerNoViableAlt" in msg or "mismatched input" in msg or "no viable alternative" in msg:
+            msg = _grammar_hint(overrides, msg)
         raise ConfigError(msg) from None
     finally:
         base.version_base = saved_base
         if saved is not None:
             GlobalHydra.instance().hydra = saved
+
+
+def _grammar_hint(overrides, msg):
+    """Hydra's parser error for a key=value whose value holds spaces with other special
+    characters, rewritten to name the setting and the fix."""
+    special = re.compile(r"[\s!()\[\]{}=,<>\\\"]")
+    bad = [o for o in overrides if special.search(o.partition("=")[2]) and not re.match(r"^[^=]+=(['\"]).*\1$", o)]
+    if not bad:
+        return f"cannot read the settings ({msg})"
+    key, _, value = bad[0].partition("=")
+    quoted = value.replace("\\", "\\\\").replace("'", "\\'")
+    return (f"cannot read the setting {bad[0]!r}: a value with spaces or characters such as ! ( ) [ ] = , "
+            f"must be quoted: \"{key}='{quoted}'\" (or pass --{key} VALUE)")
 
 
 def load_yaml(path, overrides=()):

@@ -28,3 +28,15 @@ class ConfigError(KNNLMError, ValueError):
 
 class DiskSpaceError(KNNLMError, OSError):
     """Not enough free disk for what is about to be written."""
+
+
+class MemorisationError(MismatchError):
+    """Scoring the text the datastore was dumped from: the perplexity would measure memorisation."""
+
+
+class InputError(KNNLMError, ValueError):
+    """Tensors handed to the Python API that cannot be what it asks for (knnlm.validation)."""
+
+
+class OutputExistsError(ConfigError):
+    """An output path already holds something the command may replace only with --overwrite."""

@@ -161,7 +161,7 @@ class Evaluation:
             meta = {"keytype": self.cache.keytype, "cache_size": self.cache.size,
                     "include_context": self.cache.include_context,
                     "knn_lmbda": self.knn.lmbda if self.knn is not None else None, **(grid_meta or {})}
-            lines += self.cache.grid.write(self.cache.grid_json, meta=meta)
+            lines += self.cache.grid.write(self.cache.grid_json, meta=meta, overwrite=self.overwrite)
         if self.knn is not None:
             self.knn.close()
         return lines

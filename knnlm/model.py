@@ -18,6 +18,7 @@ import torch
 from .errors import ConfigError
 from .retrieval.base import Context, Neighbors
 from .scoring import check_lambda, check_temperature, interpolate, knn_full_log_probs, knn_log_prob, neighbor_scores
+from .validation import check_distribution, check_k, check_score_inputs, vocab_of
 
 
 @dataclasses.dataclass
@@ -71,6 +72,7 @@ class KNNLM:
     def __init__(self, retriever, *, lmbda=0.25, temperature=1.0):
         check_lambda(lmbda)
         check_temperature(temperature)
+        check_k(getattr(retriever, "k", 1), "the retriever's k")
         self.retriever, self.lmbda, self.temperature = retriever, float(lmbda), float(temperature)
         self.tally = Tally()
         ds = retriever.datastore
@@ -146,6 +148,7 @@ class KNNLM:
         positions its perplexity leaves out, fairseq's --add-bos-token, passes one), False for
         none (the caller mixes in more, a cache say, and counts the result itself with `count`).
         """
+        check_score_inputs(queries, targets, lp_lm, vocab_of(self.retriever))  # knnlm.validation: named errors
         if "targets" in self.needs:
             context = dataclasses.replace(context or Context(), targets=targets)
         neighbors = self.retrieve(queries, context, nearest_first=nearest_first)
@@ -169,6 +172,7 @@ class KNNLM:
 
         The LM's features a strategy reads (adaptive retrieval) come from `lm_log_probs` itself
         when the context does not hold them."""
+        check_distribution(queries, lm_log_probs, vocab_of(self.retriever))  # knnlm.validation: named errors
         if "lm_features" in self.needs and (context is None or context.lm_features is None):
             from .retrieval.adaptive.features import lm_features
 

@@ -169,7 +169,7 @@ def test_disk_space_checked_up_front_and_on_write_failure(tmp_path, monkeypatch)
 
     w = DatastoreWriter(prefix, 4, keytype="last_ffn_input", dict_size=10, dict_fingerprint="d", overwrite=True)
     monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(DiskSpaceError, match="No space left.*marked incomplete"):
+    with pytest.raises(DiskSpaceError, match="No space left.*nothing complete was replaced"):
         w.add(np.zeros((10**6, 4)), np.zeros(10**6, dtype=int))
     monkeypatch.undo()
     w.abandon()

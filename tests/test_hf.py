@@ -291,7 +291,8 @@ def test_dump_rows_and_eval_at_lambda_0_follow_the_guide(setup, capsys, tmp_path
     build_index(str(prefix), str(tmp_path / "flat.index"), "Flat")
     rc, out, err = run(capsys, "eval", "--model", setup.mdir, "--text", setup.root / "valid.txt", "--max-length",
                        max_length, "--stride", stride, "--knnlm", "--dstore-filename", prefix, "--indexfile",
-                       tmp_path / "flat.index", "--k", 4, "--lmbda", 0, "--json", tmp_path / "l0.json")
+                       tmp_path / "flat.index", "--k", 4, "--lmbda", 0, "--json", tmp_path / "l0.json",
+                       "--knn-allow-same-split")  # the dumped text itself: allowed here, refused otherwise
     assert rc == 0, err
     l0 = json.loads((tmp_path / "l0.json").read_text())
     assert l0["ppl"] == pytest.approx(guide_ppl, rel=1e-5) and l0["base_ppl"] == pytest.approx(guide_ppl, rel=1e-5)
@@ -514,3 +515,16 @@ def test_the_hf_front_end_imports_no_fairseq():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             assert not any(n.split(".")[0] in ("fairseq", "fairseq_cli", "fairseq_plugins") for n in names), path
+
+
+def test_eval_of_the_text_the_datastore_was_dumped_from_is_refused_by_content(setup, capsys, small_store):
+    """knnlm-hf eval had no same-text check (issue 29): the dumped text scored 63.82 -> 24.43."""
+    prefix, index = small_store
+    base = ["eval", "--model", setup.mdir, "--max-length", 24, "--stride", 12, "--knnlm", "--dstore-filename", prefix,
+            "--indexfile", index, "--k", 4]
+    rc, _, err = run(capsys, *base, "--text", setup.root / "train.txt")
+    assert rc == 2 and err.startswith(f"knnlm-hf: error: text {setup.root / 'train.txt'} is the text datastore"), err
+    assert "--knn-allow-same-split" in err
+    rc, out, _ = run(capsys, *base, "--text", setup.root / "train.txt", "--knn-allow-same-split")
+    assert rc == 0 and "kNN-LM perplexity" in out
+    assert run(capsys, *base, "--text", setup.root / "valid.txt")[0] == 0

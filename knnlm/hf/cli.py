@@ -15,7 +15,6 @@ meanings. Errors print `knnlm-hf: error: ...` and exit 2.
 """
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -27,12 +26,15 @@ import torch
 from knnlm import Context, DumpSession, options
 from knnlm.cache import CacheBatch
 from knnlm.checks import Replay, Report, check_artefacts, finish
-from knnlm.cli import progress, run_guarded
+from knnlm.cli import progress
 from knnlm.errors import ConfigError, KNNLMError
 from knnlm.evaluation import Evaluation, check_model
 from knnlm.retrieval.adaptive import lm_features
 from knnlm.retrieval.factory import build
 from knnlm.retrieval.registry import load_from_argv
+from knnlm.lifecycle import run_main
+from knnlm.memorisation import check_memorisation
+from knnlm.offline.rescoring import write_outputs
 
 from .hooks import break_into
 from .identity import model_identity
@@ -178,6 +180,9 @@ def cmd_eval(args):
                                  cache_opts, keytype=args.knn_keytype, overwrite=args.overwrite)
     model, tokenizer = load_model(args)
     ids = read_tokens(args.text, tokenizer)
+    if ev.knn is not None:  # the text the datastore was dumped from is refused (knnlm.memorisation)
+        check_memorisation(ev.knn.retriever.datastore, ids.numpy(), allow=args.knn_allow_same_split,
+                           what=f"text {args.text}")
     wins, max_length, stride = text_windows(args, model, len(ids))
     ev.start(model_identity(model, tokenizer), meta={
         "frontend": PROG, "model": args.model, "text": os.path.abspath(args.text), "max_length": max_length,
@@ -219,8 +224,7 @@ def cmd_eval(args):
         if ev.knn is not None:
             knn = ev.knn
             result.update(k=knn.k, lmbda=knn.lmbda, temperature=knn.temperature, sim_func=knn.sim_func)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_outputs(args.json, lambda: result, None, None, prog=PROG, overwrite=args.overwrite, announce=False)
     return 0
 
 
@@ -414,7 +418,7 @@ def main(argv=None):
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
-    return run_guarded(PROG, lambda: args.run(args))
+    return run_main(PROG, lambda: args.run(args))  # knnlm.lifecycle: errors and SIGINT/SIGTERM as one line
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 
 from ..artefacts import WriteLock
 from ..errors import ConfigError, CorruptError, KNNLMError
+from ..lifecycle import run_main
 from . import sharded_build
 from .faiss_utils import maybe_to_gpu, save_index, set_threads
 from .plan import CONFIG_NAME, FIELDS, load_config, make_plan
@@ -164,16 +165,8 @@ def main(argv=None):
         print(USAGE)
         return 0
     setup_logging()
-    try:
-        build_index(load_config(argv_to_overrides(argv)))
-    except KNNLMError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; run the same command again to resume from the last saved chunk",
-              file=sys.stderr)
-        return 130
-    return 0
+    return run_main(PROG, lambda: build_index(load_config(argv_to_overrides(argv))) and None,
+                    again="Run the same command again to resume from the last saved chunk")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,15 @@ def save_index(index, path):
 
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        faiss.write_index(to_cpu(index), tmp)
+        try:
+            faiss.write_index(to_cpu(index), tmp)
+        except RuntimeError as e:  # FAISS's word for a failed write (a full disk, a size limit)
+            from ..errors import DiskSpaceError
+
+            detail = str(e).strip().splitlines()[-1] if str(e).strip() else "write failed"
+            raise DiskSpaceError(f"{path}: FAISS could not write it ({detail}): the disk is full, a file-size "
+                                 f"limit was reached or the place is not writable. Free space or write "
+                                 f"elsewhere, then run the same command again") from None
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -2,6 +2,7 @@
 sharded one (knnlm.index.sharded_build): sample and train, add rows, checkpoint, finalize."""
 
 import glob
+import json
 import logging
 import os
 import sys
@@ -11,7 +12,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import provenance
-from ..artefacts import file_checksum, read_json_or_none, refuse_to_replace, write_json_atomic
+from ..artefacts import (AtomicOutput, check_names, file_checksum, read_json_or_none, refuse_to_replace, write_error,
+                         write_json_atomic)
 from ..errors import ConfigError, CorruptError, DiskSpaceError, KNNLMError
 from ..store.npy import free_bytes
 from .faiss_utils import TrainingProgress, maybe_to_gpu, save_index, to_cpu
@@ -133,6 +135,9 @@ def check_target(plan):
     """Refuse to replace a complete index (or a foreign file) at INDEX unless overwrite=true."""
     path = plan.index_path
     mpath = meta_path(path)
+    # The longest names derived from INDEX (INDEX.progress.json.tmpPID) must fit: found now,
+    # not after training.
+    check_names([path], f"index {path}", derived=".progress.json.tmp9999999")
     meta = refuse_to_replace(mpath, plan.overwrite, lambda meta: (
         f"a complete index already exists at {path} (built {meta.get('built', '?')} from "
         f"{meta.get('datastore', '?')}); pass overwrite=true (--overwrite) to replace it, "
@@ -229,26 +234,15 @@ def retire_old_index(index_path):
         write_json_atomic(mpath, meta)
 
 
-def finalize(plan, index, *, train_seconds, add_seconds, rows_added, extra_meta, leftovers=(),
-             resumed_from=None, t_start=None, moves=()):
-    """Write INDEX then INDEX.meta.json (complete), remove leftovers, print and return the summary.
+def faiss_write_error(e, path):
+    """FAISS reports a failed write (a full disk, a file-size limit) as a RuntimeError."""
+    detail = str(e).strip().splitlines()[-1] if str(e).strip() else e.__class__.__name__
+    return DiskSpaceError(f"index {path}: FAISS could not write it ({detail}): the disk is full, a file-size "
+                          f"limit was reached or the place is not writable; the old index is unchanged. Free "
+                          f"space or write elsewhere, then run the same command again (it resumes)")
 
-    The new index is written whole under a temporary name first: a build failing here leaves
-    the old index as it was."""
-    import faiss
 
-    tmp = f"{plan.index_path}.tmp{os.getpid()}"
-    try:
-        faiss.write_index(to_cpu(index), tmp)
-        checksum = file_checksum(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    retire_old_index(plan.index_path)
-    for src, dst in moves:  # e.g. the new .ivfdata of an on-disk index
-        os.replace(src, dst)
-    os.replace(tmp, plan.index_path)
+def _index_meta(plan, index, checksum, train_seconds, add_seconds, extra_meta, out):
     ds = plan.datastore
     meta = {
         "format_version": INDEX_FORMAT_VERSION,
@@ -280,8 +274,44 @@ def finalize(plan, index, *, train_seconds, add_seconds, rows_added, extra_meta,
     }
     if meta["ondisk"] and meta.get("ivfdata"):
         meta["ivfdata_checksum"] = file_checksum(
-            os.path.join(os.path.dirname(os.path.abspath(plan.index_path)), meta["ivfdata"]))
-    write_json_atomic(meta_path(plan.index_path), meta)
+            out.path(os.path.join(os.path.dirname(plan.index_path), meta["ivfdata"])))
+    return meta
+
+
+def finalize(plan, index, *, train_seconds, add_seconds, rows_added, extra_meta, leftovers=(),
+             resumed_from=None, t_start=None, moves=()):
+    """Write INDEX then INDEX.meta.json (complete), remove leftovers, print and return the summary.
+
+    The new index is written whole under a temporary name first: a build failing here leaves
+    the old index as it was."""
+    import faiss
+
+    mpath = meta_path(plan.index_path)
+    # check_target refused what may not be replaced; every new file is written under a
+    # temporary name and renamed into place only once all are whole (AtomicOutput).
+    out = AtomicOutput([dst for _, dst in moves] + [plan.index_path, mpath], what=f"index {plan.index_path}",
+                       overwrite=True).begin()
+    try:
+        try:
+            faiss.write_index(to_cpu(index), out.path(plan.index_path))
+        except RuntimeError as e:
+            raise faiss_write_error(e, plan.index_path) from None
+        checksum = file_checksum(out.path(plan.index_path))
+        for src, dst in moves:  # e.g. the new .ivfdata of an on-disk index
+            os.replace(src, out.path(dst))
+        meta = _index_meta(plan, index, checksum, train_seconds, add_seconds, extra_meta, out)
+        with open(out.path(mpath), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True, default=str)
+        out.commit(before=lambda: retire_old_index(plan.index_path))
+    except OSError as e:
+        out.abort()
+        raise e if isinstance(e, KNNLMError) else write_error(e, plan.index_path, f"index {plan.index_path}",
+                                                               kept="the old index is unchanged") from None
+    finally:
+        out.abort()  # after a commit: nothing left to remove
+        for src, _ in moves:
+            if os.path.exists(src):
+                os.remove(src)
     for p in [plan.trained_path, plan.partial_path, plan.progress_path, *leftovers]:
         if os.path.exists(p):
             os.remove(p)

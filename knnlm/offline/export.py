@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from .. import provenance
-from ..artefacts import WriteLock, check_schema, is_complete, read_json, read_json_or_none, refuse_to_replace, write_json_atomic
+from ..artefacts import (AtomicOutput, WriteLock, check_schema, is_complete, read_json, read_json_or_none, refuse_to_replace,
+                         register_cleanup, unregister_cleanup, write_error, write_json_atomic)
 from ..errors import ConfigError, CorruptError, IncompleteError, KNNLMError
 from ..scoring import SIM_FUNCS, check_lambda, check_temperature, knn_log_prob, neighbor_scores
 from ..store.npy import GrowingNpy
@@ -149,6 +150,8 @@ class ExportWriter:
             raise
         self._files = None  # name -> GrowingNpy, created by the first add()
         self._done = False
+        # An interrupt or an uncaught error abandons the export (its temporaries and lock go).
+        register_cleanup(("export", id(self)), self.abandon)
 
     def _prepare(self, overwrite):
         """Refuse to touch data that is not our own unfinished export (unless overwrite); decide
@@ -300,25 +303,50 @@ class ExportWriter:
             raise ConfigError(f"export metadata keys {sorted(clash)} are reserved for the export itself")
         if self._files is None:  # nothing was added: an empty export, still a valid one
             self._open(["lp_lm", "lp_knn", "targets"], None)
-        for f in self._files.values():
-            f.close()
+        try:
+            for f in self._files.values():
+                f.close()
+        except BaseException as e:
+            self.abandon()
+            if isinstance(e, OSError) and not isinstance(e, KNNLMError):
+                raise write_error(e, self.path, f"export {self.path}") from None
+            raise
         self._done = True
         self.meta.update(extra_meta or {})
         self.meta.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         meta_path = os.path.join(self.path, META)
-        if self.replacing:
-            # The old export stayed whole until now: mark it incomplete, move the new arrays in
-            # (dropping old arrays the new export lacks), then the new metadata.
-            old = read_json_or_none(meta_path) or {}
-            write_json_atomic(meta_path, {**old, "complete": False, "being_replaced": self.meta["finished"]})
-            for name in FILES:
-                src, dst = os.path.join(self.write_dir, f"{name}.npy"), os.path.join(self.path, f"{name}.npy")
-                if name in self._files:
-                    os.replace(src, dst)
-                elif os.path.exists(dst):
-                    os.remove(dst)
-            shutil.rmtree(self.write_dir, ignore_errors=True)
-        write_json_atomic(meta_path, self.meta)
+        try:
+            if self.replacing:
+                # The old export stayed whole until now. The new metadata is written whole
+                # beside the new arrays first; then (AtomicOutput.commit) the old is marked
+                # incomplete, old arrays the new export lacks are dropped, the new arrays move
+                # in and the metadata last: renames only, which a full disk cannot stop.
+                write_json_atomic(os.path.join(self.write_dir, META), self.meta)
+                targets = [os.path.join(self.path, f"{name}.npy") for name in self._files] + [meta_path]
+                output = AtomicOutput(targets, what=f"export {self.path}", overwrite=True).begin()
+                output.temps = {t: os.path.join(self.write_dir, os.path.basename(t)) for t in targets}
+
+                def retire_old():
+                    old = read_json_or_none(meta_path) or {}
+                    write_json_atomic(meta_path, {**old, "complete": False, "being_replaced": self.meta["finished"]})
+                    for name in FILES:
+                        dst = os.path.join(self.path, f"{name}.npy")
+                        if name not in self._files and os.path.exists(dst):
+                            os.remove(dst)
+
+                output.commit(before=retire_old)
+                shutil.rmtree(self.write_dir, ignore_errors=True)
+            else:
+                write_json_atomic(meta_path, self.meta)
+        except OSError as e:
+            self._done = False
+            self.abandon()
+            raise e if isinstance(e, KNNLMError) else write_error(e, self.path, f"export {self.path}") from None
+        except BaseException:
+            self._done = False
+            self.abandon()
+            raise
+        unregister_cleanup(("export", id(self)))
         self.lock.release()
         return self.meta
 
@@ -331,6 +359,7 @@ class ExportWriter:
         if not self._done and self.replacing:
             shutil.rmtree(self.write_dir, ignore_errors=True)
         self._done = True
+        unregister_cleanup(("export", id(self)))
         self.lock.release()
 
 

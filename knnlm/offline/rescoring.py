@@ -1,12 +1,13 @@
 """Re-scoring shared by knnlm-tune and the sweeps: perplexity from per-token log-probabilities,
 the consistency check of an export, the lambda/temperature grids, and writing results."""
 
+import json
 import math
 
 import numpy as np
 import torch
 
-from ..artefacts import write_json_atomic
+from ..artefacts import AtomicOutput
 from ..errors import ConfigError, CorruptError, KNNLMError
 from ..scoring import check_lambda, check_temperature, interpolate
 
@@ -114,13 +115,46 @@ def json_safe(x):
     return None if isinstance(x, float) and math.isinf(x) else x
 
 
-def write_outputs(json_path, result_json, plot_path, plot):
-    """Write the --json and --plot files a command was asked for, naming each."""
-    for path, write in ((json_path, lambda p: write_json_atomic(p, result_json())),
-                        (plot_path, plot)):
-        if path:
-            try:
-                write(path)
-            except OSError as e:
-                raise KNNLMError(f"cannot write {path}: {e.strerror or e}") from None
-            print(f"wrote {path}")
+# A result this library wrote says so: a JSON field, a PNG text chunk (matplotlib's metadata).
+WRITTEN_BY = "knnlm"
+PNG_METADATA = {"Software": WRITTEN_BY}
+
+
+def written_by_us(path):
+    """Whether the file at `path` is a result (JSON or PNG) one of our commands wrote: only such
+    a file is replaced without --overwrite."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    if head.startswith(b"\x89PNG"):
+        return b"Software\x00" + WRITTEN_BY.encode() in head
+    try:
+        obj = json.loads(head.decode()) if len(head) < (1 << 16) else json.load(open(path))
+    except (ValueError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(obj, dict) and str(obj.get("written_by", "")).startswith(WRITTEN_BY)
+
+
+def write_outputs(json_path, result_json, plot_path, plot, *, prog="knnlm", overwrite=False, announce=True,
+                  option="--overwrite"):
+    """Write the --json and --plot files a command was asked for, naming each: under temporary
+    names, moved into place together once both are whole. A file already there is replaced only
+    if one of our commands wrote it (its own earlier result), or with --overwrite."""
+    targets = [p for p in (json_path, plot_path) if p]
+    if not targets:
+        return
+    output = AtomicOutput(targets, what=prog, overwrite=overwrite, replaceable=written_by_us, option=option,
+                          describe_existing=lambda p: f"{p} already exists and is not a result this library wrote",
+                          make_dirs=False)
+    with output:
+        if json_path:
+            obj = {**result_json(), "written_by": f"{WRITTEN_BY} ({prog})"}
+            with open(output.path(json_path), "w") as f:
+                json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        if plot_path:
+            plot(output.path(plot_path))
+        output.commit()
+    for path in targets if announce else ():
+        print(f"wrote {path}")

@@ -11,14 +11,16 @@ is written last: a file of another datastore, or an incomplete one, is refused b
 """
 
 import argparse
+import json
 import os
 import sys
 
 import numpy as np
 from tqdm import tqdm
 
-from ..artefacts import read_json, write_json_atomic
-from ..errors import ConfigError, CorruptError, IncompleteError, KNNLMError, MismatchError
+from ..artefacts import AtomicOutput, read_json
+from ..errors import ConfigError, CorruptError, IncompleteError, MismatchError
+from ..lifecycle import run_main
 
 BLOCK_ROWS = 1 << 16
 
@@ -34,36 +36,38 @@ def cluster_datastore(prefix, out, n_clusters, *, sample=200_000, niter=20, seed
     from ..store.datastore import Datastore
 
     ds = Datastore.open(str(prefix))
-    if not 1 <= n_clusters <= min(sample, ds.size):
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) or \
+            not 1 <= n_clusters <= min(sample, ds.size):
         raise ConfigError(f"--clusters must lie in [1, {min(sample, ds.size):,}] (the keys sampled), got {n_clusters}")
-    if os.path.exists(meta_path(out)) and not overwrite:
-        raise ConfigError(f"{out} already holds clusters; pass --overwrite to replace them")
-    rng = np.random.default_rng(seed)
-    n = min(sample, ds.size)
-    rows = np.sort(rng.choice(ds.size, size=n, replace=False))
-    x = np.ascontiguousarray(np.asarray(ds.gather_keys(rows), dtype=np.float32))
-    km = faiss.Kmeans(ds.dim, int(n_clusters), niter=int(niter), seed=int(seed), verbose=False)
-    km.train(x)
-    del x
-    if os.path.exists(meta_path(out)):
-        os.remove(meta_path(out))  # incomplete from here until the new metadata is written
-    tmp = f"{out}.tmp{os.getpid()}.npy"
-    ids = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(ds.size,))
-    try:
+    if os.path.abspath(out) in {os.path.abspath(p) for p in (f"{prefix}_keys.npy", f"{prefix}_vals.npy", f"{prefix}_meta.json")}:
+        raise ConfigError(f"OUT {out} is a file of the datastore {prefix} itself; choose another path")
+    # Both files are written under temporary names and moved into place only once whole: an
+    # existing OUT (any file) is replaced only with --overwrite, and even then not before.
+    output = AtomicOutput([out, meta_path(out)], what=f"RetoMaton clusters {out}", overwrite=overwrite,
+                          describe_existing=lambda p: (f"{out} already holds clusters" if os.path.exists(meta_path(out))
+                                                       else f"{p} already exists and is not a clusters file of "
+                                                            f"this command (another tool's file, or a datastore's)"))
+    with output:
+        rng = np.random.default_rng(seed)
+        n = min(sample, ds.size)
+        rows = np.sort(rng.choice(ds.size, size=n, replace=False))
+        x = np.ascontiguousarray(np.asarray(ds.gather_keys(rows), dtype=np.float32))
+        km = faiss.Kmeans(ds.dim, int(n_clusters), niter=int(niter), seed=int(seed), verbose=False)
+        km.train(x)
+        del x
+        ids = np.lib.format.open_memmap(output.path(out), mode="w+", dtype=np.int32, shape=(ds.size,))
         for s in tqdm(range(0, ds.size, BLOCK_ROWS), desc="assigning entries to clusters", unit="block"):
             keys = np.ascontiguousarray(np.asarray(ds.keys[s:s + BLOCK_ROWS], dtype=np.float32))
             ids[s:s + len(keys)] = km.index.search(keys, 1)[1][:, 0]
         ids.flush()
         del ids
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    meta = {"kind": "retomaton-clusters", "method": "kmeans", "datastore": os.path.abspath(ds.prefix),
-            "datastore_fingerprint": ds.fingerprint, "size": int(ds.size), "clusters": int(n_clusters),
-            "sample": int(n), "niter": int(niter), "seed": int(seed), "complete": True}
-    write_json_atomic(meta_path(out), meta)
+        meta = {"kind": "retomaton-clusters", "method": "kmeans", "datastore": os.path.abspath(ds.prefix),
+                "datastore_fingerprint": ds.fingerprint, "size": int(ds.size), "clusters": int(n_clusters),
+                "sample": int(n), "niter": int(niter), "seed": int(seed), "complete": True}
+        with open(output.path(meta_path(out)), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        # The old metadata goes first: a reader never pairs new ids with old metadata.
+        output.commit(before=lambda: os.path.exists(meta_path(out)) and os.remove(meta_path(out)))
     return meta
 
 
@@ -124,18 +128,17 @@ def main(argv=None):
     p.add_argument("--sample", type=int, default=200_000, help="keys sampled to train k-means (default %(default)s)")
     p.add_argument("--niter", type=int, default=20, help="k-means iterations (default %(default)s)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing clusters file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (only once the new one is whole)")
     a = p.parse_args(argv)
-    try:
-        meta = cluster_datastore(a.prefix, a.out, a.clusters, sample=a.sample, niter=a.niter, seed=a.seed,
-                                 overwrite=a.overwrite)
-    except KNNLMError as e:
-        print(f"knnlm-retomaton-cluster: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("knnlm-retomaton-cluster", lambda: _run(a))
+
+
+def _run(a):
+    meta = cluster_datastore(a.prefix, a.out, a.clusters, sample=a.sample, niter=a.niter, seed=a.seed,
+                             overwrite=a.overwrite)
     sizes = np.bincount(np.load(a.out), minlength=meta["clusters"])
     print(f"wrote {a.out}: {meta['size']:,} entries in {meta['clusters']:,} clusters (sizes: median "
           f"{int(np.median(sizes))}, max {int(sizes.max())}, empty {int((sizes == 0).sum())})")
-    return 0
 
 
 if __name__ == "__main__":

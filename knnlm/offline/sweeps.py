@@ -29,7 +29,8 @@ from ..errors import ConfigError, CorruptError
 from ..scoring import check_lambda, check_temperature, knn_log_prob, neighbor_scores
 from .export import load_export, same_temperature
 from ..cli import run_command
-from .rescoring import (DEFAULT_LAMBDAS, best_lambda, check_consistent, json_safe, parse_lambdas, write_outputs)
+from .rescoring import (DEFAULT_LAMBDAS, PNG_METADATA, best_lambda, check_consistent, json_safe, parse_lambdas,
+                        write_outputs)
 from .rescoring import perplexity as _perplexity_and_zeros
 
 
@@ -223,7 +224,7 @@ def plot_k(result, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata=PNG_METADATA)
 
 
 def plot_sizes(result, path):
@@ -248,7 +249,7 @@ def plot_sizes(result, path):
         a.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata=PNG_METADATA)
 
 
 def to_json(result):
@@ -271,6 +272,7 @@ def build_parser():
         q.add_argument("--lambdas", default=DEFAULT_LAMBDAS, help="grid for tuning lambda (default %(default)s)")
         q.add_argument("--plot", metavar="PNG")
         q.add_argument("--json", metavar="JSON")
+        q.add_argument("--overwrite", action="store_true", help="replace a --json/--plot file this library did not write")
     return p
 
 
@@ -285,7 +287,8 @@ def _run(args):
         result = sweep_sizes([load_export(d) for d in args.export_dir], args.lmbda, args.knn_temp, lambdas)
         print(report_sizes(result))
         plot = plot_sizes
-    write_outputs(args.json, lambda: to_json(result), args.plot, lambda p: plot(result, p))
+    write_outputs(args.json, lambda: to_json(result), args.plot, lambda p: plot(result, p), prog=args.prog,
+                  overwrite=args.overwrite)
 
 
 def main(argv=None):

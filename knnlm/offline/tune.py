@@ -19,7 +19,7 @@ import torch
 from ..errors import ConfigError, CorruptError
 from .export import load_export, lp_knn_grid, same_temperature
 from .rescoring import (DEFAULT_LAMBDAS, check_consistent, json_safe, parse_lambdas,  # noqa: F401
-                        parse_temperatures, perplexity, write_outputs)
+                        PNG_METADATA, parse_temperatures, perplexity, write_outputs)
 from ..cli import run_command
 
 DEFAULT_TABLE_LAMBDAS = "0,0.1,0.25,0.5,0.75,0.9,1"
@@ -143,7 +143,7 @@ def plot(result, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata=PNG_METADATA)
 
 
 def _colors(n):
@@ -212,6 +212,7 @@ def build_parser():
                    help="lambda columns of the printed table (default %(default)s)")
     p.add_argument("--plot", metavar="PNG", help="write perplexity vs lambda, one curve per temperature")
     p.add_argument("--json", metavar="JSON", help="write the best point and the whole grid")
+    p.add_argument("--overwrite", action="store_true", help="replace a --json/--plot file this library did not write")
     return p
 
 
@@ -221,7 +222,8 @@ def _run(args):
     temperatures = parse_temperatures(args.temperatures) if args.temperatures else None
     result = tune(load_export(args.export_dir), lambdas, temperatures)
     print(report(result, table_lambdas))
-    write_outputs(args.json, lambda: to_json(result), args.plot, lambda p: plot(result, p))
+    write_outputs(args.json, lambda: to_json(result), args.plot, lambda p: plot(result, p), prog=args.prog,
+                  overwrite=args.overwrite)
 
 
 def main(argv=None):

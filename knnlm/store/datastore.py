@@ -8,9 +8,11 @@ Layout for a prefix P (the original code's naming, so its commands still apply):
 Keys are never read into memory unless asked; `Datastore` hands out memory maps.
 """
 
+import errno
 import glob
 import mmap
 import os
+import sys
 import threading
 import time
 import uuid
@@ -19,8 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .. import provenance
-from ..artefacts import WriteLock, check_schema, is_complete, read_json, read_json_or_none, write_json_atomic
+from ..artefacts import (AtomicOutput, WriteLock, check_names, check_schema, is_complete, read_json, read_json_or_none,
+                         write_error, write_json_atomic)
 from ..errors import ConfigError, CorruptError, IncompleteError, KNNLMError, MismatchError
+from ..memorisation import TokenSketch
 from .npy import GrowingNpy
 
 FORMAT_VERSION = 1
@@ -88,24 +92,37 @@ def value_dtype(dict_size):
 
 
 class DatastoreWriter:
-    """Appends (key, value) rows; `finalize()` marks the datastore complete."""
+    """Appends (key, value) rows; `finalize()` marks the datastore complete.
+
+    side_files: names of files that belong to this datastore beside its keys and values
+    (prune's "weights.npy" -> PREFIX_weights.npy); write them at `side_path(name)`: they are
+    moved into place with the keys and values. Replacing a datastore (overwrite), everything
+    is written under temporary names (knnlm.artefacts.AtomicOutput) and nothing old changes
+    until the new datastore is complete.
+    """
 
     def __init__(self, prefix, dim, *, keytype, fp16=False, dict_size, dict_fingerprint,
-                 model_fingerprint=None, expected_size=None, overwrite=False, extra=None):
-        self.prefix = prefix
+                 model_fingerprint=None, expected_size=None, overwrite=False, extra=None, side_files=(),
+                 place="--dstore-mmap"):
+        self.prefix, self.place = prefix, place  # place: the option (or argument) that names the prefix
         self.files = paths(prefix)
+        self.side_files = {name: f"{prefix}_{name}" for name in side_files}
         self.expected_size = expected_size
         self.keys = self.vals = None
+        self.output = None
+        self.sketch = TokenSketch()
+        check_names([self.files["keys"], self.files["meta"], *self.side_files.values()], f"datastore {prefix}",
+                    derived=".tmp9999999.npy")
         try:
             # One writer per prefix: a second dump to it at once is refused by name.
             self.lock = WriteLock(prefix, f"datastore {prefix}").acquire()
         except OSError as e:
-            raise _unwritable(prefix, e) from None
+            raise _unwritable(prefix, e, self.place) from None
         try:
             self._start(dim, keytype, fp16, dict_size, dict_fingerprint, model_fingerprint, overwrite, extra)
         except OSError as e:
             self._cleanup()
-            raise e if isinstance(e, KNNLMError) else _unwritable(prefix, e) from None
+            raise e if isinstance(e, KNNLMError) else _unwritable(prefix, e, self.place) from None
         except BaseException:
             self._cleanup()
             raise
@@ -113,12 +130,16 @@ class DatastoreWriter:
     def _start(self, dim, keytype, fp16, dict_size, dict_fingerprint, model_fingerprint, overwrite, extra):
         prefix = self.prefix
         # Anything already at the prefix that is not our own unfinished dump is data to keep.
-        self.replacing = existing_data(prefix, overwrite)
-        for p in glob.glob(f"{glob.escape(prefix)}.tmp[0-9]*_*.npy"):  # a killed replacement's files
+        self.replacing = existing_data(prefix, overwrite, self.side_files.values(), place=self.place)
+        for p in glob.glob(f"{glob.escape(prefix)}.tmp[0-9]*_*.npy"):  # a killed replacement's files (old naming)
             os.remove(p)
+        targets = [self.files["keys"], self.files["vals"], *self.side_files.values()]
         # Replacing: write beside the old datastore and move into place only once complete.
-        self.write_files = paths(f"{prefix}.tmp{os.getpid()}") if self.replacing else self.files
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        # Not replacing: in place, under metadata that says "incomplete" (a killed dump is one).
+        self.output = AtomicOutput(targets, what=f"datastore {prefix}", overwrite=True).begin()
+        if not self.replacing:
+            self.output.in_place()
+        self.write_files = {"keys": self.output.path(self.files["keys"]), "vals": self.output.path(self.files["vals"])}
         self.meta = {
             "format_version": FORMAT_VERSION,
             "uuid": uuid.uuid4().hex,
@@ -142,16 +163,18 @@ class DatastoreWriter:
         self.keys = GrowingNpy(self.write_files["keys"], self.meta["keys_dtype"], (dim,), self.expected_size)
         self.vals = GrowingNpy(self.write_files["vals"], self.meta["vals_dtype"], (), self.expected_size)
 
+    def side_path(self, name):
+        """Where to write side file `name` now (its temporary name while replacing)."""
+        return self.output.path(self.side_files[name])
+
     def _cleanup(self):
         for f in (self.keys, self.vals):
             if f is not None:
                 f.abandon()
-        if getattr(self, "replacing", False):
-            for what in ("keys", "vals"):
-                try:
-                    os.remove(self.write_files[what])
-                except (OSError, AttributeError):
-                    pass
+        if self.output is not None:
+            # replacing: the temporaries go, the old datastore is untouched; in place: the files
+            # stay, marked incomplete (the next dump to this prefix starts over)
+            self.output.abort()
         if getattr(self, "lock", None) is not None:
             self.lock.release()
 
@@ -178,6 +201,7 @@ class DatastoreWriter:
                 f"nothing is scored from it. The datastore is left marked incomplete")
         self.keys.append(keys)
         self.vals.append(vals)
+        self.sketch.add(vals)  # the dumped text's fingerprint (knnlm.memorisation)
 
     def finalize(self):
         if self.expected_size is not None and self.size != self.expected_size:
@@ -195,21 +219,25 @@ class DatastoreWriter:
                 complete=True,
                 finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 bytes=os.path.getsize(self.write_files["keys"]) + os.path.getsize(self.write_files["vals"]),
+                token_sketch=self.sketch.record(),
             )
-            if self.replacing:
-                # The old datastore stays whole until the new one is: mark it incomplete, move
-                # the new files over it (replacing links, never writing through them), then the
-                # new metadata.
+
+            def retire_old():
+                # The old datastore stays whole until the new one is: mark it incomplete, then
+                # move the new files over it (replacing links, never writing through them).
                 old = read_json_or_none(self.files["meta"])
                 if old is not None:
                     write_json_atomic(self.files["meta"], {**old, "complete": False,
                                                            "being_replaced": self.meta["finished"]})
-                os.replace(self.write_files["keys"], self.files["keys"])
-                os.replace(self.write_files["vals"], self.files["vals"])
+
+            self.output.commit(before=retire_old if self.replacing else None)
             write_json_atomic(self.files["meta"], self.meta)
         except OSError as e:
             self._cleanup()
-            raise e if isinstance(e, KNNLMError) else _unwritable(self.prefix, e) from None
+            raise e if isinstance(e, KNNLMError) else _unwritable(self.prefix, e, self.place) from None
+        except BaseException:
+            self._cleanup()
+            raise
         self.lock.release()
         return self.meta
 
@@ -217,19 +245,21 @@ class DatastoreWriter:
         self._cleanup()
 
 
-def _unwritable(prefix, e):
+def _unwritable(prefix, e, place="--dstore-mmap"):
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENAMETOOLONG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return write_error(e, prefix, f"datastore {prefix}", kept="any datastore there before is unchanged")
     return KNNLMError(f"cannot write datastore {prefix}: {e.strerror or e} ({e.filename or prefix}); "
-                      f"choose a writable --dstore-mmap")
+                      f"choose a writable {place}")
 
 
-def existing_data(prefix, overwrite):
+def existing_data(prefix, overwrite, side_files=(), place="--dstore-mmap"):
     """Refuse (unless overwrite) when PREFIX holds data that is not our own unfinished dump:
     a complete datastore, one in the original code's raw format, other files, or symbolic
     links. Returns True if there is such data (to be replaced only once the new one is whole)."""
     files = paths(prefix)
     old = read_json_or_none(files["meta"])
     links = [p for p in files.values() if os.path.islink(p)]
-    present = [p for p in (files["keys"], files["vals"]) if os.path.lexists(p)]
+    present = [p for p in (files["keys"], files["vals"], *side_files) if os.path.lexists(p)]
     if is_complete(old) or (old is not None and old.get("complete") not in (False, None)):
         why = (f"a complete datastore already exists at {prefix} ({old.get('size', '?'):,} entries)"
                if isinstance(old.get("size"), int) else f"a complete datastore already exists at {prefix}")
@@ -242,7 +272,7 @@ def existing_data(prefix, overwrite):
     else:
         return False
     if not overwrite:
-        raise KNNLMError(f"{why}; pass --overwrite to replace it or choose another --dstore-mmap")
+        raise KNNLMError(f"{why}; pass --overwrite to replace it or choose another {place}")
     return True
 
 
@@ -339,6 +369,14 @@ class Datastore:
             vals = np.load(files["vals"], mmap_mode="r")
         except Exception as e:  # noqa: BLE001 - numpy parses a damaged header many ways (ValueError, SyntaxError, tokenize.TokenError, ...)
             raise CorruptError(f"datastore {prefix}: cannot read its files ({e}); they are truncated or damaged") from None
+        for what, a in (("keys", keys), ("vals", vals)):
+            if a is not None and not a.dtype.isnative:
+                raise CorruptError(
+                    f"datastore {prefix}: {files[what]} stores {a.dtype.name} in "
+                    f"{'big' if a.dtype.byteorder == '>' else 'little'}-endian byte order, not this machine's "
+                    f"({sys.byteorder}-endian): FAISS and the scoring read native numbers only. Convert it once: "
+                    f"python -c \"import numpy as np; a = np.load('{files[what]}'); "
+                    f"np.save('{files[what]}', a.astype(a.dtype.newbyteorder('='))\"")
         if (keys is not None and not keys.flags.c_contiguous) or not vals.flags.c_contiguous:
             raise CorruptError(f"datastore {prefix}: its .npy headers are not the C-order arrays a dump writes; "
                                f"the files were damaged or replaced. Dump it again")
@@ -454,7 +492,7 @@ class Datastore:
                 and m["model_fingerprint"] != model_fingerprint and not allow_model_mismatch):
             raise MismatchError(
                 f"datastore {self.prefix} was dumped with different model weights (fingerprint "
-                f"{m['model_fingerprint']}, checkpoint {m.get('checkpoint')}) than the model "
+                f"{m['model_fingerprint']}, {_dumped_by(m)}) than the model "
                 f"scoring now ({model_fingerprint}); scoring would silently give a worse "
                 f"perplexity. Pass --knn-allow-model-mismatch if you mean it."
             )
@@ -501,6 +539,15 @@ class Datastore:
             f"the split being scored: every target is in the datastore, so the perplexity measures "
             f"memorisation, not the kNN-LM. Score another split (--gen-subset), or pass "
             f"--knn-allow-same-split if that is the experiment")
+
+
+def _dumped_by(meta):
+    """What the metadata says made the dump: fairseq records its checkpoint, knnlm-hf its model."""
+    if meta.get("checkpoint"):
+        return f"checkpoint {meta['checkpoint']}"
+    if meta.get("model"):
+        return f"model {meta['model']}"
+    return "model not recorded"
 
 
 def resolve_data_path(path, prefix):

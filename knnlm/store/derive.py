@@ -6,12 +6,18 @@ import os
 import numpy as np
 
 from ..errors import ConfigError, KNNLMError
-from .datastore import Datastore, DatastoreWriter
+from .datastore import Datastore, DatastoreWriter, existing_data
+from .npy import GrowingNpy
+
+
+def check_out_prefix(out_prefix, overwrite, side_files=()):
+    """Refuse, before any work, what the writer would refuse at the end (data at OUT_PREFIX)."""
+    existing_data(out_prefix, overwrite, [f"{out_prefix}_{n}" for n in side_files], place="OUT_PREFIX")
 
 # Metadata the writer sets itself; everything else is copied from the source.
 WRITER_FIELDS = {"format_version", "uuid", "complete", "size", "dim", "keys_dtype", "vals_dtype",
                  "keytype", "dict_size", "dict_fingerprint", "model_fingerprint", "started",
-                 "finished", "versions", "bytes", "checksum", "checksums"}
+                 "finished", "versions", "bytes", "checksum", "checksums", "token_sketch"}
 
 
 def open_source(prefix, out_prefix, what):
@@ -29,9 +35,10 @@ def open_source(prefix, out_prefix, what):
     return src
 
 
-def derived_writer(src, out_prefix, *, dim=None, expected_size=None, overwrite=False, **extra):
+def derived_writer(src, out_prefix, *, dim=None, expected_size=None, overwrite=False, side_files=(), **extra):
     """A DatastoreWriter at out_prefix with the source's key type, dictionary and model identity,
-    its other metadata, and `extra` (what the tool records of itself)."""
+    its other metadata, and `extra` (what the tool records of itself); side_files: its own files
+    beside the keys (written at writer.side_path(name), moved into place with them)."""
     m = src.meta
     meta = {key: value for key, value in m.items() if key not in WRITER_FIELDS}
     meta.update(extra)
@@ -39,23 +46,28 @@ def derived_writer(src, out_prefix, *, dim=None, expected_size=None, overwrite=F
         out_prefix, src.dim if dim is None else dim, keytype=m["keytype"], fp16=m["keys_dtype"] == "float16",
         dict_size=m["dict_size"], dict_fingerprint=m["dict_fingerprint"],
         model_fingerprint=m.get("model_fingerprint"), expected_size=expected_size, overwrite=overwrite, extra=meta,
+        side_files=side_files, place="OUT_PREFIX",
     )
 
 
 def copy_rows(src, writer, blocks, side=None):
     """Write the source's rows for each block of ascending ids (the memory map is read forward,
-    only the pages needed) and finish the datastore; `side` = (a GrowingNpy, ids -> its rows)
-    is written alongside. On any failure everything is left incomplete. Returns the metadata."""
+    only the pages needed) and finish the datastore; `side` = (side file name, ids -> its rows,
+    (dtype, row shape, rows)) is a GrowingNpy written alongside, at the writer's side_path. On
+    any failure everything is left incomplete (a replaced datastore as it was). Returns the metadata."""
+    side_file = None
     try:
+        if side is not None:
+            side_file = GrowingNpy(writer.side_path(side[0]), *side[2])
         for ids in blocks:
             writer.add(np.asarray(src.keys[ids]), np.asarray(src.vals[ids]))
-            if side is not None:
-                side[0].append(side[1](ids))
-        if side is not None:
-            side[0].close()
+            if side_file is not None:
+                side_file.append(side[1](ids))
+        if side_file is not None:
+            side_file.close()
         return writer.finalize()
     except BaseException:
-        if side is not None:
-            side[0].abandon()
+        if side_file is not None:
+            side_file.abandon()
         writer.abandon()
         raise

@@ -51,7 +51,7 @@ class GrowingNpy:
             raise DiskSpaceError(
                 f"{path}: {expected_rows:,} rows need {need / 2**30:.2f} GiB but only "
                 f"{free_bytes(path) / 2**30:.2f} GiB are free there; free some space or "
-                f"write the datastore elsewhere"
+                f"write it elsewhere"
             )
         self._file = open(path, "w+b")
         self._file.write(_header(self.dtype, (0,) + self.row_shape))
@@ -73,8 +73,8 @@ class GrowingNpy:
         except OSError as e:
             raise DiskSpaceError(
                 f"{self.path}: cannot grow to {rows:,} rows ({e.strerror}); "
-                f"{free_bytes(self.path) / 2**30:.2f} GiB free. The file is left marked "
-                f"incomplete; free space and run the dump again."
+                f"{free_bytes(self.path) / 2**30:.2f} GiB free (or a file-size limit); nothing complete was "
+                f"replaced. Free space or write elsewhere, then run the command again."
             ) from e
         self._capacity = want
 

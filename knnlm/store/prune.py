@@ -22,8 +22,10 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import ConfigError, KNNLMError
-from .derive import copy_rows, derived_writer, open_source
+from ..artefacts import AtomicOutput
+from ..errors import ConfigError
+from ..lifecycle import run_main
+from .derive import check_out_prefix, copy_rows, derived_writer, open_source
 from .npy import GrowingNpy
 
 BLOCK_ROWS = 1 << 16
@@ -81,31 +83,39 @@ def prune(prefix, index_path, out_prefix, *, k=5, seed=1, nprobe=32, overwrite=F
     from ..index import load_index
     from ..index.faiss_utils import set_nprobe
 
-    if k < 1:
-        raise ConfigError(f"--k must be at least 1, got {k}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"--k must be an integer of at least 1, got {k!r}")
+    if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1:
+        raise ConfigError(f"--probe must be an integer of at least 1 (IVF lists visited per search), got {nprobe!r}")
     src = open_source(prefix, out_prefix, "a pruned copy")
+    check_out_prefix(out_prefix, overwrite, ("weights.npy",))  # before the search, not after it
     if src.meta.get("weights_file"):
         raise ConfigError(f"datastore {prefix} is already pruned: prune the original it came from "
                           f"({src.meta.get('pruned_from')})")
     index = load_index(index_path, datastore=src)
     set_nprobe(index, nprobe)
-    table_path = f"{out_prefix}_neighbors.tmp.npy"
-    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    # The neighbor table is scratch: a temporary name (removed on failure, on a signal, or by
+    # the next run if this one is killed), never committed.
+    legacy = f"{out_prefix}_neighbors.tmp.npy"  # what a killed run of an earlier version left
+    if os.path.exists(legacy):
+        os.remove(legacy)
+    scratch = AtomicOutput([f"{out_prefix}_neighbors.npy"], what=f"pruned datastore {out_prefix}",
+                           overwrite=True).begin()
     try:
-        table = neighbor_table(src, index, k, table_path)
+        table = neighbor_table(src, index, k, scratch.path(f"{out_prefix}_neighbors.npy"))
         weights = greedy_merge(src.vals, table, seed)
+        del table
     finally:
-        if os.path.exists(table_path):
-            os.remove(table_path)
+        scratch.abort()
     kept = np.flatnonzero(weights > 0)
     writer = derived_writer(src, out_prefix, expected_size=len(kept), overwrite=overwrite,
                             pruned_from=os.path.abspath(prefix), pruned_from_fingerprint=src.fingerprint,
                             pruned_from_size=src.size, prune_method="greedy-merge", prune_k=int(k),
                             prune_seed=int(seed), prune_index=os.path.abspath(index_path),
-                            weights_file=os.path.basename(f"{out_prefix}_weights.npy"))
-    wfile = GrowingNpy(f"{out_prefix}_weights.npy", np.int32, (), len(kept))
+                            weights_file=os.path.basename(f"{out_prefix}_weights.npy"), side_files=("weights.npy",))
     blocks = (kept[s:s + BLOCK_ROWS] for s in range(0, len(kept), BLOCK_ROWS))
-    return copy_rows(src, writer, blocks, side=(wfile, lambda ids: weights[ids].astype(np.int32)))
+    return copy_rows(src, writer, blocks, side=("weights.npy", lambda ids: weights[ids].astype(np.int32),
+                                                (np.int32, (), len(kept))))
 
 
 def main(argv=None):
@@ -118,15 +128,14 @@ def main(argv=None):
     p.add_argument("--probe", type=int, default=32, help="IVF lists visited per search (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete datastore at OUT_PREFIX")
     args = p.parse_args(argv)
-    try:
-        meta = prune(args.prefix, args.index, args.out_prefix, k=args.k, seed=args.seed, nprobe=args.probe,
-                     overwrite=args.overwrite)
-    except KNNLMError as e:
-        print(f"knnlm-prune: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("knnlm-prune", lambda: _run(args))
+
+
+def _run(args):
+    meta = prune(args.prefix, args.index, args.out_prefix, k=args.k, seed=args.seed, nprobe=args.probe,
+                 overwrite=args.overwrite)
     print(f"wrote {args.out_prefix}: {meta['size']:,} of {meta['pruned_from_size']:,} entries "
           f"({100 * meta['size'] / meta['pruned_from_size']:.1f}%), weights in {meta['weights_file']}")
-    return 0
 
 
 if __name__ == "__main__":

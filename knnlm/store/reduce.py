@@ -17,8 +17,9 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import ConfigError, KNNLMError
-from .derive import derived_writer, open_source
+from ..errors import ConfigError, DiskSpaceError
+from ..lifecycle import run_main
+from .derive import check_out_prefix, derived_writer, open_source
 
 BLOCK_ROWS = 1 << 16
 METHODS = ("pca", "opq")
@@ -51,6 +52,7 @@ def reduce_keys(prefix, out_prefix, dim, *, method="pca", n_train=1_000_000, see
                           f"({src.meta['transform'].get('source')})")
     if not 1 <= dim <= src.dim:
         raise ConfigError(f"--dim must lie in [1, {src.dim}] (the keys' dimension), got {dim}")
+    check_out_prefix(out_prefix, overwrite, ("transform.faiss",))  # before training, not after
     rng = np.random.default_rng(seed)
     n = min(n_train, src.size)
     rows = np.sort(rng.choice(src.size, size=n, replace=False))
@@ -62,9 +64,15 @@ def reduce_keys(prefix, out_prefix, dim, *, method="pca", n_train=1_000_000, see
                       "n_train": int(n), "seed": int(seed), "source": os.path.abspath(prefix),
                       "source_fingerprint": src.fingerprint}
     writer = derived_writer(src, out_prefix, dim=dim, expected_size=src.size, overwrite=overwrite,
-                            transform=transform_meta)
+                            transform=transform_meta, side_files=("transform.faiss",))
     try:
-        faiss.write_VectorTransform(transform, tfile)
+        try:
+            faiss.write_VectorTransform(transform, writer.side_path("transform.faiss"))
+        except RuntimeError as e:  # FAISS's word for a failed write
+            raise DiskSpaceError(f"reduced datastore {out_prefix}: FAISS could not write {tfile} "
+                                 f"({str(e).strip().splitlines()[-1] if str(e).strip() else 'write failed'}): the disk "
+                                 f"is full, a file-size limit was reached or the place is not writable; nothing "
+                                 f"complete was replaced. Free space or write elsewhere, then run it again") from None
         with tqdm(total=src.size, unit="key", unit_scale=True, desc=f"{method} {src.dim} -> {dim}") as bar:
             for s in range(0, src.size, BLOCK_ROWS):
                 x = np.ascontiguousarray(np.asarray(src.keys[s:s + BLOCK_ROWS], dtype=np.float32))
@@ -86,16 +94,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1, help="seed of the sample (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete datastore at OUT_PREFIX")
     args = p.parse_args(argv)
-    try:
-        meta = reduce_keys(args.prefix, args.out_prefix, args.dim, method=args.method,
-                           n_train=args.num_keys_to_train, seed=args.seed, overwrite=args.overwrite)
-    except KNNLMError as e:
-        print(f"knnlm-reduce: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("knnlm-reduce", lambda: _run(args))
+
+
+def _run(args):
+    meta = reduce_keys(args.prefix, args.out_prefix, args.dim, method=args.method,
+                       n_train=args.num_keys_to_train, seed=args.seed, overwrite=args.overwrite)
     t = meta["transform"]
     print(f"wrote {args.out_prefix}: {meta['size']:,} keys, {t['method']} {t['d_in']} -> {t['d_out']}, "
           f"{meta['bytes'] / 2**20:.1f} MiB")
-    return 0
 
 
 if __name__ == "__main__":

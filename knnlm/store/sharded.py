@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from ..artefacts import check_schema, read_json, refuse_to_replace, write_json_atomic
-from ..errors import ConfigError, CorruptError, MismatchError
+from ..artefacts import check_schema, read_json, read_json_or_none, refuse_to_replace, write_json_atomic
+from ..errors import ConfigError, CorruptError, MismatchError, OutputExistsError
 from .datastore import Datastore
 
 logger = logging.getLogger(__name__)
@@ -188,6 +188,10 @@ def write_manifest(path, prefixes, *, overwrite=False):
             for s in sharded.shards
         ],
     }
+    old = read_json_or_none(path) if os.path.lexists(path) else None
+    if os.path.lexists(path) and not overwrite and not (isinstance(old, dict) and old.get("format") == MANIFEST_FORMAT):
+        raise OutputExistsError(f"{path} already exists and is not a shard manifest; pass overwrite=true to "
+                                f"replace it, or choose another dstore_mmap")
     refuse_to_replace(path, overwrite, lambda old: (
         f"shard manifest {path} already exists and lists other shards; pass "
         f"overwrite=true to replace it, or choose another dstore_mmap"),

@@ -16,9 +16,9 @@ import sys
 
 import numpy as np
 
-from ..errors import ConfigError, KNNLMError
+from ..errors import ConfigError
+from ..lifecycle import run_main
 from .derive import copy_rows, derived_writer, open_source
-from .npy import GrowingNpy
 
 # The random stream is drawn per block of this many source rows: a constant, so that the
 # selection depends only on (N, fraction, seed), never on memory settings. 65,536 rows of
@@ -65,13 +65,12 @@ def make_subset(prefix, fraction, out_prefix, *, seed=1, overwrite=False):
     """Write the subset datastore at out_prefix; returns its metadata."""
     src = open_source(prefix, out_prefix, "a subset")
     n = subset_size(src.size, fraction)
-    writer = derived_writer(src, out_prefix, expected_size=n, overwrite=overwrite,
+    writer = derived_writer(src, out_prefix, expected_size=n, overwrite=overwrite, side_files=("source_rows.npy",),
                             subset_of=os.path.abspath(prefix), subset_of_fingerprint=src.fingerprint,
                             subset_of_size=src.size, fraction=float(fraction), seed=int(seed),
                             source_rows_file=os.path.basename(f"{out_prefix}_source_rows.npy"))  # next to the keys
-    rows_file = GrowingNpy(f"{out_prefix}_source_rows.npy", np.int64, (), n)
     blocks = (rows + start for start, rows in select_rows(src.size, n, seed))  # sorted within each block
-    return copy_rows(src, writer, blocks, side=(rows_file, lambda ids: ids))
+    return copy_rows(src, writer, blocks, side=("source_rows.npy", lambda ids: ids, (np.int64, (), n)))
 
 
 def main(argv=None):
@@ -82,14 +81,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1, help="seed of the row selection (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete datastore at OUT_PREFIX")
     args = p.parse_args(argv)
-    try:
-        meta = make_subset(args.prefix, args.fraction, args.out_prefix, seed=args.seed, overwrite=args.overwrite)
-    except KNNLMError as e:
-        print(f"knnlm.subset: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("knnlm.subset", lambda: _run(args))
+
+
+def _run(args):
+    meta = make_subset(args.prefix, args.fraction, args.out_prefix, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {args.out_prefix}: {meta['size']:,} of {meta['subset_of_size']:,} entries "
           f"(fraction {args.fraction:g}, seed {args.seed})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import os
 import numpy as np
 import torch
 
-from ...artefacts import read_json, verify_checksum, write_json_atomic
+from ...artefacts import AtomicOutput, read_json, verify_checksum, write_json_atomic
 from ...errors import ConfigError, CorruptError, KNNLMError, MismatchError
 from .features import TokenFeatures, feature_names
 from .ngrams import NgramStats
@@ -118,15 +118,23 @@ class Predictor:
         return cls(meta, net, ngrams=ngrams)
 
     def save(self, path, overwrite=False):
-        """Write the predictor (JSON) and, with n-gram features, its statistics beside it first."""
-        if os.path.exists(path) and not overwrite:
-            raise KNNLMError(f"predictor {path} already exists; pass --overwrite to replace it or choose another --out")
+        """Write the predictor (JSON) and, with n-gram features, its statistics beside it: both
+        under temporary names, moved into place once whole (knnlm.artefacts.AtomicOutput); an
+        existing file at either name is replaced only with `overwrite`."""
+        targets = ([stats_path(path)] if self.ngrams is not None else []) + [path]
+        output = AtomicOutput(targets, what=f"predictor {path}", overwrite=overwrite,
+                              option="--overwrite (or choose another --out)")
+        with output:
+            if self.ngrams is not None:
+                # The predictor records the statistics' checksum: another file in their place is refused.
+                self.meta["ngrams"] = {"orders": list(self.ngrams.orders),
+                                       "checksum": self.ngrams.save(output.path(stats_path(path)), overwrite=True)}
+                self.meta["checksum"] = _checksum(_payload(self.meta))
+            with open(output.path(path), "w") as f:
+                json.dump(self.meta, f, indent=2, sort_keys=True, default=str)
+            output.commit()
         if self.ngrams is not None:
-            # The predictor records the statistics' checksum: another file in their place is refused.
-            self.meta["ngrams"] = {"orders": list(self.ngrams.orders),
-                                   "checksum": self.ngrams.save(stats_path(path), overwrite=True)}
-            self.meta["checksum"] = _checksum(_payload(self.meta))
-        write_json_atomic(path, self.meta)
+            self.ngrams.path = stats_path(path)
         self.path = path
 
     @classmethod

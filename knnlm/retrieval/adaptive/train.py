@@ -32,16 +32,16 @@ import numpy as np
 import torch
 
 from ... import provenance
-from ...errors import ConfigError
-from .retriever import ARCHS, CALIBRATION_POINTS, FEATURE_FLOOR, OBJECTIVES, Predictor, build_net, check_skip
+from ...artefacts import AtomicOutput
+from ...cli import run_command
+from ...errors import ConfigError, MismatchError
+from ...offline.export import load_export, lp_knn_at, same_temperature
+from ...offline.rescoring import PNG_METADATA, write_outputs
 from ...scoring import check_lambda, check_temperature, interpolate
-from ...errors import MismatchError
+from ...store.datastore import Datastore
 from .features import TokenFeatures, feature_names
 from .ngrams import ORDERS, NgramStats, text_datastore
-from ...store.datastore import Datastore
-from ...offline.export import load_export, lp_knn_at, same_temperature
-from ...cli import run_command
-from ...offline.rescoring import write_outputs
+from .retriever import ARCHS, CALIBRATION_POINTS, FEATURE_FLOOR, OBJECTIVES, Predictor, build_net, check_skip, stats_path
 
 SKIPS = [i / 10 for i in range(10)]
 IDENTITY_FIELDS = ("datastore", "datastore_fingerprint", "dim", "dict_size", "dict_fingerprint",
@@ -215,7 +215,7 @@ def plot(result, path, title):
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata=PNG_METADATA)
     plt.close(fig)
 
 
@@ -252,6 +252,9 @@ def ngram_stats(export, prefix=None, orders=ORDERS):
 
 
 def train(args):
+    # A predictor (or its statistics) already at --out is refused now, not after training.
+    AtomicOutput([stats_path(args.out), args.out], what=f"predictor {args.out}", overwrite=args.overwrite,
+                 option="--overwrite (or choose another --out)").check_existing()
     export = load_export(args.export_dir)
     features, lp_lm, lp_knn, lmbda, temperature = training_data(export, args.lmbda, args.knn_temp, args.tune_json)
     if not 0 < args.heldout < 1:
@@ -298,7 +301,8 @@ def train(args):
     print(f"trained on {cut:,} tokens of {export.path} (lambda {lmbda:g}, T {temperature:g}, {args.arch} "
           f"{hidden}, objective {args.objective}, {grams}); wrote {args.out}")
     print(report(held, f"held out (the last {100 * args.heldout:g}% of the export)"))
-    write_outputs(None, None, args.plot, lambda p: plot(held, p, f"adaptive retrieval, held-out part of {export.path}"))
+    write_outputs(None, None, args.plot, lambda p: plot(held, p, f"adaptive retrieval, held-out part of {export.path}"),
+                  prog=args.prog, overwrite=args.overwrite)
 
 
 def evaluate(args):
@@ -322,7 +326,8 @@ def evaluate(args):
     predictor.check_compatible(identity={k: export.meta.get(k) for k in ("dict_fingerprint", "model_fingerprint")})
     result = curve(predictor, features, lp_lm, lp_knn, lmbda, seed=args.seed)
     print(report(result, f"{export.path} (lambda {lmbda:g}, T {temperature:g})"))
-    write_outputs(args.json, lambda: result, args.plot, lambda p: plot(result, p, f"adaptive retrieval, {export.path}"))
+    write_outputs(args.json, lambda: result, args.plot, lambda p: plot(result, p, f"adaptive retrieval, {export.path}"),
+                  prog=args.prog, overwrite=args.overwrite)
 
 
 def build_parser():
@@ -357,6 +362,7 @@ def build_parser():
     c.add_argument("export_dir", metavar="EXPORT_DIR")
     c.add_argument("--predictor", required=True)
     c.add_argument("--json", metavar="JSON", help="write the curve")
+    c.add_argument("--overwrite", action="store_true", help="replace a --json/--plot file this library did not write")
     for q in (t, c):
         q.add_argument("--lmbda", type=float, help="the kNN-LM's lambda (default: --tune-json's, else the export's run)")
         q.add_argument("--knn-temp", type=float, help="the kNN-LM's temperature (default: --tune-json's, else the export's run)")
