@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from knnlm import KNNLM, FaissRetriever, open_datastore  # noqa: E402
 from knnlm.index.builder import build_index  # noqa: E402
 from knnlm.retrieval.sharded_search import ShardedRetriever  # noqa: E402
-from knnlm.store.datastore import Datastore, DatastoreWriter  # noqa: E402
+from knnlm.store import Datastore, DatastoreWriter  # noqa: E402
 
 N_SHARDS = 3
 BLOCKS, TPS, CONTEXT = 32, 256, 128

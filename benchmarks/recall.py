@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
 from knnlm.index import builder as ib  # noqa: E402
-from knnlm.store.datastore import DatastoreWriter  # noqa: E402
+from knnlm.store.writer import DatastoreWriter  # noqa: E402
 from knnlm.index import load_index, read_index_meta  # noqa: E402
 from knnlm.store.sharded import open_datastore  # noqa: E402
 

@@ -284,7 +284,7 @@ def derived_datastore(base_prefix, base_index, root, fraction, log_dir, noise=0.
     import faiss
 
     from knnlm.artefacts import write_json_atomic
-    from knnlm.store.datastore import Datastore, DatastoreWriter
+    from knnlm.store import Datastore, DatastoreWriter
     from knnlm.index import meta_path
 
     base = Datastore.open(str(base_prefix))

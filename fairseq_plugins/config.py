@@ -53,6 +53,8 @@ def _fairseq_dataclass(name, options_cls, doc, only=None, registered=False):
         if callable(f.metadata.get("choices")) and not registered:
             choices = None
         kind = ChoiceEnum(list(choices)) if choices else f.type
+        if choices and f.default is None:  # a choice that may be left out (--knn-executor)
+            kind = Optional[kind]
         specs.append((f.name, kind, field(default=f.default, metadata={"help": f.metadata["help"]})))
     cls = make_dataclass(name, specs, bases=(FairseqDataclass,))
     cls.__doc__ = doc

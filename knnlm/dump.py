@@ -14,7 +14,7 @@ import logging
 
 import numpy as np
 
-from .store.datastore import DatastoreWriter
+from .store.writer import DatastoreWriter
 
 logger = logging.getLogger(__name__)
 

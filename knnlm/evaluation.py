@@ -13,12 +13,11 @@ continuous cache and its grid, the tally and the summary wording live here.
 
 import logging
 
-import torch
 
 from .cache import ContinuousCache
 from .retrieval.adaptive.features import DEFAULT_TOP_K
 from .model import Tally, summary_line
-from .options import CacheOptions, ExportOptions, RetrievalOptions, validate
+from .options import ExportOptions, RetrievalOptions, validate
 from .scoring import interpolate
 
 logger = logging.getLogger(__name__)

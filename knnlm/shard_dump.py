@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 from . import cluster
 from .artefacts import read_json_or_none, write_json_atomic

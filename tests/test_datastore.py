@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from knnlm.store.datastore import Datastore, DatastoreWriter
+from knnlm.store import Datastore, DatastoreWriter
 from knnlm.errors import CorruptError, DiskSpaceError, IncompleteError, KNNLMError, MismatchError
 from knnlm.store import npy
 

@@ -22,7 +22,7 @@ from knnlm.errors import ConfigError
 from knnlm.index import faiss_utils
 from knnlm.retrieval import exact as exact_mod
 from knnlm.retrieval.exact import parse_devices
-from knnlm.store.datastore import Datastore, DatastoreWriter
+from knnlm.store import Datastore, DatastoreWriter
 from knnlm.store.sharded import ShardedDatastore
 
 from .conftest import knn_summary

@@ -14,7 +14,7 @@ import torch
 
 from knnlm.index import builder as ib
 from knnlm.index import steps
-from knnlm.store.datastore import Datastore, DatastoreWriter
+from knnlm.store import Datastore, DatastoreWriter
 from knnlm.errors import ConfigError, KNNLMError, MismatchError
 from knnlm.index import load_index, read_index_meta
 from knnlm.retrieval import FaissRetriever
@@ -393,7 +393,7 @@ def test_small_datastore_shrinks_centroids_and_pq_bits(tmp_path, ds, caplog):
 
 
 def test_move_dstore_to_mem_really_loads(tmp_path):
-    from knnlm.store.datastore import Datastore, DatastoreWriter
+    from knnlm.store import Datastore, DatastoreWriter
 
     w = DatastoreWriter(str(tmp_path / "d"), 4, keytype="last_ffn_input", dict_size=10, dict_fingerprint="x")
     w.add(np.ones((5, 4), np.float32), np.arange(5))

@@ -4,14 +4,13 @@ front-end edit; every method reaches knnlm-hf; the options, factory and context 
 import dataclasses
 import math
 import re
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from knnlm import Context, KNNLM, RetrievalOptions, build, open_datastore
+from knnlm import Context, RetrievalOptions, build
 from knnlm.errors import ConfigError
 from tests.conftest import knn_summary
 from tests.helpers import EvalLM, build_index, knn_argv

@@ -10,7 +10,6 @@ here (`make test` does: unshare -n); skipped only where `ray` is not installed.
 """
 
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -27,7 +26,7 @@ from knnlm.index.shard_manifest import manifest_path, part_path  # noqa: E402
 from knnlm.retrieval.sharded_search import ShardedRetriever  # noqa: E402
 from knnlm.store.datastore import Datastore  # noqa: E402
 
-from .conftest import BIN, PLUGIN, REPO, knn_summary, run  # noqa: E402
+from .conftest import BIN, PLUGIN, knn_summary, run  # noqa: E402
 
 N_SHARDS = 3
 # No --context-window: fairseq's LMContextWindowDataset takes each block's context from the block

@@ -2,7 +2,6 @@
 directory holding the datastores and indexes they name (a hub name, "gpt2", is the one thing
 mapped: to a tiny local model, since nothing is downloaded here)."""
 
-import os
 import re
 from pathlib import Path
 

@@ -26,7 +26,7 @@ from knnlm.index import load_index
 from knnlm.index.builder import build_index as knnlm_build_index
 from knnlm.offline import export as ex
 from knnlm.store import npy, open_datastore
-from knnlm.store.datastore import Datastore, DatastoreWriter
+from knnlm.store import Datastore, DatastoreWriter
 from knnlm.store.sharded import ShardedDatastore, write_manifest
 
 from .conftest import REPO, run
@@ -339,7 +339,7 @@ CONCURRENT_WRITER = textwrap.dedent("""
     import sys, time
     import numpy as np
     from knnlm.errors import KNNLMError
-    from knnlm.store.datastore import DatastoreWriter
+    from knnlm.store.writer import DatastoreWriter
     prefix, go, value = sys.argv[1], sys.argv[2], float(sys.argv[3])
     while not __import__("os").path.exists(go):
         time.sleep(0.005)

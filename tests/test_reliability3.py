@@ -26,7 +26,7 @@ from knnlm.index.builder import build_index as knnlm_build_index
 from knnlm.index.plan import load_config
 from knnlm.memorisation import K, NGRAM, TokenSketch, check_memorisation, estimate, ngram_hashes
 from knnlm.store import open_datastore
-from knnlm.store.datastore import Datastore, DatastoreWriter
+from knnlm.store import Datastore, DatastoreWriter
 from knnlm.validation import check_distribution, check_score_inputs
 
 from .forkrun import ForkRunner

@@ -37,7 +37,7 @@ def test_threaded_gather_is_exact(tmp_path, monkeypatch):
     for sorted, unsorted and repeated ids, and after MADV_RANDOM."""
     import knnlm.store.datastore as dsm
     from knnlm.store import Datastore
-    from knnlm.store.datastore import DatastoreWriter
+    from knnlm.store.writer import DatastoreWriter
 
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((5000, 24)).astype(np.float16)

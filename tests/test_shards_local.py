@@ -16,7 +16,7 @@ from knnlm.index.builder import build_index
 from knnlm.index.shard_manifest import manifest_path
 from knnlm.retrieval.sharded_search import ShardedRetriever, is_sharded_index
 from knnlm.shard_dump import dump_shards
-from knnlm.store.datastore import DatastoreWriter
+from knnlm.store.writer import DatastoreWriter
 
 D, V = 16, 50
 SIZES = (700, 500, 900)

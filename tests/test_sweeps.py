@@ -12,7 +12,7 @@ import pytest
 
 from knnlm.offline import sweeps
 from knnlm.store import subset
-from knnlm.store.datastore import Datastore, DatastoreWriter
+from knnlm.store import Datastore, DatastoreWriter
 from knnlm.errors import ConfigError, CorruptError, KNNLMError
 from knnlm.offline.export import ExportWriter, load_export
 

@@ -21,7 +21,7 @@ import sys
 import time
 
 from ..artefacts import WriteLock
-from ..errors import ConfigError, CorruptError, KNNLMError
+from ..errors import ConfigError, CorruptError
 from ..lifecycle import run_main
 from . import sharded_build
 from .faiss_utils import maybe_to_gpu, save_index, set_threads

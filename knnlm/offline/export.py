@@ -16,57 +16,32 @@ PATH is a directory:
                  feature_names (with features.npy), any caller metadata; `complete: true` is
                  written last.
 
-dists.npy and match.npy are what re-scoring at another temperature needs (`lp_knn_at`); they
-are present whenever the writer was given neighbor distances.
+dists.npy and match.npy are what re-scoring at another temperature needs
+(`knnlm.offline.rescoring.lp_knn_at`); they are present whenever the writer was given neighbor
+distances. This module writes; `knnlm.offline.export_reader` reads (`load_export`).
 """
 
-import dataclasses
 import glob
 import logging
-import math
 import os
 import shutil
 import time
-from typing import Optional
 
 import numpy as np
 import torch
 
 from .. import provenance
-from ..artefacts import (AtomicOutput, WriteLock, check_schema, is_complete, read_json, read_json_or_none, refuse_to_replace,
+from ..artefacts import (AtomicOutput, WriteLock, is_complete, read_json_or_none, refuse_to_replace,
                          register_cleanup, unregister_cleanup, write_error, write_json_atomic)
-from ..errors import ConfigError, CorruptError, IncompleteError, KNNLMError
-from ..scoring import SIM_FUNCS, check_lambda, check_temperature, knn_log_prob, neighbor_scores
+from ..errors import ConfigError, CorruptError, KNNLMError
+from ..scoring import SIM_FUNCS, check_lambda, check_temperature
 from ..store.npy import GrowingNpy
+
+from .export_reader import (FILES, FORMAT, FORMAT_VERSION, META, META_SCHEMA, Export, _RESERVED, _loads,  # noqa: F401
+                            _row_shape, load_export)
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "knnlm-export"
-FORMAT_VERSION = 1
-META = "meta.json"
-# name -> (dtype, per-neighbor?); the order is the order of the files in meta["files"].
-FILES = {
-    "lp_lm": (np.float32, False),
-    "lp_knn": (np.float32, False),
-    "targets": (np.int64, False),
-    "dists": (np.float32, True),
-    "match": (np.bool_, True),
-    "ids": (np.int64, True),
-    "vals": (np.int64, True),
-    "features": (np.float32, False),  # (N, F): F = len(meta["feature_names"])
-    "context": (np.int64, False),  # (N, C): the C = meta["context_order"] tokens each prediction read last, -1: none
-}
-_RESERVED = {"format", "format_version", "complete", "count", "sim_func", "k", "k_kept",
-             "temperature", "lmbda", "files", "started", "finished", "versions", "feature_names", "context_order"}
-# What an export's meta.json must hold: field -> (types, required).
-META_SCHEMA = {
-    "format": (str, True), "format_version": (int, True), "complete": (bool, True), "count": (int, True),
-    "k_kept": (int, True), "files": (list, True), "sim_func": (str, True), "temperature": (float, True),
-    "lmbda": (float, True), "k": ((int, type(None)), False), "feature_names": (list, False),
-    "context_order": (int, False),
-}
-# Elements of (rows, K) per re-scoring chunk: 4 MB of fp32 per temporary, about cache-sized.
-CHUNK_ELEMENTS = 1 << 20
 # log-probabilities above this are impossible (not float rounding of a probability of 1).
 _LP_MAX = 1e-4
 
@@ -361,236 +336,3 @@ class ExportWriter:
         self._done = True
         unregister_cleanup(("export", id(self)))
         self.lock.release()
-
-
-@dataclasses.dataclass
-class Export:
-    """A complete export, arrays memory-mapped read-only. dists/match/ids/vals may be None."""
-
-    path: str
-    meta: dict
-    lp_lm: np.ndarray
-    lp_knn: np.ndarray
-    targets: np.ndarray
-    dists: Optional[np.ndarray] = None
-    match: Optional[np.ndarray] = None
-    ids: Optional[np.ndarray] = None
-    vals: Optional[np.ndarray] = None
-    features: Optional[np.ndarray] = None
-    context: Optional[np.ndarray] = None
-    _warned: bool = dataclasses.field(default=False, repr=False)
-
-    @property
-    def count(self):
-        return len(self.lp_lm)
-
-    @property
-    def k(self):
-        return self.meta.get("k")
-
-    @property
-    def k_kept(self):
-        return None if self.dists is None else self.dists.shape[1]
-
-    @property
-    def has_neighbors(self):
-        return self.dists is not None
-
-    @property
-    def has_context(self):
-        return self.context is not None
-
-    @property
-    def has_features(self):
-        return self.features is not None
-
-    @property
-    def feature_names(self):
-        return self.meta.get("feature_names")
-
-    @property
-    def truncated(self):
-        """Fewer neighbors kept than the run used: re-scored p_kNN is then approximate."""
-        return self.has_neighbors and self.k_kept < self.k
-
-
-def _loads(path):
-    """Whether the export at PATH opens whole (a corrupt one holds nothing worth keeping)."""
-    try:
-        load_export(path)
-        return True
-    except KNNLMError:
-        return False
-
-
-def load_export(path):
-    """Open the export directory PATH, checking that it is complete and its files are whole."""
-    if not os.path.isdir(path):
-        raise KNNLMError(f"no export directory at {path} (written by --knnlm-dump-probs)")
-    meta = read_json(os.path.join(path, META), f"export {path}")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        meta = meta if isinstance(meta, dict) else {}
-        raise CorruptError(f"{path}/{META} is not the metadata of a kNN-LM export (format {meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CorruptError(f"export {path} has format version {meta.get('format_version')}; "
-                           f"this code reads version {FORMAT_VERSION}")
-    check_schema(meta, META_SCHEMA, f"export {path}", os.path.join(path, META))
-    t, lam = meta.get("temperature", 1.0), meta.get("lmbda", 0.0)
-    if (meta.get("sim_func", "l2") not in SIM_FUNCS or not (math.isfinite(t) and t > 0) or not 0 <= lam <= 1
-            or (meta.get("k") is not None and meta["k_kept"] > meta["k"])):
-        raise CorruptError(f"export {path}: its metadata holds impossible settings (sim_func "
-                           f"{meta.get('sim_func')!r}, temperature {t!r}, lmbda {lam!r}, k {meta.get('k')!r}, "
-                           f"k_kept {meta['k_kept']!r}); it is damaged. Export again")
-    if not meta.get("complete"):
-        raise IncompleteError(
-            f"export {path} is incomplete: the evaluation that wrote it did not finish "
-            f"({meta.get('count', 0)} tokens recorded). Run the evaluation again."
-        )
-    names = meta.get("files", [])
-    if not all(isinstance(n, str) for n in names):
-        raise CorruptError(f"export {path}: its metadata lists files {names!r}, expected names; it is damaged")
-    if "dists" in names and not isinstance(meta.get("k"), int):
-        raise CorruptError(f"export {path}: its metadata lists neighbor distances but no run k ({meta.get('k')!r}); it is damaged")
-    if not {"lp_lm", "lp_knn", "targets"} <= set(names) or ("dists" in names) != ("match" in names):
-        raise CorruptError(f"export {path}: its metadata lists an impossible set of files {names}")
-    fnames = meta.get("feature_names")
-    if ("features" in names) != (fnames is not None) or (fnames is not None and (
-            not fnames or not all(isinstance(f, str) for f in fnames))):
-        raise CorruptError(f"export {path}: its metadata lists features.npy and feature names "
-                           f"{fnames!r} that do not go together; it is damaged")
-    if ("context" in names) != isinstance(meta.get("context_order"), int) or meta.get("context_order", 1) < 1:
-        raise CorruptError(f"export {path}: its metadata lists context.npy and a context order "
-                           f"{meta.get('context_order')!r} that do not go together; it is damaged")
-    arrays = {}
-    for name in names:
-        if name not in FILES:
-            raise CorruptError(f"export {path}: unknown file {name}.npy in its metadata")
-        file = os.path.join(path, f"{name}.npy")
-        if not os.path.exists(file):
-            raise CorruptError(f"export {path}: {file} is missing")
-        try:
-            a = np.load(file, mmap_mode="r")
-        except Exception as e:  # noqa: BLE001 - numpy parses a damaged header many ways (ValueError, SyntaxError, tokenize.TokenError, ...)
-            raise CorruptError(f"export {path}: cannot read {file} ({e}); it is truncated or damaged") from None
-        if not a.flags.c_contiguous:
-            raise CorruptError(f"export {path}: {file} is not the C-order array an export writes; it was damaged")
-        dtype = FILES[name][0]
-        shape = (meta["count"], *_row_shape(name, meta))
-        if a.shape != shape or a.dtype != dtype:
-            raise CorruptError(
-                f"export {path}: {file} holds {a.dtype} {a.shape}, but its metadata says "
-                f"{np.dtype(dtype).name} {shape}; the file was truncated or replaced"
-            )
-        arrays[name] = a
-    return Export(path=path, meta=meta, **arrays)
-
-
-def _row_shape(name, meta):
-    """The shape of one token's row of file `name`: (), (K,) or (F,)."""
-    if name == "features":
-        return (len(meta["feature_names"]),)
-    if name == "context":
-        return (meta["context_order"],)
-    return (meta["k_kept"],) if FILES[name][1] else ()
-
-
-def _chunk_rows(k):
-    return max(1, CHUNK_ELEMENTS // max(k, 1))
-
-
-def _lp_knn_exact(d, m, valid, sim_func, temperature):
-    # knn_log_prob compares neighbor values with targets; `match` already is that comparison.
-    ones = torch.ones(len(m), dtype=torch.bool)
-    return knn_log_prob(neighbor_scores(d, sim_func, temperature), m, ones, valid)
-
-
-def _lp_knn_chunk(dists, match, sim_func, temperatures):
-    """log p_kNN for one (rows, K) chunk at each temperature.
-
-    knn_log_prob costs ~10 passes over the (rows, K) scores per temperature; here the scores
-    are shifted by their row maximum once, after which each temperature is one exp pass and
-    two sums: log p_kNN = log sum_match e^(x/T) - log sum_all e^(x/T), x = s - max s <= 0, so
-    the normalizer lies in [1, K] and cannot over- or underflow. Only the matched sum can
-    underflow (every matching neighbor far from the nearest at a low T): those rows, and any
-    non-finite one, are redone with knn_log_prob itself. Tests hold this equal to it.
-    """
-    # Copies: the memory map is read-only, torch wants writable memory.
-    d = torch.from_numpy(np.array(dists, dtype=np.float32))
-    m = torch.from_numpy(np.array(match, dtype=np.bool_))
-    valid = ~torch.isnan(d)
-    if valid.all():
-        valid = None  # nothing to mask
-    else:
-        d = d.nan_to_num(0.0)
-        m = m & valid
-    s = neighbor_scores(d, sim_func, 1.0)  # scoring's sign convention; s / T is its score at T
-    if valid is not None:
-        s = s.masked_fill(~valid, float("-inf"))
-    top = s.amax(dim=-1, keepdim=True)
-    x = s - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    mf = m.float()
-    has_match = mf.amax(dim=-1) > 0
-    buf = torch.empty_like(x)
-    out = []
-    for t in temperatures:
-        torch.div(x, t, out=buf)
-        buf.exp_()  # missing neighbors: exp(-inf) = 0
-        matched = torch.linalg.vecdot(buf, mf)
-        lp = matched.log() - buf.sum(dim=-1).log()
-        lp = lp.masked_fill(~has_match, float("-inf"))  # also rows with no neighbor at all
-        redo = has_match & ~(matched >= 1e-30) | torch.isnan(lp)  # NaN compares False: redone
-        if redo.any():
-            lp[redo] = _lp_knn_exact(d[redo], m[redo], None if valid is None else valid[redo], sim_func, t)
-        out.append(lp.numpy())
-    return out
-
-
-def lp_knn_grid(export, temperatures, rows=slice(None)):
-    """log p_kNN(target) at each temperature: (len(temperatures), n) float32.
-
-    Re-scores from the stored distances and matches in chunks (memory is bounded whatever N
-    and K); each chunk is read once for all temperatures. When the export kept fewer
-    neighbors than the run used (K < k), this is the softmax over the K nearest only: an
-    approximation of what a run at that temperature would give (a warning says so).
-    """
-    if not export.has_neighbors:
-        raise ConfigError(
-            f"export {export.path} has no neighbor distances, so p_kNN cannot be re-scored at "
-            f"another temperature; only the run's own (T = {export.meta['temperature']}) is available"
-        )
-    temperatures = [float(t) for t in temperatures]
-    for t in temperatures:
-        check_temperature(t, "temperature")
-    if export.truncated and not export._warned:
-        logger.warning(
-            "export %s kept %d of the run's %d neighbors: p_kNN re-scored at a new temperature "
-            "uses only those %d, an approximation (the stored lp_knn, at T = %g, is exact)",
-            export.path, export.k_kept, export.k, export.k_kept, export.meta["temperature"])
-        export._warned = True
-    sel = np.arange(export.count)[rows]
-    contiguous = isinstance(rows, slice) and rows.step in (None, 1)
-    out = np.empty((len(temperatures), len(sel)), dtype=np.float32)
-    step = _chunk_rows(export.k_kept)
-    for s in range(0, len(sel), step):
-        part = sel[s:s + step]
-        if contiguous:  # a plain slice of the memory map: no fancy-index copy
-            lo, hi = int(part[0]), int(part[-1]) + 1
-            d, m = export.dists[lo:hi], export.match[lo:hi]
-        else:
-            d, m = export.dists[part], export.match[part]
-        for i, lp in enumerate(_lp_knn_chunk(d, m, export.meta["sim_func"], temperatures)):
-            out[i, s:s + len(part)] = lp
-    return out
-
-
-def lp_knn_at(export, temperature, rows=slice(None)):
-    """log p_kNN(target) re-scored at `temperature` for `rows` (a slice, index or mask): (n,) float32.
-
-    Exact when the export kept all the run's neighbors; with K kept < k an approximation
-    (see `lp_knn_grid`).
-    """
-    return lp_knn_grid(export, [temperature], rows)[0]
-
-
-def same_temperature(a, b):
-    return math.isclose(a, b, rel_tol=1e-9)

@@ -2,14 +2,17 @@
 the consistency check of an export, the lambda/temperature grids, and writing results."""
 
 import json
+import logging
 import math
 
 import numpy as np
 import torch
 
 from ..artefacts import AtomicOutput
-from ..errors import ConfigError, CorruptError, KNNLMError
-from ..scoring import check_lambda, check_temperature, interpolate
+from ..errors import ConfigError, CorruptError
+from ..scoring import check_lambda, check_temperature, interpolate, knn_log_prob, neighbor_scores
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_LAMBDAS = "0:1:0.01"
 # Stored and re-scored lp_knn at the run's temperature must agree this closely (fp32 rounding
@@ -158,3 +161,109 @@ def write_outputs(json_path, result_json, plot_path, plot, *, prog="knnlm", over
         output.commit()
     for path in targets if announce else ():
         print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- p_kNN re-scored from an export
+# Elements of (rows, K) per re-scoring chunk: 4 MB of fp32 per temporary, about cache-sized.
+CHUNK_ELEMENTS = 1 << 20
+
+def _chunk_rows(k):
+    return max(1, CHUNK_ELEMENTS // max(k, 1))
+
+
+def _lp_knn_exact(d, m, valid, sim_func, temperature):
+    # knn_log_prob compares neighbor values with targets; `match` already is that comparison.
+    ones = torch.ones(len(m), dtype=torch.bool)
+    return knn_log_prob(neighbor_scores(d, sim_func, temperature), m, ones, valid)
+
+
+def _lp_knn_chunk(dists, match, sim_func, temperatures):
+    """log p_kNN for one (rows, K) chunk at each temperature.
+
+    knn_log_prob costs ~10 passes over the (rows, K) scores per temperature; here the scores
+    are shifted by their row maximum once, after which each temperature is one exp pass and
+    two sums: log p_kNN = log sum_match e^(x/T) - log sum_all e^(x/T), x = s - max s <= 0, so
+    the normalizer lies in [1, K] and cannot over- or underflow. Only the matched sum can
+    underflow (every matching neighbor far from the nearest at a low T): those rows, and any
+    non-finite one, are redone with knn_log_prob itself. Tests hold this equal to it.
+    """
+    # Copies: the memory map is read-only, torch wants writable memory.
+    d = torch.from_numpy(np.array(dists, dtype=np.float32))
+    m = torch.from_numpy(np.array(match, dtype=np.bool_))
+    valid = ~torch.isnan(d)
+    if valid.all():
+        valid = None  # nothing to mask
+    else:
+        d = d.nan_to_num(0.0)
+        m = m & valid
+    s = neighbor_scores(d, sim_func, 1.0)  # scoring's sign convention; s / T is its score at T
+    if valid is not None:
+        s = s.masked_fill(~valid, float("-inf"))
+    top = s.amax(dim=-1, keepdim=True)
+    x = s - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    mf = m.float()
+    has_match = mf.amax(dim=-1) > 0
+    buf = torch.empty_like(x)
+    out = []
+    for t in temperatures:
+        torch.div(x, t, out=buf)
+        buf.exp_()  # missing neighbors: exp(-inf) = 0
+        matched = torch.linalg.vecdot(buf, mf)
+        lp = matched.log() - buf.sum(dim=-1).log()
+        lp = lp.masked_fill(~has_match, float("-inf"))  # also rows with no neighbor at all
+        redo = has_match & ~(matched >= 1e-30) | torch.isnan(lp)  # NaN compares False: redone
+        if redo.any():
+            lp[redo] = _lp_knn_exact(d[redo], m[redo], None if valid is None else valid[redo], sim_func, t)
+        out.append(lp.numpy())
+    return out
+
+
+def lp_knn_grid(export, temperatures, rows=slice(None)):
+    """log p_kNN(target) at each temperature: (len(temperatures), n) float32.
+
+    Re-scores from the stored distances and matches in chunks (memory is bounded whatever N
+    and K); each chunk is read once for all temperatures. When the export kept fewer
+    neighbors than the run used (K < k), this is the softmax over the K nearest only: an
+    approximation of what a run at that temperature would give (a warning says so).
+    """
+    if not export.has_neighbors:
+        raise ConfigError(
+            f"export {export.path} has no neighbor distances, so p_kNN cannot be re-scored at "
+            f"another temperature; only the run's own (T = {export.meta['temperature']}) is available"
+        )
+    temperatures = [float(t) for t in temperatures]
+    for t in temperatures:
+        check_temperature(t, "temperature")
+    if export.truncated and not export._warned:
+        logger.warning(
+            "export %s kept %d of the run's %d neighbors: p_kNN re-scored at a new temperature "
+            "uses only those %d, an approximation (the stored lp_knn, at T = %g, is exact)",
+            export.path, export.k_kept, export.k, export.k_kept, export.meta["temperature"])
+        export._warned = True
+    sel = np.arange(export.count)[rows]
+    contiguous = isinstance(rows, slice) and rows.step in (None, 1)
+    out = np.empty((len(temperatures), len(sel)), dtype=np.float32)
+    step = _chunk_rows(export.k_kept)
+    for s in range(0, len(sel), step):
+        part = sel[s:s + step]
+        if contiguous:  # a plain slice of the memory map: no fancy-index copy
+            lo, hi = int(part[0]), int(part[-1]) + 1
+            d, m = export.dists[lo:hi], export.match[lo:hi]
+        else:
+            d, m = export.dists[part], export.match[part]
+        for i, lp in enumerate(_lp_knn_chunk(d, m, export.meta["sim_func"], temperatures)):
+            out[i, s:s + len(part)] = lp
+    return out
+
+
+def lp_knn_at(export, temperature, rows=slice(None)):
+    """log p_kNN(target) re-scored at `temperature` for `rows` (a slice, index or mask): (n,) float32.
+
+    Exact when the export kept all the run's neighbors; with K kept < k an approximation
+    (see `lp_knn_grid`).
+    """
+    return lp_knn_grid(export, [temperature], rows)[0]
+
+
+def same_temperature(a, b):
+    return math.isclose(a, b, rel_tol=1e-9)

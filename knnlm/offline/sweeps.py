@@ -27,7 +27,8 @@ import torch
 
 from ..errors import ConfigError, CorruptError
 from ..scoring import check_lambda, check_temperature, knn_log_prob, neighbor_scores
-from .export import load_export, same_temperature
+from .export_reader import load_export
+from .rescoring import same_temperature
 from ..cli import run_command
 from .rescoring import (DEFAULT_LAMBDAS, PNG_METADATA, best_lambda, check_consistent, json_safe, parse_lambdas,
                         write_outputs)

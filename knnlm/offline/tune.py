@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, CorruptError
-from .export import load_export, lp_knn_grid, same_temperature
+from .export_reader import load_export
+from .rescoring import lp_knn_grid, same_temperature
 from .rescoring import (DEFAULT_LAMBDAS, check_consistent, json_safe, parse_lambdas,  # noqa: F401
                         PNG_METADATA, parse_temperatures, perplexity, write_outputs)
 from ..cli import run_command

@@ -6,7 +6,8 @@ import os
 import numpy as np
 
 from ..errors import ConfigError, KNNLMError
-from .datastore import Datastore, DatastoreWriter, existing_data
+from .datastore import Datastore
+from .writer import DatastoreWriter, existing_data
 from .npy import GrowingNpy
 
 

@@ -39,7 +39,7 @@ import os
 import numpy as np
 import torch
 
-from ...artefacts import AtomicOutput, read_json, verify_checksum, write_json_atomic
+from ...artefacts import AtomicOutput, read_json, verify_checksum
 from ...errors import ConfigError, CorruptError, KNNLMError, MismatchError
 from .features import TokenFeatures, feature_names
 from .ngrams import NgramStats

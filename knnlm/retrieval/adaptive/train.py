@@ -35,7 +35,8 @@ from ... import provenance
 from ...artefacts import AtomicOutput
 from ...cli import run_command
 from ...errors import ConfigError, MismatchError
-from ...offline.export import load_export, lp_knn_at, same_temperature
+from ...offline.export_reader import load_export
+from ...offline.rescoring import lp_knn_at, same_temperature
 from ...offline.rescoring import PNG_METADATA, write_outputs
 from ...scoring import check_lambda, check_temperature, interpolate
 from ...store.datastore import Datastore
