@@ -258,3 +258,23 @@ def test_flags_are_generated_from_one_definition():
         for f in cls_fields:
             assert flag_name(f.name) in flags, (frontend, f.name)
             assert flags[flag_name(f.name)].help == f.metadata["help"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--stride", "0"], "--stride must be at least 1, got 0"),
+    (["eval", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["generate", "--prompt", "x", "--num-beams", "0"], "--num-beams must be at least 1, got 0"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "-1"], "--max-new-tokens must be at least 1, got -1"),
+    (["generate", "--prompt", "x", "--top-p", "2"], "--top-p must be in (0, 1], got 2.0"),
+    (["generate", "--prompt", "x", "--temperature", "0"], "--temperature must be a finite number above 0"),
+    (["eval", "--retomaton-max-pointers", "0", "--knnlm", "--retomaton", "--dstore-filename", "d", "--indexfile", "i"],
+     "--retomaton-max-pointers must be a whole number of at least 1"),
+    (["eval", "--k", "8"], "--k is an option of kNN-LM scoring, ignored without --knnlm: add --knnlm"),
+])
+def test_hf_numbers_are_refused_by_name(capsys, argv, message, tmp_path):
+    """Before any model is loaded (the model path does not even exist)."""
+    (tmp_path / "t.txt").write_text("a b c")
+    extra = ["--text", str(tmp_path / "t.txt")] if argv[0] == "eval" else []
+    rc = hf_main(argv[0], "--model", tmp_path / "none", *extra, *argv[1:])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("knnlm-hf: error: ") and message in err, err
