@@ -38,3 +38,19 @@ def reference_gains(export_path):
     lp_lm, lp_knn = np.asarray(ex.lp_lm, np.float64), np.asarray(ex.lp_knn, np.float64)
     final = np.log(lam * np.exp(lp_knn) + (1 - lam) * np.exp(lp_lm))
     return final - lp_lm
+
+
+def partial_export(export_path, out, every=3, kind="lm_only"):
+    """A copy of an export as a run that searched only some tokens would write it (every
+    `every`-th token not searched: p_kNN -inf, as KNNLM gives it); returns the searched mask."""
+    from knnlm.offline.export import ExportWriter, load_export
+
+    e = load_export(export_path)
+    searched = np.arange(e.count) % every != 0
+    lp_knn = np.where(searched, e.lp_knn, -np.inf) if kind == "lm_only" else np.asarray(e.lp_knn)
+    keep = {k: e.meta[k] for k in ("datastore", "datastore_fingerprint", "split")}
+    w = ExportWriter(str(out), e.k_kept, sim_func=e.meta["sim_func"], temperature=e.meta["temperature"],
+                     lmbda=e.meta["lmbda"], with_ids=True, meta=keep, unsearched=kind)
+    w.add(e.lp_lm, lp_knn, e.targets, dists=e.dists, ids=e.ids, vals=e.vals, searched=searched)
+    w.finalize()
+    return searched

@@ -17,7 +17,7 @@ from knnlm.explain.source import DatastoreText, Segment
 from knnlm.explain.vocab import read_dict
 from knnlm.store.datastore import Datastore, DatastoreWriter
 
-from .explain_fixtures import build_explain_setup, explain, reference_gains
+from .explain_fixtures import build_explain_setup, explain, partial_export, reference_gains
 from .helpers import build_index
 
 
@@ -280,3 +280,27 @@ def test_named_errors(ex, tmp_path):
     with pytest.raises(ConfigError):
         read_dict(str(tmp_path / "missing.txt"))
     assert issubclass(MismatchError, KNNLMError)
+
+
+def test_tokens_not_searched_are_marked_and_keep_p_lm(ex, tmp_path):
+    """An adaptive-retrieval run's export (searched.npy, unsearched "lm_only"): re-scoring
+    refuses it, the explorer shows it with p_LM alone on the tokens not searched."""
+    from knnlm.offline.export import load_export
+
+    searched = partial_export(ex["export"], tmp_path / "partial")
+    with pytest.raises(ConfigError, match="searched only some tokens"):
+        load_export(str(tmp_path / "partial"))
+    assert np.array_equal(load_export(str(tmp_path / "partial"), partial_search=True).searched, searched)
+    out = tmp_path / "partial.html"
+    explain(tmp_path / "partial", "--datastore", ex["ds"], "--dict", ex["dict"], "-o", out)
+    d = page_data(out)
+    assert np.array_equal(d["searched"].astype(bool), searched)
+    assert np.array_equal(d["lp_final"][~searched], d["lp_lm"][~searched])
+    assert np.allclose((d["lp_final"] - d["lp_lm"])[searched], reference_gains(ex["export"])[searched], atol=1e-5)
+    assert f"{(~searched).sum():,} tokens were not searched (p_LM alone" in out.read_text()
+    # RetoMaton: the tokens that followed pointers keep their p_kNN
+    partial_export(ex["export"], tmp_path / "reto", kind="pointers")
+    explain(tmp_path / "reto", "--datastore", ex["ds"], "--dict", ex["dict"], "-o", tmp_path / "reto.html")
+    d = page_data(tmp_path / "reto.html")
+    assert np.allclose(d["lp_final"] - d["lp_lm"], reference_gains(ex["export"]), atol=1e-5)
+    assert "RetoMaton's pointers" in (tmp_path / "reto.html").read_text()

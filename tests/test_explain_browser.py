@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .explain_fixtures import build_explain_setup, explain, reference_gains
+from .explain_fixtures import build_explain_setup, explain, partial_export, reference_gains
 
 CHROMIUM = os.environ.get("KNNLM_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -58,6 +58,21 @@ def page_file(tiny, tmp_path_factory):
     explain(ex["export"], "--datastore", ex["ds"], "--dict", ex["dict"], "-o", out, "--neighbors", NEIGHBORS,
             "--context", CONTEXT, "--page-tokens", PAGE)
     return ex, out
+
+
+def test_tokens_not_searched_are_hatched(browser, page_file, tmp_path):
+    ex, _ = page_file
+    searched = partial_export(ex["export"], tmp_path / "partial")
+    out = tmp_path / "partial.html"
+    explain(tmp_path / "partial", "--datastore", ex["ds"], "--dict", ex["dict"], "-o", out, "--page-tokens", PAGE)
+    page, errors, requests = _open(browser, out)
+    hatched = page.evaluate("() => [...document.querySelectorAll('#text .tok.nosearch')].map(s => +s.dataset.i)")
+    assert hatched == np.flatnonzero(~searched[:PAGE]).tolist()
+    page.locator(f'#text .tok[data-i="{hatched[0]}"]').click()
+    assert page.locator('#kv tr[data-k="search"] td').nth(1).inner_text() == "not searched: p_LM alone"
+    assert float(page.locator('#kv tr[data-k="gain (nats)"] td').nth(1).inner_text()) == 0.0
+    assert errors == [] and requests == []
+    page.close()
 
 
 def _open(browser, path):

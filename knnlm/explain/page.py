@@ -135,7 +135,9 @@ def write(report, vocab, path, *, page_tokens=PAGE_TOKENS, title=None):
              f"k = {m['k']}, {m['k_kept']} kept in the export, the nearest {m['neighbors_shown']} shown with "
              f"{m['context']} tokens of their text; T = {m['temperature']:g}, λ = {m['lmbda']:g}")
     if m["searched"] < m["tokens"]:
-        notes += f"; {m['tokens'] - m['searched']:,} tokens were not searched (p_LM alone, hatched)"
+        how = ("p_LM alone" if m.get("unsearched") == "lm_only"
+               else "scored against RetoMaton's pointers, no search")
+        notes += f"; {m['tokens'] - m['searched']:,} tokens were not searched ({how}; hatched)"
     fill = {"TITLE": html.escape(title), "NOTES": notes, "SCALE": f"{m['scale']:g}",
             "SUMMARIES": summaries_html(report, vocab), "CSS": _CSS, "JS": _JS, "DATA": payload}
     # one pass: text from the corpus never reads as a placeholder
@@ -259,7 +261,9 @@ _JS = r"""
     panel.appendChild(ctx);
     const kv = el('table', {class: 'kv', id: 'kv'});
     const g = gain(i);
-    const rows = [['p_LM', pr(A.lp_lm[i])], ['p_kNN', A.searched[i] ? pr(A.lp_knn[i]) : 'not searched'],
+    const unsearched = A.searched[i] ? '' : (M.unsearched === 'lm_only' ? 'not searched: p_LM alone' : 'not searched: RetoMaton pointers');
+    const rows = [['p_LM', pr(A.lp_lm[i])], ['p_kNN', A.searched[i] || M.unsearched !== 'lm_only' ? pr(A.lp_knn[i]) : 'none'],
+      ...(unsearched ? [['search', unsearched]] : []),
       ['p_kNN-LM', pr(A.lp_final[i])], ['\u03bb', String(M.lmbda)],
       ['gain (nats)', (g >= 0 ? '+' : '') + g.toFixed(3)], ['rank under p_LM', rankLM(A.rank_lm[i])],
       ['rank under p_kNN', rankKNN(A.rank_knn[i])], ['target count in the datastore', A.freq[i].toLocaleString()],

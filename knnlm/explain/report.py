@@ -54,10 +54,12 @@ def build(sources, *, neighbors=8, context=16, max_ngram=S.MAX_NGRAM, progress=N
     lp_lm = np.asarray(ex.lp_lm, np.float64)
     lp_knn = np.asarray(ex.lp_knn, np.float64)
     searched = np.ones(n, bool)
-    if getattr(ex, "searched", None) is not None:
+    if ex.searched is not None:
         searched = np.asarray(ex.searched, bool)
+    unsearched = ex.meta.get("unsearched")
     say(f"gains of {n:,} tokens (lambda {lmbda:g})")
-    lp_final = S.final_log_probs(lp_lm, lp_knn, lmbda, searched)
+    # adaptive retrieval: an unsearched token got p_LM alone; RetoMaton: its pointers' p_kNN
+    lp_final = S.final_log_probs(lp_lm, lp_knn, lmbda, searched if unsearched == "lm_only" else None)
     gain = S.gains(lp_lm, lp_final)
 
     say(f"reading the neighbors' text from {ds.prefix}")
@@ -108,7 +110,7 @@ def build(sources, *, neighbors=8, context=16, max_ngram=S.MAX_NGRAM, progress=N
         "export": ex.path, "datastore": ds.prefix, "datastore_size": int(ds.size), "tokens": int(n),
         "lmbda": lmbda, "temperature": temperature, "sim_func": ex.meta["sim_func"], "k": ex.k,
         "k_kept": ex.k_kept, "neighbors_shown": shown, "context": int(context), "max_ngram": int(max_ngram),
-        "scale": scale, "searched": int(searched.sum()), "split": ex.meta.get("split"),
+        "scale": scale, "searched": int(searched.sum()), "unsearched": unsearched, "split": ex.meta.get("split"),
         "ppl_lm": float(np.exp(-lp_lm.mean())) if n else float("nan"),
         "ppl_knnlm": float(np.exp(-lp_final.mean())) if n else float("nan"),
         "total_gain": float(gain.sum()),

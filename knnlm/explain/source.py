@@ -133,7 +133,7 @@ class Sources:
 
 def open_sources(export_path, datastore_path, vocab):
     """Open and cross-check; every mismatch is a named error saying which file and what to do."""
-    export = load_export(export_path)
+    export = load_export(export_path, partial_search=True)
     if not export.has_neighbors:
         raise ConfigError(
             f"export {export_path} holds no neighbors (it was written with --knnlm-dump-neighbors 0 or without "

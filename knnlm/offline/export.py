@@ -12,6 +12,12 @@ PATH is a directory:
     features.npy (N, F) float32  the LM's own features of each token (`knnlm.features`: entropy,
                                  top log-probabilities), named by meta feature_names; for
                                  adaptive retrieval (knnlm-adaptive). Exports before it lack it.
+    searched.npy (N,)   bool     whether the token was searched, for a strategy that searches only
+                                 some tokens (meta "unsearched": "lm_only": adaptive retrieval, the
+                                 others got p_LM alone; "pointers": RetoMaton, the others were scored
+                                 against the pointers' entries). Read only by callers that ask for
+                                 it (load_export(..., partial_search=True): knnlm-explain); re-scoring
+                                 assumes every token was searched and refuses such an export.
     meta.json    sim_func, k (the run's), k_kept (K), temperature, lmbda, count, the files,
                  feature_names (with features.npy), any caller metadata; `complete: true` is
                  written last.
@@ -54,15 +60,17 @@ FILES = {
     "vals": (np.int64, True),
     "features": (np.float32, False),  # (N, F): F = len(meta["feature_names"])
     "context": (np.int64, False),  # (N, C): the C = meta["context_order"] tokens each prediction read last, -1: none
+    "searched": (np.bool_, False),  # (N,): with meta["unsearched"]
 }
+UNSEARCHED = ("lm_only", "pointers")
 _RESERVED = {"format", "format_version", "complete", "count", "sim_func", "k", "k_kept",
-             "temperature", "lmbda", "files", "started", "finished", "versions", "feature_names", "context_order"}
+             "temperature", "lmbda", "files", "started", "finished", "versions", "feature_names", "context_order", "unsearched"}
 # What an export's meta.json must hold: field -> (types, required).
 META_SCHEMA = {
     "format": (str, True), "format_version": (int, True), "complete": (bool, True), "count": (int, True),
     "k_kept": (int, True), "files": (list, True), "sim_func": (str, True), "temperature": (float, True),
     "lmbda": (float, True), "k": ((int, type(None)), False), "feature_names": (list, False),
-    "context_order": (int, False),
+    "context_order": (int, False), "unsearched": (str, False),
 }
 # Elements of (rows, K) per re-scoring chunk: 4 MB of fp32 per temporary, about cache-sized.
 CHUNK_ELEMENTS = 1 << 20
@@ -94,14 +102,18 @@ class ExportWriter:
     `add()` must then be given `features` (n, F).
     context_order: also store the last C tokens of each token's context (context.npy, for the
     n-gram features of adaptive retrieval); `add()` must then be given `context` (n, C).
+    unsearched: the run searched only some tokens ("lm_only" or "pointers", see the module's
+    doc): store which (searched.npy); `add()` must then be given `searched` (n,).
     """
 
     def __init__(self, path, k_kept, *, sim_func, temperature, lmbda, with_ids=False,
-                 overwrite=False, meta=None, feature_names=None, context_order=None):
+                 overwrite=False, meta=None, feature_names=None, context_order=None, unsearched=None):
         if sim_func not in SIM_FUNCS:
             raise ConfigError(f"sim_func must be one of {', '.join(SIM_FUNCS)}, got {sim_func!r}")
         check_temperature(temperature)
         check_lambda(lmbda)
+        if unsearched not in (None, *UNSEARCHED):
+            raise ConfigError(f"unsearched must be one of {', '.join(UNSEARCHED)} or None, got {unsearched!r}")
         if isinstance(k_kept, bool) or not isinstance(k_kept, (int, np.integer)) or k_kept < 0:
             raise ConfigError(f"the number of neighbors to export must be an integer >= 0, got {k_kept!r}")
         clash = _RESERVED & set(meta or {})
@@ -131,6 +143,7 @@ class ExportWriter:
             "files": [],
             **({"feature_names": list(feature_names)} if feature_names else {}),
             **({"context_order": int(context_order)} if context_order else {}),
+            **({"unsearched": unsearched} if unsearched else {}),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": provenance.versions(),
             **(meta or {}),
@@ -196,6 +209,8 @@ class ExportWriter:
             names = list(names) + ["features"]
         if "context_order" in self.meta:
             names = list(names) + ["context"]
+        if "unsearched" in self.meta:
+            names = list(names) + ["searched"]
         self.meta["files"] = list(names)
         self._files = {
             name: GrowingNpy(os.path.join(self.write_dir, f"{name}.npy"), FILES[name][0],
@@ -206,7 +221,7 @@ class ExportWriter:
             write_json_atomic(os.path.join(self.path, META), self.meta)
 
     def add(self, lp_lm, lp_knn, targets, dists=None, match=None, ids=None, vals=None, valid=None,
-            features=None, context=None):
+            features=None, context=None, searched=None):
         """Append n tokens: lp_lm, lp_knn, targets (n,); dists, match, ids, vals, valid (n, k);
         features (n, F) when the writer was given feature_names.
 
@@ -217,8 +232,8 @@ class ExportWriter:
         """
         if self._done:
             raise RuntimeError(f"export {self.path} is already finalized or abandoned")
-        lp_lm, lp_knn, targets, dists, match, ids, vals, valid, features, context = (
-            _numpy(x) for x in (lp_lm, lp_knn, targets, dists, match, ids, vals, valid, features, context))
+        lp_lm, lp_knn, targets, dists, match, ids, vals, valid, features, context, searched = (
+            _numpy(x) for x in (lp_lm, lp_knn, targets, dists, match, ids, vals, valid, features, context, searched))
         n = len(targets)
         for name, a in (("lp_lm", lp_lm), ("lp_knn", lp_knn), ("targets", targets)):
             if a.ndim != 1 or len(a) != n:
@@ -253,6 +268,11 @@ class ExportWriter:
                 raise ValueError(f"export add(): context of shape {None if context is None else context.shape}, "
                                  f"expected {shape}")
             row["context"] = context.astype(np.int64)
+        if "searched" in self._files:
+            if searched is None or searched.shape != (n,):
+                raise ValueError(f"export add(): searched of shape {None if searched is None else searched.shape}, "
+                                 f"expected ({n},)")
+            row["searched"] = searched.astype(np.bool_)
         elif dists is not None and self.meta["k"] is None:
             raise ValueError("export add(): distances given, but the first add() had none")
         for name, f in self._files.items():
@@ -349,6 +369,7 @@ class Export:
     vals: Optional[np.ndarray] = None
     features: Optional[np.ndarray] = None
     context: Optional[np.ndarray] = None
+    searched: Optional[np.ndarray] = None
     _warned: bool = dataclasses.field(default=False, repr=False)
 
     @property
@@ -388,14 +409,18 @@ class Export:
 def _loads(path):
     """Whether the export at PATH opens whole (a corrupt one holds nothing worth keeping)."""
     try:
-        load_export(path)
+        load_export(path, partial_search=True)
         return True
     except KNNLMError:
         return False
 
 
-def load_export(path):
-    """Open the export directory PATH, checking that it is complete and its files are whole."""
+def load_export(path, *, partial_search=False):
+    """Open the export directory PATH, checking that it is complete and its files are whole.
+
+    An export of a run that searched only some tokens (searched.npy) opens only with
+    partial_search=True: re-scoring (tune, sweeps, adaptive training) assumes every token's
+    p_kNN comes from a search."""
     if not os.path.isdir(path):
         raise KNNLMError(f"no export directory at {path} (written by --knnlm-dump-probs)")
     meta = read_json(os.path.join(path, META), f"export {path}")
@@ -432,6 +457,10 @@ def load_export(path):
     if ("context" in names) != isinstance(meta.get("context_order"), int) or meta.get("context_order", 1) < 1:
         raise CorruptError(f"export {path}: its metadata lists context.npy and a context order "
                            f"{meta.get('context_order')!r} that do not go together; it is damaged")
+    if ("searched" in names) != (meta.get("unsearched") in UNSEARCHED) or (
+            "unsearched" in meta and meta["unsearched"] not in UNSEARCHED):
+        raise CorruptError(f"export {path}: its metadata lists searched.npy and unsearched "
+                           f"{meta.get('unsearched')!r} that do not go together; it is damaged")
     arrays = {}
     for name in names:
         if name not in FILES:
@@ -453,6 +482,11 @@ def load_export(path):
                 f"{np.dtype(dtype).name} {shape}; the file was truncated or replaced"
             )
         arrays[name] = a
+    if "searched" in arrays and not partial_search and not bool(np.all(arrays["searched"])):
+        raise ConfigError(
+            f"export {path} is of a run that searched only some tokens ({meta['unsearched']}: "
+            f"{int((~np.asarray(arrays['searched'])).sum()):,} of {meta['count']:,} were not searched); re-scoring "
+            f"and tuning need every token searched: export a plain --knnlm run (knnlm-explain shows this one)")
     return Export(path=path, meta=meta, **arrays)
 
 
