@@ -304,3 +304,49 @@ def test_tokens_not_searched_are_marked_and_keep_p_lm(ex, tmp_path):
     d = page_data(tmp_path / "reto.html")
     assert np.allclose(d["lp_final"] - d["lp_lm"], reference_gains(ex["export"]), atol=1e-5)
     assert "RetoMaton's pointers" in (tmp_path / "reto.html").read_text()
+
+
+def test_searched_masks_of_retomaton_and_adaptive_runs_round_trip(tmp_path):
+    """What a front-end hands the export for RetoMaton and adaptive runs: the retriever's own
+    record of the tokens it searched (RetoMaton's last_searched, adaptive's Neighbors.retrieved)."""
+    import faiss
+    import torch
+
+    from knnlm import KNNLM, FaissRetriever
+    from knnlm.offline.export import ExportWriter, load_export, searched_mask, unsearched_kind
+    from knnlm.retrieval.adaptive import AdaptiveRetriever
+    from knnlm.retrieval.retomaton import RetoMatonRetriever, Streams
+
+    from .test_adaptive import make_predictor
+
+    rng = np.random.default_rng(0)
+    text = rng.integers(0, 20, size=201)
+    keys = rng.normal(size=(200, 8)).astype(np.float32)
+    w = DatastoreWriter(str(tmp_path / "ds"), 8, keytype="x", dict_size=20, dict_fingerprint="f",
+                        extra={"sample_break_mode": "none"})
+    w.add(keys, text[1:])
+    w.finalize()
+    ds = Datastore.open(str(tmp_path / "ds"))
+    index = faiss.IndexFlatL2(8)
+    index.add(keys)
+    q = torch.from_numpy(keys[50:90] + 0.01 * rng.normal(size=(40, 8)).astype(np.float32))
+    t = torch.from_numpy(text[51:91])
+    lp_lm = torch.full((40,), -2.0)
+    feats = torch.from_numpy(rng.normal(size=(40, 4)).astype(np.float32))
+    runs = {
+        "pointers": (RetoMatonRetriever(FaissRetriever(index, ds, k=4), min_pointers=2), Streams([40], t)),
+        "lm_only": (AdaptiveRetriever(FaissRetriever(index, ds, k=4), make_predictor(feats, ds), skip=0.5), feats),
+    }
+    for kind, (retriever, state) in runs.items():
+        assert unsearched_kind(retriever) == kind
+        scored = KNNLM(retriever, lmbda=0.3).score(q, t, lp_lm, state=state, nearest_first=True)
+        mask = searched_mask(retriever, scored.neighbors)
+        assert int(mask.sum()) == retriever.searched and 0 < retriever.searched < 40
+        n = scored.neighbors
+        wr = ExportWriter(str(tmp_path / kind), 4, sim_func="l2", temperature=1.0, lmbda=0.3, with_ids=True,
+                          unsearched=kind)
+        wr.add(lp_lm, scored.lp_knn, t, dists=n.distances, ids=n.ids, vals=n.values, valid=n.valid, searched=mask)
+        wr.finalize()
+        e = load_export(str(tmp_path / kind), partial_search=True)
+        assert np.array_equal(e.searched, mask.numpy()) and e.meta["unsearched"] == kind
+    assert unsearched_kind(FaissRetriever(index, ds, k=4)) is None

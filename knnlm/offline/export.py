@@ -599,3 +599,30 @@ def lp_knn_at(export, temperature, rows=slice(None)):
 
 def same_temperature(a, b):
     return math.isclose(a, b, rel_tol=1e-9)
+
+
+def unsearched_kind(retriever):
+    """What an export of a run with `retriever` records for its tokens not searched (the
+    ExportWriter's `unsearched`): "lm_only" for adaptive retrieval, "pointers" for RetoMaton,
+    None for a strategy that searches every token."""
+    from ..retrieval.adaptive import AdaptiveRetriever
+    from ..retrieval.retomaton import RetoMatonRetriever
+
+    if isinstance(retriever, AdaptiveRetriever):
+        return "lm_only"
+    if isinstance(retriever, RetoMatonRetriever):
+        return "pointers"
+    return None
+
+
+def searched_mask(retriever, neighbors):
+    """(n,) bool: which queries of the retriever's last `retrieve()` were searched (the
+    `searched` of ExportWriter.add), or None when every one was. RetoMaton knows it only for a
+    call with streams (`Streams`), the way a front-end scores."""
+    kind = unsearched_kind(retriever)
+    if kind == "lm_only":
+        r = neighbors.retrieved
+        return None if r is None else r.detach().cpu().bool()
+    if kind == "pointers":
+        return retriever.last_searched.detach().cpu().bool()
+    return None
