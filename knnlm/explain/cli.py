@@ -53,8 +53,10 @@ def run(args):
     from ..errors import ConfigError
 
     for name in ("neighbors", "context", "max_ngram", "page_tokens"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        value, top = getattr(args, name), page.LIMITS.get(name)
+        if value < 1 or (top is not None and value > top):
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1{f' and at most {top}' if top else ''}, "
+                              f"got {value}")
     t0 = time.time()
     say = lambda msg: print(f"{PROG}: {msg} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)  # noqa: E731
     vocab = load_vocab(args)

@@ -15,6 +15,8 @@ from . import plots
 from .report import TABLE_CONTEXT
 
 PAGE_TOKENS = 2000
+# What the page's compact arrays hold (uint16 context lengths, uint8 match lengths).
+LIMITS = {"context": 4096, "max_ngram": 64}
 
 
 def _b64(a, dtype):
@@ -117,14 +119,14 @@ def write(report, vocab, path, *, page_tokens=PAGE_TOKENS, title=None):
             "lp_knn": _b64(report.lp_knn, "float32"),
             "lp_final": _b64(report.lp_final, "float32"),
             "searched": _b64(report.searched, "uint8"),
-            "rank_lm": _b64(report.rank_lm, "int32"),
+            "rank_lm": _b64(report.rank_lm, "int16"),    # <= the export's top-k
             "rank_knn": _b64(report.rank_knn, "int32"),
             "freq": _b64(report.freq, "int32"),
-            "match": _b64(report.match, "int32"),
+            "match": _b64(report.match, "uint8"),       # <= LIMITS["max_ngram"]
             "nb_id": _b64(report.nb_id, "float64" if m["datastore_size"] >= 2**31 else "int32"),
             "nb_dist": _b64(report.nb_dist, "float32"),
             "nb_q": _b64(report.nb_q, "int32"),
-            "nb_clen": _b64(report.nb_clen, "int32"),
+            "nb_clen": _b64(report.nb_clen, "uint16"),  # <= LIMITS["context"]
             "snip": _b64(report.snippets, "int32"),
         },
     }
@@ -191,11 +193,13 @@ tr.nb.hit td.nb-next::after{content:" \\2713"}
 
 _JS = r"""
 (function () {
+  const t0 = performance.now();
   const D = JSON.parse(document.getElementById('data').textContent);
   function decode(a) {
     const bin = atob(a.b64), buf = new ArrayBuffer(bin.length), u8 = new Uint8Array(buf);
     for (let i = 0; i < bin.length; i++) u8[i] = bin.charCodeAt(i);
-    const T = {int32: Int32Array, float32: Float32Array, float64: Float64Array, uint8: Uint8Array}[a.dtype];
+    const T = {int32: Int32Array, int16: Int16Array, uint16: Uint16Array, float32: Float32Array,
+               float64: Float64Array, uint8: Uint8Array}[a.dtype];
     return new T(buf);
   }
   const A = {};
@@ -297,7 +301,8 @@ _JS = r"""
     show(+tr.dataset.i); document.getElementById('textcol').scrollIntoView();
   }));
   render(0);
-  window.explorer = {count: N, pages: pages, pageTokens: P, show: show, render: render};
+  window.explorer = {count: N, pages: pages, pageTokens: P, show: show, render: render,
+                     readyMs: performance.now() - t0};
 })();
 """
 
