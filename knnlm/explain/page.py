@@ -32,6 +32,11 @@ def _pct(x):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
+def _prob(lp):
+    p = math.exp(lp)
+    return f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}"
+
+
 def _snippet(report, vocab, i, before=TABLE_CONTEXT):
     """The test text around token i: (before, target, after) strings."""
     lo = max(0, i - before)
@@ -56,7 +61,7 @@ def _top_table(report, vocab, idx, cls):
         rows.append(
             f"<tr class='jump' data-i='{i}'><td>{i:,}</td><td class='ctx'>{html.escape(b)} "
             f"<b>{html.escape(t)}</b> <span class='after'>{html.escape(a)}</span></td>"
-            f"<td>{math.exp(report.lp_lm[i]):.3f}</td><td>{math.exp(report.lp_final[i]):.3f}</td>"
+            f"<td>{_prob(report.lp_lm[i])}</td><td>{_prob(report.lp_final[i])}</td>"
             f"<td>{report.gain[i]:+.3f}</td></tr>")
     head = "<tr><th>token</th><th>context <b>target</b></th><th>p_LM</th><th>p_kNN-LM</th><th>gain</th></tr>"
     return f"<table class='sum {cls}'>{head}{''.join(rows)}</table>"
