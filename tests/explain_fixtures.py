@@ -10,7 +10,7 @@ TPS = ("--tokens-per-sample", "64")
 K = 16
 
 
-def build_explain_setup(tiny, root):
+def build_explain_setup(tiny, root, without_ids=True):
     """Datastore of the train split, a flat index, and two exports of the test split (whose
     text is in train): with neighbor ids, and without."""
     data, ckpt = tiny["data"], tiny["ckpt"]
@@ -20,7 +20,8 @@ def build_explain_setup(tiny, root):
     knn = ("--gen-subset", "test", "--knnlm", "--dstore-filename", ds, "--indexfile", f"{ds}.flat",
            "--k", K, "--lmbda", "0.25", "--knn-temp", "2")
     eval_lm(data, ckpt, *TPS, *knn, "--knnlm-dump-probs", root / "export", "--knnlm-dump-ids")
-    eval_lm(data, ckpt, *TPS, *knn, "--knnlm-dump-probs", root / "export_noids")
+    if without_ids:
+        eval_lm(data, ckpt, *TPS, *knn, "--knnlm-dump-probs", root / "export_noids")
     return {"ds": str(ds), "index": f"{ds}.flat", "export": str(root / "export"),
             "export_noids": str(root / "export_noids"), "dict": f"{data}/dict.txt", "root": root}
 

@@ -53,7 +53,7 @@ def browser():
 @pytest.fixture(scope="module")
 def page_file(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("explain_browser")
-    ex = build_explain_setup(tiny, root)
+    ex = build_explain_setup(tiny, root, without_ids=False)
     out = root / "explorer.html"
     explain(ex["export"], "--datastore", ex["ds"], "--dict", ex["dict"], "-o", out, "--neighbors", NEIGHBORS,
             "--context", CONTEXT, "--page-tokens", PAGE)
