@@ -157,6 +157,13 @@ def test_sharded_and_pruned_datastores_read_their_text(tmp_path):
     seg, pos = text.locate(np.arange(p.size))
     assert np.array_equal(pos, rows)  # the source's rows, so the text before is the source's
     assert np.array_equal(np.asarray(text.segments[0].vals), np.asarray(a.vals))
+    # reduced (PCA) keys keep the rows: the text is the datastore's own values
+    from knnlm.store.reduce import reduce_keys
+
+    reduce_keys(a.prefix, str(tmp_path / "pca"), 2)
+    text = DatastoreText(Datastore.open(str(tmp_path / "pca"), load_keys=False))
+    assert np.array_equal(text.locate(np.arange(a.size))[1], np.arange(a.size))
+    assert np.array_equal(text.values(), np.asarray(a.vals))
     # a pruned datastore from before source rows were recorded: a named error, not wrong text
     meta = json.loads((tmp_path / "p_meta.json").read_text())
     del meta["source_rows_file"]
