@@ -106,6 +106,7 @@ class Evaluation:
             e.knnlm_dump_probs, kept, sim_func=knn.sim_func, temperature=knn.temperature, lmbda=knn.lmbda,
             with_ids=e.knnlm_dump_ids, overwrite=self.overwrite,
             feature_names=feature_names(self.feature_top_k), context_order=MAX_ORDER,
+            unsearched=knn.retriever.unsearched,  # RetoMaton, adaptive: which tokens were searched (knnlm-explain)
             meta={**meta, "datastore": datastore.prefix, "datastore_fingerprint": datastore.fingerprint,
                   "index": self.index, **identity.as_dict()})
 
@@ -123,7 +124,8 @@ class Evaluation:
                 pick = (lambda t: t) if count is None else (lambda t: t[count.to(t.device)])  # noqa: E731
                 self.export.add(pick(lp_lm), pick(scored.lp_knn), pick(targets), dists=n.distances, ids=n.ids,
                                 vals=n.values, valid=n.valid, features=pick(context.lm_features),
-                                context=pick(context.context_tokens))
+                                context=pick(context.context_tokens),
+                                searched=n.searched_mask() if self.knn.retriever.unsearched else None)
         if self.cache is not None:
             lps = self.cache.log_probs(cache)
             if self.cache.grid is not None:

@@ -315,9 +315,13 @@ def test_through_fairseq_eval_lm(ev, tmp_path, capsys):
     assert knn_summary(half)[0] == knn_summary(plain)[0]
     for name, msg in (("skip 1", "ConfigError: --adaptive-skip is the fraction of tokens not searched, in [0, 1)"),
                       ("no predictor", "ConfigError: --adaptive-skip is an option of adaptive retrieval"),
-                      ("export", "ConfigError: --adaptive-retrieval leaves tokens unsearched"),
                       ("other model", "MismatchError: predictor")):
         assert res[name].returncode != 0 and msg in res[name].stderr, (name, res[name].stderr[-1500:])
+    # Issue #27: an adaptive run's export records which tokens were searched (knnlm-explain marks
+    # the others); re-scoring tools, which need every token searched, open it only on request.
+    assert res["export"].returncode == 0, str(res["export"])
+    e = load_export(str(tmp_path / "export2"), partial_search=True)
+    assert e.meta["unsearched"] == "lm_only" and e.searched.shape == (e.count,)
 
 
 # ----------------------------------------------------------------------------- knnlm-hf eval

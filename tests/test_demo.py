@@ -69,6 +69,11 @@ def test_demo_end_to_end_then_skips(tmp_path):
     assert "| valid |" in text and "| test |" in text and "fairseq-train" in text
     assert (workdir / "tune" / "fig5.png").is_file()
     assert (workdir / "logs" / "train.log").is_file()
+    # step 9: the explorer of the test split, its path printed
+    page = workdir / "explorer.html"
+    assert page.is_file() and f"explorer (open in a browser): {page}" in first.stdout
+    assert '<script id="data" type="application/json">' in page.read_text()
+    assert json.loads((workdir / "export_test" / "meta.json").read_text())["count"] == result["test"]["tokens"]
 
     second = run_demo("--austen-dir", books, f"workdir={workdir}", *TINY)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

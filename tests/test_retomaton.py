@@ -133,6 +133,16 @@ def test_through_fairseq_eval_lm(tmp_path):
     pct = float(text.split("retomaton min-pointers 1: ")[1].split("%")[0])
     assert pct > 10, text[-1500:]
     assert math.isfinite(knn_summary(text)[1])
-    refused = eval_lm(str(tmp_path / "bin"), str(tmp_path / "lm" / "model.pt"), *common, "--retomaton",
-                      "--knnlm-dump-probs", tmp_path / "export", check=False)
-    assert refused.returncode != 0 and "ConfigError: --retomaton scores pointer candidates" in refused.stderr
+    # Issue #27: a RetoMaton run's export records which tokens were searched (the others were
+    # scored against the pointers' entries); re-scoring opens it only on request.
+    from knnlm.errors import ConfigError
+    from knnlm.offline.export import load_export
+
+    exported = eval_lm(str(tmp_path / "bin"), str(tmp_path / "lm" / "model.pt"), *common, "--retomaton",
+                       "--knnlm-dump-probs", tmp_path / "export")
+    assert knn_summary(exported.stderr) == knn_summary(text)
+    e = load_export(str(tmp_path / "export"), partial_search=True)
+    assert e.meta["unsearched"] == "pointers"
+    assert abs(100 * (1 - e.searched.mean()) - pct) < 0.06  # the summary line's share, to its rounding
+    with pytest.raises(ConfigError, match="searched only some tokens"):
+        load_export(str(tmp_path / "export"))

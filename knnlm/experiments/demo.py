@@ -12,8 +12,10 @@ Steps (each is timed, logged, and skipped when its outputs already exist):
   6. export      fairseq-eval-lm --knnlm --knnlm-dump-probs on valid
   7. tune        knnlm-tune: lambda and the temperature on that export
   8. score       fairseq-eval-lm --knnlm on valid and test with the tuned values
+  9. explorer    the test split exported with neighbor ids, and knnlm-explain's page of it
 
-then prints base LM vs kNN-LM perplexity and writes it to WORKDIR/results.md (+ .json).
+then prints base LM vs kNN-LM perplexity and writes it to WORKDIR/results.md (+ .json), and
+prints the path of the explorer page (WORKDIR/explorer.html).
 
 Settings come from configs/demo/austen.yaml; `key=value` arguments override them
 (`k=64`, `train.max_update=500`). A step counts as done when its outputs exist and its
@@ -56,6 +58,7 @@ TOOLS = {
     "fairseq-eval-lm": "fairseq_cli.eval_lm",
     "knnlm-build-index": "knnlm.index.builder",
     "knnlm-tune": "knnlm.offline.tune",
+    "knnlm-explain": "knnlm.explain.cli",
 }
 # Our plugin's summary line (fairseq_plugins/task.py).
 SUMMARY_RE = re.compile(r"kNN-LM: ([\d,]+) tokens, base LM perplexity ([\d.]+|inf), "
@@ -281,6 +284,8 @@ class Demo:
         self.export = self.workdir / "export_valid"
         self.best = self.workdir / "tune" / "best.json"
         self.scores = self.workdir / "scores"
+        self.export_test = self.workdir / "export_test"
+        self.explorer = self.workdir / "explorer.html"
         self.env = {}
         if cfg.threads:
             self.env = {"OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads)}
@@ -418,6 +423,21 @@ class Demo:
                  result["knn_ppl"], result["gain_pct"])
         return result
 
+    # ---- 9. explorer ----
+    def make_explorer(self):
+        """The test split scored as in step 8, exported with the neighbors' ids, and its page."""
+        c, best = self.cfg.explorer, json.loads(self.best.read_text())
+        lines = self.eval_lm("explorer", "test", *self.knn_args(best["best_lambda"], best["best_temperature"]),
+                             "--knnlm-dump-probs", self.export_test, "--knnlm-dump-ids",
+                             "--knnlm-dump-neighbors", c.dump_neighbors, "--overwrite")
+        scored = parse_summary(lines, "explorer export")
+        lines = self.tool("explorer", "knnlm-explain", self.export_test, "--datastore", self.dstore,
+                          "--dict", self.data / "dict.txt", "-o", self.explorer, "--neighbors", c.neighbors,
+                          "--context", c.context, "--title", "kNN-LM explorer: Austen, test split (Persuasion)",
+                          show=r"^wrote |^knnlm-explain: ")
+        return {"tokens": scored["tokens"], "knn_ppl": scored["knn_ppl"], "page": str(self.explorer),
+                "line": next((x for x in reversed(lines) if x.startswith("wrote ")), "")}
+
     # ---- the pipeline ----
     def steps(self):
         c = self.cfg
@@ -446,6 +466,8 @@ class Demo:
                  lambda: self.make_score("valid")),
             Step("score_test", "kNN-LM on test", [self.scores / "test.json"], {},
                  lambda: self.make_score("test")),
+            Step("explorer", "neighbor explorer of the test split", [self.explorer],
+                 {"explorer": c.explorer}, self.make_explorer, scratch=[self.export_test]),
         ]
 
     def run(self):
@@ -466,6 +488,7 @@ class Demo:
             results_json(self.results, total), indent=2, default=str) + "\n")
         print("\n" + text)
         log.info("wrote %s", self.workdir / "results.md")
+        print(f"explorer (open in a browser): {self.explorer}")
         return self.results
 
 

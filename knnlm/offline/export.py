@@ -12,6 +12,12 @@ PATH is a directory:
     features.npy (N, F) float32  the LM's own features of each token (`knnlm.retrieval.adaptive.features`: entropy,
                                  top log-probabilities), named by meta feature_names; for
                                  adaptive retrieval (knnlm-adaptive). Exports before it lack it.
+    searched.npy (N,)   bool     whether the token was searched, for a strategy that searches only
+                                 some tokens (meta "unsearched": "lm_only": adaptive retrieval, the
+                                 others got p_LM alone; "pointers": RetoMaton, the others were scored
+                                 against the pointers' entries). Read only by callers that ask for
+                                 it (load_export(..., partial_search=True): knnlm-explain); re-scoring
+                                 assumes every token was searched and refuses such an export.
     meta.json    sim_func, k (the run's), k_kept (K), temperature, lmbda, count, the files,
                  feature_names (with features.npy), any caller metadata; `complete: true` is
                  written last.
@@ -37,7 +43,7 @@ from ..errors import ConfigError, CorruptError, KNNLMError
 from ..scoring import SIM_FUNCS, check_lambda, check_temperature
 from ..store.npy import GrowingNpy
 
-from .export_reader import (FILES, FORMAT, FORMAT_VERSION, META, META_SCHEMA, Export, _RESERVED, _loads,  # noqa: F401
+from .export_reader import (FILES, FORMAT, FORMAT_VERSION, META, META_SCHEMA, UNSEARCHED, Export, _RESERVED, _loads,  # noqa: F401
                             _row_shape, load_export)
 
 logger = logging.getLogger(__name__)
@@ -70,14 +76,18 @@ class ExportWriter:
     `add()` must then be given `features` (n, F).
     context_order: also store the last C tokens of each token's context (context.npy, for the
     n-gram features of adaptive retrieval); `add()` must then be given `context` (n, C).
+    unsearched: the run searched only some tokens ("lm_only" or "pointers", see the module's
+    doc): store which (searched.npy); `add()` must then be given `searched` (n,).
     """
 
     def __init__(self, path, k_kept, *, sim_func, temperature, lmbda, with_ids=False,
-                 overwrite=False, meta=None, feature_names=None, context_order=None):
+                 overwrite=False, meta=None, feature_names=None, context_order=None, unsearched=None):
         if sim_func not in SIM_FUNCS:
             raise ConfigError(f"sim_func must be one of {', '.join(SIM_FUNCS)}, got {sim_func!r}")
         check_temperature(temperature)
         check_lambda(lmbda)
+        if unsearched not in (None, *UNSEARCHED):
+            raise ConfigError(f"unsearched must be one of {', '.join(UNSEARCHED)} or None, got {unsearched!r}")
         if isinstance(k_kept, bool) or not isinstance(k_kept, (int, np.integer)) or k_kept < 0:
             raise ConfigError(f"the number of neighbors to export must be an integer >= 0, got {k_kept!r}")
         clash = _RESERVED & set(meta or {})
@@ -107,6 +117,7 @@ class ExportWriter:
             "files": [],
             **({"feature_names": list(feature_names)} if feature_names else {}),
             **({"context_order": int(context_order)} if context_order else {}),
+            **({"unsearched": unsearched} if unsearched else {}),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": provenance.versions(),
             **(meta or {}),
@@ -174,6 +185,8 @@ class ExportWriter:
             names = list(names) + ["features"]
         if "context_order" in self.meta:
             names = list(names) + ["context"]
+        if "unsearched" in self.meta:
+            names = list(names) + ["searched"]
         self.meta["files"] = list(names)
         self._files = {
             name: GrowingNpy(os.path.join(self.write_dir, f"{name}.npy"), FILES[name][0],
@@ -184,7 +197,7 @@ class ExportWriter:
             write_json_atomic(os.path.join(self.path, META), self.meta)
 
     def add(self, lp_lm, lp_knn, targets, dists=None, match=None, ids=None, vals=None, valid=None,
-            features=None, context=None):
+            features=None, context=None, searched=None):
         """Append n tokens: lp_lm, lp_knn, targets (n,); dists, match, ids, vals, valid (n, k);
         features (n, F) when the writer was given feature_names.
 
@@ -195,8 +208,8 @@ class ExportWriter:
         """
         if self._done:
             raise RuntimeError(f"export {self.path} is already finalized or abandoned")
-        lp_lm, lp_knn, targets, dists, match, ids, vals, valid, features, context = (
-            _numpy(x) for x in (lp_lm, lp_knn, targets, dists, match, ids, vals, valid, features, context))
+        lp_lm, lp_knn, targets, dists, match, ids, vals, valid, features, context, searched = (
+            _numpy(x) for x in (lp_lm, lp_knn, targets, dists, match, ids, vals, valid, features, context, searched))
         n = len(targets)
         for name, a in (("lp_lm", lp_lm), ("lp_knn", lp_knn), ("targets", targets)):
             if a.ndim != 1 or len(a) != n:
@@ -231,7 +244,12 @@ class ExportWriter:
                 raise ValueError(f"export add(): context of shape {None if context is None else context.shape}, "
                                  f"expected {shape}")
             row["context"] = context.astype(np.int64)
-        elif dists is not None and self.meta["k"] is None:
+        if "searched" in self._files:
+            if searched is None or searched.shape != (n,):
+                raise ValueError(f"export add(): searched of shape {None if searched is None else searched.shape}, "
+                                 f"expected ({n},)")
+            row["searched"] = searched.astype(np.bool_)
+        if dists is not None and self.meta["k"] is None:
             raise ValueError("export add(): distances given, but the first add() had none")
         for name, f in self._files.items():
             f.append(row[name])

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from ..artefacts import check_schema, read_json
-from ..errors import CorruptError, IncompleteError, KNNLMError
+from ..errors import ConfigError, CorruptError, IncompleteError, KNNLMError
 from ..scoring import SIM_FUNCS
 
 FORMAT = "knnlm-export"
@@ -29,15 +29,17 @@ FILES = {
     "vals": (np.int64, True),
     "features": (np.float32, False),  # (N, F): F = len(meta["feature_names"])
     "context": (np.int64, False),  # (N, C): the C = meta["context_order"] tokens each prediction read last, -1: none
+    "searched": (np.bool_, False),  # (N,): with meta["unsearched"]
 }
+UNSEARCHED = ("lm_only", "pointers")
 _RESERVED = {"format", "format_version", "complete", "count", "sim_func", "k", "k_kept",
-             "temperature", "lmbda", "files", "started", "finished", "versions", "feature_names", "context_order"}
+             "temperature", "lmbda", "files", "started", "finished", "versions", "feature_names", "context_order", "unsearched"}
 # What an export's meta.json must hold: field -> (types, required).
 META_SCHEMA = {
     "format": (str, True), "format_version": (int, True), "complete": (bool, True), "count": (int, True),
     "k_kept": (int, True), "files": (list, True), "sim_func": (str, True), "temperature": (float, True),
     "lmbda": (float, True), "k": ((int, type(None)), False), "feature_names": (list, False),
-    "context_order": (int, False),
+    "context_order": (int, False), "unsearched": (str, False),
 }
 @dataclasses.dataclass
 class Export:
@@ -54,6 +56,7 @@ class Export:
     vals: Optional[np.ndarray] = None
     features: Optional[np.ndarray] = None
     context: Optional[np.ndarray] = None
+    searched: Optional[np.ndarray] = None
     _warned: bool = dataclasses.field(default=False, repr=False)
 
     @property
@@ -93,14 +96,18 @@ class Export:
 def _loads(path):
     """Whether the export at PATH opens whole (a corrupt one holds nothing worth keeping)."""
     try:
-        load_export(path)
+        load_export(path, partial_search=True)
         return True
     except KNNLMError:
         return False
 
 
-def load_export(path):
-    """Open the export directory PATH, checking that it is complete and its files are whole."""
+def load_export(path, *, partial_search=False):
+    """Open the export directory PATH, checking that it is complete and its files are whole.
+
+    An export of a run that searched only some tokens (searched.npy) opens only with
+    partial_search=True: re-scoring (tune, sweeps, adaptive training) assumes every token's
+    p_kNN comes from a search."""
     if not os.path.isdir(path):
         raise KNNLMError(f"no export directory at {path} (written by --knnlm-dump-probs)")
     meta = read_json(os.path.join(path, META), f"export {path}")
@@ -137,6 +144,10 @@ def load_export(path):
     if ("context" in names) != isinstance(meta.get("context_order"), int) or meta.get("context_order", 1) < 1:
         raise CorruptError(f"export {path}: its metadata lists context.npy and a context order "
                            f"{meta.get('context_order')!r} that do not go together; it is damaged")
+    if ("searched" in names) != (meta.get("unsearched") in UNSEARCHED) or (
+            "unsearched" in meta and meta["unsearched"] not in UNSEARCHED):
+        raise CorruptError(f"export {path}: its metadata lists searched.npy and unsearched "
+                           f"{meta.get('unsearched')!r} that do not go together; it is damaged")
     arrays = {}
     for name in names:
         if name not in FILES:
@@ -158,6 +169,11 @@ def load_export(path):
                 f"{np.dtype(dtype).name} {shape}; the file was truncated or replaced"
             )
         arrays[name] = a
+    if "searched" in arrays and not partial_search and not bool(np.all(arrays["searched"])):
+        raise ConfigError(
+            f"export {path} is of a run that searched only some tokens ({meta['unsearched']}: "
+            f"{int((~np.asarray(arrays['searched'])).sum()):,} of {meta['count']:,} were not searched); re-scoring "
+            f"and tuning need every token searched: export a plain --knnlm run (knnlm-explain shows this one)")
     return Export(path=path, meta=meta, **arrays)
 
 

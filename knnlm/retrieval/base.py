@@ -125,6 +125,10 @@ class Retriever:
     needs = frozenset()
     lm_feature_top_k = None
     search_name = None  # a name for the summary line's settings (', exact'); FAISS has none
+    # What an export records of the tokens this strategy does not search (knnlm.offline.export):
+    # None (every token is searched), "lm_only" (they get p_LM alone), "pointers" (scored against
+    # other entries, RetoMaton's pointers).
+    unsearched = None
 
     @classmethod
     def validate_options(cls, opts):
@@ -192,6 +196,10 @@ class Wrapper(Retriever):
     @property
     def search_name(self):
         return getattr(self.base, "search_name", None)
+
+    @property
+    def unsearched(self):
+        return getattr(self.base, "unsearched", None)
 
     def exact_distances(self, queries, ids):
         return self.base.exact_distances(queries, ids)

@@ -76,6 +76,7 @@ class RetoMatonRetriever(Wrapper):
     """
 
     own_needs = frozenset({"streams", "targets"})
+    unsearched = "pointers"
 
     @classmethod
     def enabled(cls, opts):
@@ -90,9 +91,6 @@ class RetoMatonRetriever(Wrapper):
                 if getattr(opts, name) != cls._defaults[name]:
                     raise ConfigError(f"--{name.replace('_', '-')} is an option of RetoMaton: add --retomaton")
             return
-        if export is not None and export.knnlm_dump_probs:
-            raise ConfigError("--retomaton scores pointer candidates, not the k nearest neighbors an export "
-                              "records for re-scoring: drop --knnlm-dump-probs (export a plain --knnlm run)")
         check_pointers(opts.retomaton_min_pointers, opts.retomaton_max_pointers)
         if opts.knn_sim_func == "do_not_recomp_l2":
             raise ConfigError(DO_NOT_RECOMP)

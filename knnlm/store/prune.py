@@ -7,7 +7,8 @@ then visited in a seeded random order; an entry still in the datastore absorbs e
 neighbors that carries the same value and has absorbed nothing and been absorbed by nothing
 yet: that neighbor leaves the datastore and the entry's weight grows by one. OUT_PREFIX is a
 complete datastore of the entries left, in their original order, with OUT_PREFIX_weights.npy
-(int32, one per entry: how many original entries it stands for). Scoring weighs each
+(int32, one per entry: how many original entries it stands for) and OUT_PREFIX_source_rows.npy
+(int64, one per entry: its row in PREFIX). Scoring weighs each
 neighbor's softmax term by it, p(k_i) ∝ w_i exp(-d_i / T) (`knnlm.KNNLM`), so an entry that
 absorbed m others counts as they would have, had they all been retrieved at its distance.
 
@@ -112,7 +113,12 @@ def prune(prefix, index_path, out_prefix, *, k=5, seed=1, nprobe=32, overwrite=F
                             pruned_from=os.path.abspath(prefix), pruned_from_fingerprint=src.fingerprint,
                             pruned_from_size=src.size, prune_method="greedy-merge", prune_k=int(k),
                             prune_seed=int(seed), prune_index=os.path.abspath(index_path),
-                            weights_file=os.path.basename(f"{out_prefix}_weights.npy"), side_files=("weights.npy",))
+                            weights_file=os.path.basename(f"{out_prefix}_weights.npy"),
+                            source_rows_file=os.path.basename(f"{out_prefix}_source_rows.npy"),
+                            side_files=("weights.npy", "source_rows.npy"))
+    # The source row of each entry: its text (the values before it) is read there
+    # (knnlm-explain), the pruned rows no longer being contiguous text.
+    np.save(writer.side_path("source_rows.npy"), kept.astype(np.int64))
     blocks = (kept[s:s + BLOCK_ROWS] for s in range(0, len(kept), BLOCK_ROWS))
     return copy_rows(src, writer, blocks, side=("weights.npy", lambda ids: weights[ids].astype(np.int32),
                                                 (np.int32, (), len(kept))))

@@ -76,13 +76,14 @@ class NgramStats:
         return feature_names(self.orders)
 
     @classmethod
-    def build(cls, values, orders=ORDERS, *, source=None, progress=None):
+    def build(cls, values, orders=ORDERS, *, source=None, progress=None, max_order=MAX_ORDER):
         """Count the context n-grams of `values` (the datastore's values, in order; read whole,
         8 bytes per entry, plus a sort per order). `source`: metadata to record (the datastore's
-        prefix and fingerprint)."""
+        prefix and fingerprint). max_order: the highest order allowed (adaptive retrieval's
+        features stop at MAX_ORDER; the explorer's longest-match lengths go further)."""
         orders = tuple(sorted({int(n) for n in orders}))
-        if not orders or orders[0] < 1 or orders[-1] > MAX_ORDER:
-            raise ConfigError(f"n-gram orders must be in 1..{MAX_ORDER}, got {list(orders)}")
+        if not orders or orders[0] < 1 or orders[-1] > max_order:
+            raise ConfigError(f"n-gram orders must be in 1..{max_order}, got {list(orders)}")
         vals = np.asarray(values).reshape(-1).astype(np.int64)
         if (vals < 0).any():
             raise CorruptError("n-gram statistics: the datastore holds negative token ids")

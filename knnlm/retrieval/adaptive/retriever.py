@@ -292,6 +292,8 @@ class AdaptiveRetriever(Wrapper):
     features, their context tokens.
     """
 
+    unsearched = "lm_only"
+
     @classmethod
     def enabled(cls, opts):
         return bool(opts.adaptive_retrieval)
@@ -307,9 +309,6 @@ class AdaptiveRetriever(Wrapper):
         if opts.retomaton:
             raise ConfigError("--adaptive-retrieval and --retomaton both decide which tokens are searched; this "
                               "version takes one of them per run")
-        if export is not None and export.knnlm_dump_probs:
-            raise ConfigError("--adaptive-retrieval leaves tokens unsearched, but an export records every token's "
-                              "neighbors for re-scoring: drop --knnlm-dump-probs (export a plain --knnlm run)")
         if skip is not None and threshold is not None:
             raise ConfigError("adaptive retrieval takes a target skip fraction or a threshold, not both: "
                               "drop --adaptive-skip or --adaptive-threshold")
