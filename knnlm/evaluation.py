@@ -11,12 +11,14 @@ A front-end is then its hooks (the keys), its model's identity and its loop over
 continuous cache and its grid, the tally and the summary wording live here.
 """
 
+import dataclasses
 import logging
 
 
 from .cache import ContinuousCache
 from .retrieval.adaptive.features import DEFAULT_TOP_K
 from .model import Tally, summary_line
+from .retrieval.base import Context
 from .options import ExportOptions, RetrievalOptions, validate
 from .scoring import interpolate
 
@@ -110,13 +112,22 @@ class Evaluation:
             meta={**meta, "datastore": datastore.prefix, "datastore_fingerprint": datastore.fingerprint,
                   "index": self.index, **identity.as_dict()})
 
-    def score(self, queries, targets, lp_lm, *, context=None, count=None, cache=None):
+    def prefetch(self, queries, targets, context=None):
+        """Start the batch's retrieval (see KNNLM.prefetch); pass the handle to `score`. None without a kNN-LM."""
+        if self.knn is None:
+            return None
+        if "targets" in self.knn.needs:
+            context = dataclasses.replace(context or Context(), targets=targets)
+        return self.knn.prefetch(queries, context, nearest_first=self.export is not None)
+
+    def score(self, queries, targets, lp_lm, *, context=None, count=None, cache=None, prefetched=None):
         """(N,) final log-probabilities of N scored tokens; the tally counts those in `count`
-        (a (N,) bool mask, None for all). cache: the batch's `CacheBatch` when the cache is on."""
+        (a (N,) bool mask, None for all). cache: the batch's `CacheBatch` when the cache is on.
+        prefetched: the batch's `prefetch` handle, if its retrieval was started earlier."""
         final = lp_lm.float()
         if self.knn is not None:
             scored = self.knn.score(queries, targets, lp_lm, context=context, nearest_first=self.export is not None,
-                                    count=count if self.cache is None else False)
+                                    count=count if self.cache is None else False, prefetched=prefetched)
             final = scored.final
             if self.export is not None:
                 keep = slice(None) if count is None else count.to(scored.neighbors.distances.device)

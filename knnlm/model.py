@@ -100,10 +100,24 @@ class KNNLM:
 
     def retrieve(self, queries, context=None, nearest_first=False):
         """The retriever's neighbors of the (transformed) queries, with their weights if the datastore has any."""
+        return self.collect(self.prefetch(queries, context, nearest_first))
+
+    def prefetch(self, queries, context=None, nearest_first=False):
+        """Start retrieving; `score(..., prefetched=handle)` (or `collect(handle)`) finishes it.
+
+        A strategy that searches elsewhere (the sharded search's threads or Ray actors: it has
+        `submit`/`collect`) runs while the caller computes the next batch's LM forward; any other
+        retrieves at once. knnlm-hf eval pipelines its windows this way."""
         self._check_context(context)
         if self.transform is not None:
             queries = self.transform(queries)
-        neighbors = self.retriever.retrieve(queries, context, nearest_first=nearest_first)
+        if hasattr(self.retriever, "submit"):
+            return ("pending", self.retriever.submit(queries), nearest_first)
+        return ("done", self.retriever.retrieve(queries, context, nearest_first=nearest_first), nearest_first)
+
+    def collect(self, handle):
+        state, value, nearest_first = handle
+        neighbors = value if state == "done" else self.retriever.collect(value, nearest_first=nearest_first)
         if self.weighted and neighbors.weights is None:
             ids = neighbors.ids.clamp(min=0).cpu().numpy()
             w = torch.from_numpy(self.retriever.datastore.gather_weights(ids).astype("float32"))
@@ -139,7 +153,7 @@ class KNNLM:
             final = torch.where(retrieved.to(final.device), final, lp_lm.float())
         return final
 
-    def score(self, queries, targets, lp_lm, *, context=None, nearest_first=False, count=None):
+    def score(self, queries, targets, lp_lm, *, context=None, nearest_first=False, count=None, prefetched=None):
         """Score N targets: (N, D) queries, (N,) targets, (N,) log p_LM(target) -> Scored.
 
         context: a `Context` with what the strategy `needs` (its targets are filled in from
@@ -147,11 +161,15 @@ class KNNLM:
         which tokens the tally counts: None for all, a (N,) bool mask (a front-end that scores
         positions its perplexity leaves out, fairseq's --add-bos-token, passes one), False for
         none (the caller mixes in more, a cache say, and counts the result itself with `count`).
+        prefetched: the handle of `prefetch(queries, context, nearest_first)` made earlier.
         """
         check_score_inputs(queries, targets, lp_lm, vocab_of(self.retriever))  # knnlm.validation: named errors
-        if "targets" in self.needs:
-            context = dataclasses.replace(context or Context(), targets=targets)
-        neighbors = self.retrieve(queries, context, nearest_first=nearest_first)
+        if prefetched is not None:
+            neighbors = self.collect(prefetched)
+        else:
+            if "targets" in self.needs:
+                context = dataclasses.replace(context or Context(), targets=targets)
+            neighbors = self.retrieve(queries, context, nearest_first=nearest_first)
         targets = targets.to(neighbors.values.device)
         lp_knn = self.knn_log_prob(neighbors, targets)
         final = self.mix(lp_lm.float(), lp_knn, neighbors.retrieved)

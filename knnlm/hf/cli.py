@@ -193,6 +193,17 @@ def cmd_eval(args):
                      if ev.cache is not None and ev.cache_keytype != args.knn_keytype else None)
     try:
         bar = progress(total=sum(w.scored for w in wins), desc="scoring", unit="tok")
+
+        def finish(window):  # score a window whose retrieval was started (prefetched) earlier
+            r, context, handle = window
+            ev.score(r.get("keys"), r["targets"], r["lp_lm"], context=context, prefetched=handle,
+                     cache=_cache_batch(r, ev.cache.include_context) if ev.cache is not None else None)
+            bar.update(len(r["targets"]))
+
+        # Pipelined: window i's search is started before the model runs window i + 1 (the
+        # generator's next step), and collected after; a strategy that searches elsewhere (the
+        # sharded search's threads or Ray actors) overlaps the two, any other searches at once.
+        pending = None
         for r in run_windows(model, ids, wins, capture, batch_size=args.batch_size, device=device(args),
                              with_logits="lm_features" in needs, whole_window=ev.cache is not None,
                              cache_capture=cache_capture):
@@ -201,9 +212,12 @@ def cmd_eval(args):
                               lm_features=(lm_features(r.pop("lm_log_probs"), ev.feature_top_k)
                                            if "lm_features" in needs else None),
                               context_tokens=r["context"] if "context_tokens" in needs else None)
-            ev.score(r.get("keys"), r["targets"], r["lp_lm"], context=context,
-                     cache=_cache_batch(r, ev.cache.include_context) if ev.cache is not None else None)
-            bar.update(n)
+            handle = ev.prefetch(r.get("keys"), r["targets"], context)
+            if pending is not None:
+                finish(pending)
+            pending = (r, context, handle)
+        if pending is not None:
+            finish(pending)
         bar.close()
         lines = ev.finish()
     except BaseException:
