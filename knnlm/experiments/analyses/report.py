@@ -33,7 +33,7 @@ class Report:
         m = dc.model
         ds = info.get("datastore", {})
         from ...errors import KNNLMError
-        from ...offline.export import load_export
+        from ...offline.export_reader import load_export
 
         export_tokens = None
         try:
