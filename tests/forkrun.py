@@ -35,6 +35,8 @@ ENTRY_POINTS = {  # console script -> module:function (pyproject.toml [project.s
     "knnlm-retomaton-cluster": "knnlm.offline.retomaton_clusters:main",
     "knnlm.subset": "knnlm.store.subset:main",
     "knnlm.sweeps": "knnlm.offline.sweeps:main",
+    "knnlm-subset": "knnlm.store.subset:main",
+    "knnlm-sweeps": "knnlm.offline.sweeps:main",
     "knnlm-hf": "knnlm.hf.cli:main",
 }
 
