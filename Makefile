@@ -47,11 +47,11 @@ analyses: $(STAMP)
 	$(PY) -m knnlm.experiments.analyses $(ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/run.py $(ARGS)
+	$(PY) -m benchmarks.run $(ARGS)
 
 # The efficient kNN-LM methods side by side on the demo's outputs (run `make demo` first).
 frontier: $(STAMP)
-	$(PY) benchmarks/frontier.py $(ARGS)
+	$(PY) -m benchmarks.frontier $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo_runs bench_runs

@@ -1,8 +1,8 @@
 """ExactRetriever (--knn-search exact) on a synthetic datastore generated on the device.
 
-    python benchmarks/exact_gpu.py                      # 10M x 1024 fp16 keys, k=1024 (one H200: ~21 GB)
-    python benchmarks/exact_gpu.py --tiny               # 20K x 64 on whatever device (CI runs this)
-    python benchmarks/exact_gpu.py --rows 2000000 --dim 768 --queries 8192 --batch 2048 --k 256
+    python -m benchmarks.exact_gpu                      # 10M x 1024 fp16 keys, k=1024 (one H200: ~21 GB)
+    python -m benchmarks.exact_gpu --tiny               # 20K x 64 on whatever device (CI runs this)
+    python -m benchmarks.exact_gpu --rows 2000000 --dim 768 --queries 8192 --batch 2048 --k 256
 
 Keys are clustered Gaussians (a few thousand centers), generated block by block on the device
 from fixed seeds and handed to the retriever as a datastore-like object whose `keys[a:b]` is
@@ -17,13 +17,10 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's knnlm, uninstalled
-
-from knnlm.retrieval.exact import ExactRetriever  # noqa: E402
+from knnlm.retrieval.exact import ExactRetriever
 
 BLOCK = 1 << 16  # rows generated per seed
 

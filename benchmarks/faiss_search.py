@@ -1,6 +1,6 @@
 """Where FAISS's own search time goes: seconds per batch of queries vs k, for each index given.
 
-    .venv/bin/python benchmarks/faiss_search.py INDEX [INDEX ...] [--queries Q.npy] [--n 8192] \
+    .venv/bin/python -m benchmarks.faiss_search INDEX [INDEX ...] [--queries Q.npy] [--n 8192] \
         [--ks 1 8 64 256 1024 2048] [--nprobe 32] [--implems 0 10 12 13 14 15] \
         [--qbs 0 16 32 64 --rounds 3]
 

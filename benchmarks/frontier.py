@@ -1,6 +1,6 @@
 """`make frontier`: the speed/perplexity frontier of the efficient kNN-LM methods (issue #19).
 
-    .venv/bin/python benchmarks/frontier.py [--quick] [--rounds 2] [--docs docs/frontier]
+    .venv/bin/python -m benchmarks.frontier [--quick] [--rounds 2] [--docs docs/frontier]
 
 On the demo's outputs (`make demo`: demo_runs/austen's model, datastore, index and tuned lambda
 and T), on the whole validation split (--quick: a ~10K-token slice, for choosing settings):
@@ -27,7 +27,6 @@ child). The host is shared: the load average is printed with every run.
 import argparse
 import copy
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -37,23 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-
-
-def _load_bench():
-    """benchmarks/run.py (make bench) as a module: its runner, parsers, setup and table helpers."""
-    name = "knnlm_bench_run"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "run.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-bench = _load_bench()
-log = bench.log
+from benchmarks import common
+from benchmarks import run as bench  # make bench: its settings, setup and derived datastores
+from benchmarks.common import REPO, log
 
 # The default rows of `make frontier` (chosen from a --quick trial, see docs/frontier): a round
 # runs them in this order; `--configs all` runs the whole menu, `--configs KEY ...` some of it.
@@ -198,7 +183,7 @@ def table_rows(rows, base_ppl, full_ppl):
             f"{statistics.median(r.times):.1f}" if r.times else "-",
             "-" if r.searched is None else f"{100 * r.searched:.1f}%",
             "-" if r.entries is None else f"{r.entries:,}",
-            bench.fmt_bytes(r.dstore_bytes), bench.fmt_bytes(r.index_bytes),
+            common.fmt_bytes(r.dstore_bytes), common.fmt_bytes(r.index_bytes),
         ])
     return out
 
@@ -303,7 +288,7 @@ class Prepared:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._step(f"{factory} index of {name}", f"{path}.frontier_stamp.json", stamp,
                    lambda: bench._complete(f"{path}.meta.json"),
-                   lambda: bench.run_tool(["knnlm-build-index", f"dstore_mmap={prefix}", f"faiss_index={path}",
+                   lambda: common.run_tool(["knnlm-build-index", f"dstore_mmap={prefix}", f"faiss_index={path}",
                                            f"factory='{factory}'", f"num_keys_to_train={self.n_train}",
                                            f"seed={self.seed}", "overwrite=true"],
                                           self.logs / f"build_{path.parent.name}_{path.stem}.log"))
@@ -321,7 +306,7 @@ class Prepared:
         out.parent.mkdir(parents=True, exist_ok=True)
         self._step(f"PCA datastore {self.base.dim} -> {dim} (knnlm-reduce)", f"{out}_frontier_stamp.json", stamp,
                    lambda: bench._complete(f"{out}_meta.json"),
-                   lambda: bench.run_tool(["knnlm-reduce", self.setup.dstore, out, "--dim", dim, "--method", "pca",
+                   lambda: common.run_tool(["knnlm-reduce", self.setup.dstore, out, "--dim", dim, "--method", "pca",
                                            "--num-keys-to-train", self.n_train, "--seed", self.seed, "--overwrite"],
                                           self.logs / "reduce.log"))
         # The demo's index shape with the code bytes halved with the dimension, and its fast-scan twin.
@@ -338,7 +323,7 @@ class Prepared:
         out.parent.mkdir(parents=True, exist_ok=True)
         self._step(f"pruned datastore (knnlm-prune --k {k}, neighbors from {Path(search_index).name})",
                    f"{out}_frontier_stamp.json", stamp, lambda: bench._complete(f"{out}_meta.json"),
-                   lambda: bench.run_tool(["knnlm-prune", self.setup.dstore, search_index, out, "--k", k,
+                   lambda: common.run_tool(["knnlm-prune", self.setup.dstore, search_index, out, "--k", k,
                                            "--seed", 1, "--probe", 32, "--overwrite"], self.logs / "prune.log"))
         paper = self.index(out, out.parent / "dstore_paper.index", f"IVF{self.nc},PQ{self.m}", "the pruned datastore")
         fast = self.index(out, out.parent / "dstore_fastscan.index", f"IVF{self.nc},PQ{2 * self.m}x4fs",
@@ -364,7 +349,7 @@ class Prepared:
         def make_export():
             shutil.rmtree(export, ignore_errors=True)
             kf = ["--knn-k-factor", k_factor] if k_factor != 1 else []
-            bench.run_tool(test.eval_cmd(*test.knn_args(dstore=dstore, index=index), *kf, "--knnlm-dump-probs", export,
+            common.run_tool(test.eval_cmd(*test.knn_args(dstore=dstore, index=index), *kf, "--knnlm-dump-probs", export,
                                          "--knnlm-dump-neighbors", 16), self.logs / f"adaptive_{name}_test_export.log")
 
         self._step(f"held-out export of the test split (Persuasion) with LM features, {name}", d / "export_stamp.json",
@@ -374,7 +359,7 @@ class Prepared:
               else ["--lmbda", self.setup.lmbda, "--knn-temp", self.setup.temp])
         self._step(f"adaptive-retrieval predictor for {name} (knnlm-adaptive train, on the test export)",
                    d / "predictor_stamp.json", dict(stamp, train=[str(x) for x in lt]), predictor.exists,
-                   lambda: bench.run_tool(["knnlm-adaptive", "train", export, "--out", predictor, *lt, "--overwrite",
+                   lambda: common.run_tool(["knnlm-adaptive", "train", export, "--out", predictor, *lt, "--overwrite",
                                            "--plot", d / "curve.png"], self.logs / f"adaptive_{name}_train.log"))
         self.adaptive_curves[name] = (self.logs / f"adaptive_{name}_train.log").read_text(errors="replace")
         return str(predictor)
@@ -383,7 +368,7 @@ class Prepared:
 def adaptive_available():
     """Adaptive retrieval is switched on when its command and its eval flag are both installed."""
     cfg = (REPO / "fairseq_plugins" / "config.py").read_text()
-    return (bench.BIN / "knnlm-adaptive").exists() and "adaptive_retrieval" in cfg
+    return (common.BIN / "knnlm-adaptive").exists() and "adaptive_retrieval" in cfg
 
 
 # --------------------------------------------------------------------------- configurations
@@ -477,7 +462,7 @@ def searched_share(out, family):
     if m:
         return 1.0 - float(m[-1][0]) / 100.0
     if family in ("retomaton", "adaptive"):
-        raise bench.ToolError(f"{family} printed no 'P% of N searches saved':\n" + out[-2000:])
+        raise common.ToolError(f"{family} printed no 'P% of N searches saved':\n" + out[-2000:])
     return 1.0
 
 
@@ -506,7 +491,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     work = Path(a.workdir)
     logs = work / "logs"
-    info = bench.machine()
+    info = common.machine()
     load0 = os.getloadavg()
     log(f"kNN-LM frontier{' (--quick)' if a.quick else ''}: {info['cpu']}, {info['cores']} cores, {info['memory']}; "
         f"load average at start {_load()} (this machine is shared)")
@@ -553,7 +538,7 @@ def main(argv=None):
         load1 = os.getloadavg()
         total = time.perf_counter() - t_start
 
-        tokens = bench.parse_eval((logs / "plain_r1.log").read_text())["tokens"]
+        tokens = common.parse_eval((logs / "plain_r1.log").read_text())["tokens"]
         split = f"{tokens:,} tokens of the validation split" + (" (--quick slice)" if a.quick else " (all of it)")
         head = (f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, GPU: {info['gpu']}; torch "
                 f"{info['torch']}, faiss {info['faiss']}, fairseq {info['fairseq']}. Load average (1/5/15 min) at start "
@@ -575,7 +560,7 @@ def main(argv=None):
             log("\n" + "=" * 100)
             log(head)
             log("")
-            log(bench.md_table(TABLE_HEADER, rows_md))
+            log(common.md_table(TABLE_HEADER, rows_md))
             log("")
             for t in targets:
                 log(t)
@@ -585,8 +570,8 @@ def main(argv=None):
         stem = "frontier_quick" if a.quick else "frontier"
         title = (f"kNN-LM frontier, {split}; load {load0[0]:.1f} -> {load1[0]:.1f}")
         md = ["# The efficient kNN-LM frontier" + (" (--quick)" if a.quick else ""), "",
-              f"`.venv/bin/python benchmarks/frontier.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-              head.replace("\n", "  \n"), "", bench.md_table(TABLE_HEADER, rows_md), "", "Targets of issue #19:", ""]
+              f"`.venv/bin/python -m benchmarks.frontier {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+              head.replace("\n", "  \n"), "", common.md_table(TABLE_HEADER, rows_md), "", "Targets of issue #19:", ""]
         md += [f"    {t}" for t in targets] + ["", "Headline:", "", f"    {headline}", "", f"![perplexity vs time]({stem}.png)", ""]
         for name, curve in prep.adaptive_curves.items():
             md += [f"Adaptive retrieval's predictor for the {name} datastore, trained on the test split's export "
@@ -616,8 +601,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             load = _load()
             loads.append(os.getloadavg()[0])
-            wall, rss, out = bench.run_tool(c.cmd, logs / f"{re.sub(r'[^A-Za-z0-9]+', '_', c.key)}_r{rnd + 1}.log")
-            ev = bench.parse_eval(out)
+            wall, rss, out = common.run_tool(c.cmd, logs / f"{re.sub(r'[^A-Za-z0-9]+', '_', c.key)}_r{rnd + 1}.log")
+            ev = common.parse_eval(out)
             r = rows[c.key]
             r.times.append(ev["seconds"])
             r.rss = max(r.rss, rss)

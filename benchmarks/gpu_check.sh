@@ -67,7 +67,7 @@ full = knn_full_log_probs(c(lm), neighbor_scores(c(d), "l2", 10.0), c(v), 0.25)
 print("full distribution sums to 1 on CUDA: max error", (full.exp().sum(-1) - 1).abs().max().item())
 EOF
 echo "== exact search, synthetic 10M x 1024 fp16 keys generated on the GPU, k=1024 (torch only)"
-timeout 300 python3 benchmarks/exact_gpu.py --rows ${XROWS:-10000000} --dim ${XDIM:-1024} --queries ${XQ:-8192} --batch ${XB:-2048} --k ${XK:-1024}
+timeout 300 python3 -m benchmarks.exact_gpu --rows ${XROWS:-10000000} --dim ${XDIM:-1024} --queries ${XQ:-8192} --batch ${XB:-2048} --k ${XK:-1024}
 echo "== perplexities side by side (exact search vs FAISS IVFPQ on the CPU: approximate search, same datastore)"
 grep -E "^== kNN-LM eval|kNN-LM: " "$OUT/gpu_check.log" | sed 's/^.*kNN-LM: /   kNN-LM: /'
 echo "== done"

@@ -7,7 +7,7 @@ logsumexp over the two, and only then reads the targets' log-probabilities. `knn
 (knnlm.KNNLM.score) sums the neighbor weights that carry the target in log space and never
 leaves (N, k).
 
-    python benchmarks/hf_vs_scatter.py [--vocab 50257] [--dstore-tokens 16384] [--eval-tokens 4096] \
+    python -m benchmarks.hf_vs_scatter [--vocab 50257] [--dstore-tokens 16384] [--eval-tokens 4096] \
         [--max-length 256] [--batch-size 4] [--k 1024] [--repeats 5] [--json OUT]
 
 A tiny GPT-2 (random weights, real GPT-2 vocabulary size) dumps a datastore with
@@ -33,9 +33,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # only effective if set before the process starts
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -69,7 +66,7 @@ def peak_measure(device):
             torch.cuda.synchronize()
             return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
         return run
-    from naive_scorer import measured, can_reset_peak
+    from benchmarks.common import can_reset_peak, measured
 
     memory = can_reset_peak()
 

@@ -1,6 +1,6 @@
 """Which IVFPQ index for a datastore: search time vs kNN-LM perplexity, side by side.
 
-    .venv/bin/python benchmarks/index_choice.py [--demo-dir demo_runs/austen] \
+    .venv/bin/python -m benchmarks.index_choice [--demo-dir demo_runs/austen] \
         [--factories IVF1024,PQ64 IVF4096,PQ64] [--queries 16384] [--nprobe 32 ...]
 
 Uses the demo's model, training datastore, valid-split export and tuned lambda/T (`make demo`).
@@ -20,16 +20,14 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-BIN = Path(sys.executable).parent
+from benchmarks.common import BIN, REPO
+
 BATCH = 4096
 
 

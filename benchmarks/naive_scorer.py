@@ -6,7 +6,7 @@ softmax into an (N, V) tensor), takes its log, mixes it with the LM's full (N, V
 log-softmax by logaddexp, and only then reads off the target. Ours (knnlm.scoring) never
 leaves (N, k): it sums the neighbor weights that carry the target, in log space.
 
-    python benchmarks/naive_scorer.py --data DATA_BIN --path CKPT --dstore PREFIX --index INDEX \
+    python -m benchmarks.naive_scorer --data DATA_BIN --path CKPT --dstore PREFIX --index INDEX \
         [--split valid] [--k 1024] [--probe 32] [--context-window 128] [--max-tokens 8192] [--json OUT]
 
 runs the LM over the split (as fairseq-eval-lm batches it), retrieves neighbors once per
@@ -20,20 +20,16 @@ FAISS search, exact-distance recompute, scoring): where kNN-LM evaluation spends
 """
 
 import argparse
-import gc
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
-
-from knnlm.scoring import interpolate, knn_log_prob, neighbor_scores  # noqa: E402
+from benchmarks.common import can_reset_peak, measured
+from knnlm.scoring import interpolate, knn_log_prob, neighbor_scores
 
 
 def naive_knn_lm_log_probs(lm_lprobs, distances, neighbor_vals, targets, lmbda, temperature=1.0, valid=None):
@@ -56,39 +52,6 @@ def our_knn_lm_log_probs(lm_lprobs, distances, neighbor_vals, targets, lmbda, te
     lp_lm = lm_lprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     lp_knn = knn_log_prob(neighbor_scores(distances, "l2", temperature), neighbor_vals, targets, valid)
     return interpolate(lp_lm, lp_knn, lmbda)
-
-
-# ---- peak memory of one call: resident-set high-water mark, reset before the call ----
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def can_reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def measured(fn, *args, memory=True):
-    """(result, seconds, peak extra resident bytes or None) of fn(*args)."""
-    if memory:
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current VmRSS
-        base = _status_kib("VmRSS")
-    t0 = time.perf_counter()
-    out = fn(*args)
-    seconds = time.perf_counter() - t0
-    peak = (_status_kib("VmHWM") - base) * 1024 if memory else None
-    return out, seconds, peak
 
 
 def compare(data, path, dstore, index, *, split="valid", k=1024, probe=32, lmbda=0.25, temperature=1.0,

@@ -1,6 +1,6 @@
 """Would overlapping FAISS search with the LM forward pay on this machine?
 
-    .venv/bin/python benchmarks/overlap.py [--demo-dir demo_runs/austen] [--rounds 2]
+    .venv/bin/python -m benchmarks.overlap [--demo-dir demo_runs/austen] [--rounds 2]
 
 The demo's LM forwards an 8,192-token batch (32 x 256) while a thread searches the demo's index
 for 4,096 of the dumped datastore's keys (k = 1,024, nprobe = 32): one after the other with

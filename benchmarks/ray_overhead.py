@@ -1,6 +1,6 @@
 """What does serving the datastore's shards from Ray actors cost on one machine?
 
-    unshare -n bash -c 'ip link set lo up && .venv/bin/python benchmarks/ray_overhead.py \\
+    unshare -n bash -c 'ip link set lo up && .venv/bin/python -m benchmarks.ray_overhead \\
         [--demo-dir demo_runs/austen] [--workdir bench_runs/ray_overhead] [--rounds 5] [--batches 4]'
 
 The demo's datastore is cut into 3 contiguous shards (bench_runs/, never git); two indexes are
@@ -21,20 +21,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from knnlm import KNNLM, FaissRetriever, open_datastore  # noqa: E402
-from knnlm.index.builder import build_index  # noqa: E402
-from knnlm.retrieval.sharded_search import ShardedRetriever  # noqa: E402
-from knnlm.store import Datastore, DatastoreWriter  # noqa: E402
+from knnlm import KNNLM, FaissRetriever, open_datastore
+from knnlm.index.builder import build_index
+from knnlm.retrieval.sharded_search import ShardedRetriever
+from knnlm.store import Datastore, DatastoreWriter
 
 N_SHARDS = 3
 BLOCKS, TPS, CONTEXT = 32, 256, 128

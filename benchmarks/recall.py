@@ -1,8 +1,8 @@
 """Recall of the approximate index, and what our builder costs over bare FAISS.
 
-    python benchmarks/recall.py --synthetic 200000 256            # a synthetic datastore
-    python benchmarks/recall.py runs/dstore --index runs/dstore_knn.index --queries q.npy
-    python benchmarks/recall.py runs/dstore --ncentroids 4096 --code-size 64 --probe 8,32,128
+    python -m benchmarks.recall --synthetic 200000 256            # a synthetic datastore
+    python -m benchmarks.recall runs/dstore --index runs/dstore_knn.index --queries q.npy
+    python -m benchmarks.recall runs/dstore --ncentroids 4096 --code-size 64 --probe 8,32,128
 
 Prints recall@k (k = 8, 64, 1024) of the IVFPQ index against exact search (chunked
 IndexFlatL2 over every key), and, when it builds the index itself, the build time of
@@ -23,12 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
-
-from knnlm.index import builder as ib  # noqa: E402
-from knnlm.store.writer import DatastoreWriter  # noqa: E402
-from knnlm.index import load_index, read_index_meta  # noqa: E402
-from knnlm.store.sharded import open_datastore  # noqa: E402
+from knnlm.index import builder as ib
+from knnlm.index import load_index, read_index_meta
+from knnlm.store.sharded import open_datastore
+from knnlm.store.writer import DatastoreWriter
 
 EXACT_CHUNK = 1 << 18  # keys per exact-search block
 

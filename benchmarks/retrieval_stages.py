@@ -1,7 +1,7 @@
 """Where kNN retrieval time goes after FAISS: each stage of knnlm.Retriever timed in-process,
 with the two session-4 changes on and off side by side on the same batches.
 
-    .venv/bin/python benchmarks/retrieval_stages.py INDEX [--k-factor 2] \
+    .venv/bin/python -m benchmarks.retrieval_stages INDEX [--k-factor 2] \
         [--queries bench_runs/index_choice_demo/valid_keys.npy] [--n 0] [--batch 4096] \
         [--dstore demo_runs/austen/dstore/train]
 
@@ -19,7 +19,6 @@ The two must keep the same neighbors with the same distances (checked on every b
 """
 
 import argparse
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,12 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import knnlm.retrieval.faiss_search as retrieval  # noqa: E402
-from knnlm.store.datastore import Datastore  # noqa: E402
-from knnlm.index import load_index  # noqa: E402
+import knnlm.retrieval.faiss_search as retrieval
+from knnlm.index import load_index
+from knnlm.store.datastore import Datastore
 
 VARIANTS = {  # name -> (SORT_BLOCK_PAIRS, RECOMPUTE_BLOCKS_IN_FLIGHT, nearest_first)
     "before": (1 << 22, 1, True),

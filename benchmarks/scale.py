@@ -1,8 +1,8 @@
 """A WikiText-103-shaped datastore larger than memory: what each stage costs as it grows.
 
-    .venv/bin/python benchmarks/scale.py                 # full size: >= 2x this machine's RAM of keys
-    .venv/bin/python benchmarks/scale.py --tiny          # the same code on a few MB, in seconds (tests)
-    .venv/bin/python benchmarks/scale.py --keys 4000000  # any size (rounded to a multiple of 8)
+    .venv/bin/python -m benchmarks.scale                 # full size: >= 2x this machine's RAM of keys
+    .venv/bin/python -m benchmarks.scale --tiny          # the same code on a few MB, in seconds (tests)
+    .venv/bin/python -m benchmarks.scale --keys 4000000  # any size (rounded to a multiple of 8)
 
 Makes a synthetic datastore shaped like the paper's WikiText-103 one (1,024-d float16 keys,
 int32 values) with the library's writer (knnlm.dump.DumpSession), in four shards of 1/8, 1/8,
@@ -49,11 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from run import md_table, run_tool  # noqa: E402  (benchmarks/run.py: tool launcher with ru_maxrss)
+from benchmarks.common import REPO, md_table, run_tool
 
 GiB = 2**30
 
@@ -286,7 +282,7 @@ def main(argv=None):
         f"disk free {gib(m['disk_free'])}); {m['cpu']}, {m['cores']} cores; load {load()}")
     report.append(f"Machine: {m['cpu']}, {m['cores']} cores, {gib(m['ram'])} RAM, disk {gib(m['disk_total'])} "
                   f"({gib(m['disk_free'])} free at start); faiss {faiss.__version__}, {threads} threads. "
-                  f"Command: `{' '.join([os.path.relpath(sys.executable, REPO), 'benchmarks/scale.py'] + (argv if argv is not None else sys.argv[1:]))}`; "
+                  f"Command: `{' '.join([os.path.relpath(sys.executable, REPO), '-m', 'benchmarks.scale'] + (argv if argv is not None else sys.argv[1:]))}`; "
                   f"load average at start {load()}.")
 
     # ---- base keys and the generator

@@ -1,4 +1,5 @@
-"""`python -m knnlm.subset`: the command of knnlm.store.subset, under the name it has always had."""
+"""`python -m knnlm.subset`: the command of knnlm.store.subset (console script `knnlm-subset`), under
+the name it has always had."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""`python -m knnlm.sweeps`: the command of knnlm.offline.sweeps, under the name it has always had."""
+"""`python -m knnlm.sweeps`: the command of knnlm.offline.sweeps (console script `knnlm-sweeps`), under
+the name it has always had."""
 
 import sys
 

@@ -29,12 +29,14 @@ ENTRY_POINTS = {  # console script -> module:function (pyproject.toml [project.s
     "fairseq-eval-lm": "fairseq_cli.eval_lm:cli_main",
     "knnlm-build-index": "knnlm.index.builder:main",
     "knnlm-tune": "knnlm.offline.tune:main",
-    "knnlm-prune": "knnlm.store.prune:main",
+    "knnlm-prune": "knnlm.offline.prune:main",
     "knnlm-reduce": "knnlm.store.reduce:main",
     "knnlm-adaptive": "knnlm.retrieval.adaptive.train:main",
     "knnlm-retomaton-cluster": "knnlm.offline.retomaton_clusters:main",
     "knnlm.subset": "knnlm.store.subset:main",
     "knnlm.sweeps": "knnlm.offline.sweeps:main",
+    "knnlm-subset": "knnlm.store.subset:main",
+    "knnlm-sweeps": "knnlm.offline.sweeps:main",
     "knnlm-hf": "knnlm.hf.cli:main",
 }
 

@@ -77,6 +77,18 @@ def test_importing_every_core_module_loads_no_framework():
     assert p.returncode == 0, f"importing the core loaded {p.stdout.strip()}\n{p.stderr[-2000:]}"
 
 
+def test_the_store_layer_imports_nothing_from_the_index_layer():
+    """Datastores sit below indexes: an index is built from a datastore, never the reverse
+    (knnlm-prune, which needs both, is knnlm.offline.prune)."""
+    modules = all_modules()
+    store = [m for m in modules if m == "knnlm.store" or m.startswith("knnlm.store.")]
+    assert "knnlm.store.prune" in store
+    bad = {m: sorted(i for i in imports_of(m, modules[m], modules) if i == "knnlm.index" or i.startswith("knnlm.index."))
+           for m in store}
+    bad = {m: v for m, v in bad.items() if v}
+    assert not bad, f"store modules that import the index layer: {bad}"
+
+
 def find_cycle(graph):
     """A list of modules forming a cycle in {module: {modules it imports}}, or None."""
     state, stack = {}, []

@@ -300,7 +300,7 @@ def test_faiss_multi_gpu_route_shards_with_a_common_quantizer(monkeypatch):
 
 
 def test_gpu_benchmark_runs_at_tiny_size():
-    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "exact_gpu.py"), "--tiny"], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "benchmarks.exact_gpu", "--tiny"], capture_output=True,
                        text=True, timeout=120, cwd=str(REPO))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "exact search:" in p.stdout and "recall vs brute force: 1.0000" in p.stdout, p.stdout

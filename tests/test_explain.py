@@ -134,7 +134,7 @@ def _store(path, vals, dim=4, seed=0):
 
 
 def test_sharded_and_pruned_datastores_read_their_text(tmp_path):
-    from knnlm.store.prune import prune
+    from knnlm.offline.prune import prune
     from knnlm.store.sharded import open_datastore, write_manifest
 
     vals = np.repeat(np.arange(20) % 7, 2)  # pairs: entry 2i and 2i+1 share key (almost) and value

@@ -11,7 +11,7 @@ import torch
 from knnlm import KNNLM, Datastore, DatastoreWriter, FaissRetriever, Neighbors, Retriever
 from knnlm.artefacts import write_json_atomic
 from knnlm.errors import MismatchError
-from knnlm.store import prune as pr
+from knnlm.offline import prune as pr
 from knnlm.store.reduce import reduce_keys
 
 D, V = 8, 6

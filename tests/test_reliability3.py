@@ -253,7 +253,7 @@ def test_a_long_legal_index_name_is_refused_before_training(tmp_path):
 
 @pytest.mark.parametrize("probe", ["0", "-1"])
 def test_prune_probe_is_validated(tmp_path, probe, capsys):
-    from knnlm.store.prune import main
+    from knnlm.offline.prune import main
 
     make_store(tmp_path / "ds")
     flat(tmp_path / "ds", tmp_path / "ds.index")

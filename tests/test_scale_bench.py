@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_scale_benchmark_tiny(tmp_path):
     out = tmp_path / "scale"
-    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale.py"), "--tiny", "--out-dir", str(out),
+    p = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--tiny", "--out-dir", str(out),
                         "--demo-dir", str(tmp_path / "no_demo")],
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -264,3 +264,22 @@ def test_sweeps_cli(tmp_path, capsys):
     assert sweeps.main(["k", str(tmp_path / "ex"), "--ks", "64"]) == 2
     assert "kept 16 neighbors" in capsys.readouterr().err
     assert sweeps.main(["k", str(tmp_path / "missing")]) == 2
+
+
+def test_console_scripts_equal_the_module_forms(source, tmp_path):
+    """`knnlm-subset` / `knnlm-sweeps` (pyproject's console scripts) run the same commands as
+    `python -m knnlm.subset` / `python -m knnlm.sweeps`: the same rows, the same sweep."""
+    import sys
+
+    from .conftest import run
+
+    run(["knnlm-subset", source, "0.3", tmp_path / "script", "--seed", "4"])
+    run([sys.executable, "-m", "knnlm.subset", source, "0.3", tmp_path / "module", "--seed", "4"])
+    a, b = Datastore.open(str(tmp_path / "script")), Datastore.open(str(tmp_path / "module"))
+    assert a.size == b.size == 1500
+    assert np.array_equal(np.asarray(a.keys), np.asarray(b.keys)) and np.array_equal(a.vals, b.vals)
+    make_export(tmp_path / "ex", k=16)
+    run(["knnlm-sweeps", "k", tmp_path / "ex", "--ks", "1,4,16", "--json", tmp_path / "script.json"])
+    run([sys.executable, "-m", "knnlm.sweeps", "k", tmp_path / "ex", "--ks", "1,4,16", "--json",
+         tmp_path / "module.json"])
+    assert json.loads((tmp_path / "script.json").read_text()) == json.loads((tmp_path / "module.json").read_text())

@@ -3,6 +3,6 @@
 They drive fairseq's command-line tools and depend on the core; the core never imports them.
 
     demo.py      make demo: corpus, LM, datastore, index, tuning, results table
-    analyses.py  make analyses: the paper's figures and tables on the demo's artefacts
+    analyses/    make analyses: the paper's figures and tables on the demo's artefacts (plan, runner, report, plots)
     corpora/     the Jane Austen corpus
 """

@@ -4,4 +4,5 @@
     rescoring.py  perplexity, consistency check, grids, writing results (shared by the two below)
     tune.py       knnlm-tune: lambda and temperature grid search
     sweeps.py     perplexity vs k and vs datastore size (the paper's Figures 2 and 4)
+    prune.py      knnlm-prune: the index's neighbors for knnlm.store.prune's greedy merging
 """

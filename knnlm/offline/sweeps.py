@@ -5,6 +5,8 @@
     python -m knnlm.sweeps sizes EXPORT_DIR [EXPORT_DIR ...] [--lmbda L] [--knn-temp T]
                            [--lambdas 0:1:0.01] [--plot fig2.png] [--json out.json]
 
+(also the console script `knnlm-sweeps k ...` / `knnlm-sweeps sizes ...`)
+
 `k` (the paper's Figure 4): perplexity as a function of the number of neighbors k', from one
 export made with a large k (1024). FAISS returns neighbors best-first, and the export keeps
 them in that order, so its first k' columns are what a run with `--k k'` retrieves (up to

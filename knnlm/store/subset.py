@@ -1,6 +1,6 @@
 """A random fraction of a datastore, as a new complete datastore (the paper's Figure 2a).
 
-    python -m knnlm.subset PREFIX FRACTION OUT_PREFIX [--seed S] [--overwrite]
+    knnlm-subset PREFIX FRACTION OUT_PREFIX [--seed S] [--overwrite]     (or python -m knnlm.subset)
 
 Keeps exactly round(FRACTION * N) rows, drawn uniformly without replacement and kept in their
 original order, streamed block by block: memory is one block of keys whatever N is. The
