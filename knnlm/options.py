@@ -268,10 +268,10 @@ def validate(opts, export=None, cache=None):
         raise ConfigError(f"--knn-sim-func must be one of {', '.join(SIM_FUNCS)}, got {opts.knn_sim_func!r}")
     if not math.isfinite(opts.knn_k_factor) or opts.knn_k_factor < 1:
         raise ConfigError(f"--knn-k-factor must be a finite number >= 1, got {opts.knn_k_factor}")
+    get_strategy(opts.knn_search, opts).validate_options(opts)
     if opts.no_load_keys and opts.knn_sim_func != "do_not_recomp_l2":
         raise ConfigError("--no-load-keys leaves no keys to recompute distances from: add --knn-sim-func "
                           "do_not_recomp_l2")
-    get_strategy(opts.knn_search, opts).validate_options(opts)
     for cls in wrappers():
         cls.validate_options(opts, export=export)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from knnlm.offline import export as ex
+from knnlm.offline import rescoring as rs
 from knnlm.offline import tune
 from knnlm.errors import ConfigError, CorruptError, IncompleteError, KNNLMError
 from knnlm.scoring import knn_log_prob, neighbor_scores
@@ -217,19 +218,19 @@ def test_rescoring_matches_scoring_and_numpy(tmp_path, sim_func):
     # Edge rows: no neighbor at all, none carries the target, all carry it, far-only match.
     assert (~e.match.any(axis=1)).any() and np.isnan(e.dists).any()
     for t in (0.05, 0.5, 2.0, 7.0):
-        got = ex.lp_knn_at(e, t)
+        got = rs.lp_knn_at(e, t)
         want = scored(d, valid, vals, targets, sim_func, t).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
         np.testing.assert_allclose(got, ref_lp_knn(e.dists, e.match, sim_func, t), rtol=1e-6, atol=1e-5)
-    np.testing.assert_allclose(ex.lp_knn_at(e, 2.0), e.lp_knn, atol=1e-5)  # the run's own T
+    np.testing.assert_allclose(rs.lp_knn_at(e, 2.0), e.lp_knn, atol=1e-5)  # the run's own T
     rows = np.array([5, 3, 150, 3])
-    np.testing.assert_array_equal(ex.lp_knn_at(e, 0.7, rows=rows), ex.lp_knn_at(e, 0.7)[rows])
-    np.testing.assert_array_equal(ex.lp_knn_at(e, 0.7, rows=slice(10, 90)), ex.lp_knn_at(e, 0.7)[10:90])
+    np.testing.assert_array_equal(rs.lp_knn_at(e, 0.7, rows=rows), rs.lp_knn_at(e, 0.7)[rows])
+    np.testing.assert_array_equal(rs.lp_knn_at(e, 0.7, rows=slice(10, 90)), rs.lp_knn_at(e, 0.7)[10:90])
 
 
 def test_rescoring_underflow_and_empty_rows(tmp_path, monkeypatch):
     """Matching neighbors too far for fp32 exp at this T, rows with no neighbor: still exact."""
-    monkeypatch.setattr(ex, "CHUNK_ELEMENTS", 8)  # several chunks of 2 rows
+    monkeypatch.setattr(rs, "CHUNK_ELEMENTS", 8)  # several chunks of 2 rows
     d = np.array([[0.0, 150.0, 300.0, np.nan],   # only the farthest valid one matches
                   [np.nan, np.nan, np.nan, np.nan],  # nothing found
                   [1.0, 2.0, 3.0, 4.0],         # all match
@@ -242,7 +243,7 @@ def test_rescoring_underflow_and_empty_rows(tmp_path, monkeypatch):
     w.finalize()
     e = ex.load_export(path)
     for t in (0.5, 1.0, 100.0):
-        got = ex.lp_knn_at(e, t)
+        got = rs.lp_knn_at(e, t)
         want = ref_lp_knn(d, match, "l2", t)
         assert np.isfinite(got[0]) and np.isneginf(got[1]) and np.isneginf(got[3])
         if t <= 1.0:
@@ -255,7 +256,7 @@ def test_truncated_rescoring_warns(tmp_path, caplog):
     d, valid, vals, targets, _ = write_export(path, n=50, k=16, k_kept=8)
     e = ex.load_export(path)
     with caplog.at_level(logging.WARNING, logger="knnlm.offline.export"):
-        got = ex.lp_knn_at(e, 3.0)
+        got = rs.lp_knn_at(e, 3.0)
     assert "approximation" in caplog.text
     # It is the softmax over the 8 nearest: exact for them.
     np.testing.assert_allclose(got, scored(d[:, :8], valid[:, :8], vals[:, :8], targets, "l2", 3.0).numpy(),
@@ -266,7 +267,7 @@ def test_rescoring_needs_distances(tmp_path):
     path = str(tmp_path / "exp")
     write_export(path, n=10, with_dists=False)
     with pytest.raises(ConfigError, match="no neighbor distances"):
-        ex.lp_knn_at(ex.load_export(path), 1.0)
+        rs.lp_knn_at(ex.load_export(path), 1.0)
 
 
 # ---------------------------------------------------------------- tuning
@@ -376,7 +377,7 @@ def test_consistency_check_tolerates_fp32_rounding_of_large_distances(tmp_path):
     w.finalize()
     e = ex.load_export(path)
     ref = ref_lp_knn(e.dists[:100], e.match[:100], "l2", 1.0)
-    np.testing.assert_allclose(ex.lp_knn_at(e, 1.0, rows=slice(0, 100)), ref, atol=4 * 4e3 * 1.2e-7)
+    np.testing.assert_allclose(rs.lp_knn_at(e, 1.0, rows=slice(0, 100)), ref, atol=4 * 4e3 * 1.2e-7)
     res = tune.tune(e, [0.0, 0.3], [1.0])
     # knn_log_prob now shifts by the row maximum, so scoring and re-scoring agree far inside the
     # tolerance; exports written by older code or on other hardware may differ by up to ~1e-3.

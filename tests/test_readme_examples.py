@@ -36,12 +36,36 @@ def test_there_are_examples():
     assert len(blocks()) >= 3
 
 
-def test_python_api_examples_run_as_written(workdir, monkeypatch):
-    monkeypatch.chdir(workdir)
+@pytest.fixture(scope="module")
+def sharded_workdir(tmp_path_factory):
+    """dstore/train_shards.json (three shards) and dstore/knn.index kept in parts (merge=none)."""
+    from knnlm import DatastoreWriter
+    from knnlm.index.builder import build_index as build
+
+    root = tmp_path_factory.mktemp("readme_shards")
+    (root / "dstore").mkdir()
+    rng = np.random.default_rng(1)
+    shards = []
+    for i, n in enumerate((600, 500, 700)):
+        p = str(root / "dstore" / f"train.shard_{i}")
+        w = DatastoreWriter(p, 16, keytype="last_ffn_input", dict_size=50, dict_fingerprint="f", model_fingerprint="m")
+        w.add(rng.standard_normal((n, 16)).astype(np.float32), rng.integers(0, 50, n))
+        w.finalize()
+        shards.append(p)
+    build({"dstore_mmap": str(root / "dstore" / "train"), "shards": shards, "faiss_index": str(root / "dstore" / "knn.index"),
+           "ncentroids": 8, "code_size": 4, "threads": 1, "merge": "none", "executor": "local"})
+    return root
+
+
+def test_python_api_examples_run_as_written(workdir, sharded_workdir, monkeypatch):
+    ran = 0
     for code in blocks():
         if "transformers" in code:
             continue  # the Hugging Face example: below
+        monkeypatch.chdir(sharded_workdir if "train_shards.json" in code else workdir)
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+        ran += 1
+    assert ran >= 3
 
 
 def test_hugging_face_example_runs_as_written(workdir, monkeypatch, tmp_path):

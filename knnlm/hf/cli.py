@@ -221,6 +221,7 @@ def cmd_eval(args):
         bar.close()
         lines = ev.finish()
     except BaseException:
+        bar.close()  # its line ends before the error's
         ev.abandon()
         raise
     finally:

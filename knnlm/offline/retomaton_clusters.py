@@ -7,7 +7,7 @@ k-means (faiss.Kmeans) is trained on a seeded sample of the keys, then every ent
 to its nearest centroid, streamed in blocks. OUT.npy holds one int32 cluster id per entry;
 OUT.npy.meta.json names the datastore (prefix and fingerprint), C, the sample and the seed, and
 is written last: a file of another datastore, or an incomplete one, is refused by name.
-`--retomaton-cluster OUT.npy` (or `RetoMatonRetriever(base, clusters="OUT.npy")`) uses it.
+`--retomaton-cluster OUT.npy` (or `RetrievalOptions(retomaton=True, retomaton_cluster="OUT.npy")`) uses it.
 """
 
 import argparse
