@@ -33,11 +33,19 @@ def test_old_datastore_and_index_score_the_same_bit_for_bit(old):
     text = out.stdout + out.stderr
     assert OLD_SUMMARY in text, text[-2000:]
     assert knn_summary(text) == (30.4705, 31.2950)
+    # What this library computes from the LM's states: bit for bit. The LM's own forward pass
+    # (fairseq, torch) rounds differently on another CPU (this check was made on an Intel host;
+    # an AMD EPYC gives lp_lm 1 ulp apart on 351 of 802 tokens): then the floats that follow from
+    # the states (lp_lm, the distances, lp_knn) must agree to float32 rounding, the neighbors exactly.
+    same_lm = np.load(old / "export" / "lp_lm.npy").tobytes() == np.load(old / "new_export" / "lp_lm.npy").tobytes()
     for name in ("lp_lm", "lp_knn", "targets", "dists", "match", "ids", "vals"):
         before = np.load(old / "export" / f"{name}.npy")
         after = np.load(old / "new_export" / f"{name}.npy")
         assert before.dtype == after.dtype and before.shape == after.shape, name
-        assert before.tobytes() == after.tobytes(), f"{name}.npy differs from the old code's export"
+        if same_lm or name in ("targets", "match", "ids", "vals"):
+            assert before.tobytes() == after.tobytes(), f"{name}.npy differs from the old code's export"
+        else:
+            np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5, equal_nan=True, err_msg=name)
 
 
 def test_old_export_tunes_the_same(old):
