@@ -25,7 +25,7 @@ import sys
 
 from . import cluster
 from .artefacts import read_json_or_none, write_json_atomic
-from .errors import ConfigError, KNNLMError
+from .errors import ConfigError, KNNLMError, OutputExistsError
 
 PROG = "knnlm-shard-dump"
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _check_state(prefix, command, num_shards):
     write_json_atomic(path, want)
 
 
-def dump_shards(command, num_shards, prefix, *, executor="local", workers=1, retries=2, gpus=None):
+def dump_shards(command, num_shards, prefix, *, executor="local", workers=1, retries=2, gpus=None, overwrite=False):
     """Run every incomplete shard's dump (retrying failures), then write the manifest; returns
     {"done": [shards dumped now], "skipped": [complete already], "attempts": {i: n}, "manifest": path}."""
     from .store import sharded
@@ -97,6 +97,12 @@ def dump_shards(command, num_shards, prefix, *, executor="local", workers=1, ret
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     _check_state(prefix, command, num_shards)
     manifest = sharded.manifest_path(prefix)
+    old = read_json_or_none(manifest) if os.path.lexists(manifest) else None
+    if os.path.lexists(manifest) and not overwrite and not (isinstance(old, dict)
+                                                            and old.get("format") == sharded.MANIFEST_FORMAT):
+        # checked before any shard is dumped: the run would end by replacing it
+        raise OutputExistsError(f"{manifest} already exists and is not a shard manifest: pass --overwrite to "
+                                f"replace it, or choose another --dstore-mmap")
     skipped = [i for i in range(num_shards) if is_complete(shard_prefix(prefix, i))]
     todo = [i for i in range(num_shards) if i not in skipped]
     for i in skipped:
@@ -107,7 +113,7 @@ def dump_shards(command, num_shards, prefix, *, executor="local", workers=1, ret
         run(todo, command, num_shards, prefix, attempts, workers=workers, retries=retries, gpus=gpus)
     prefixes = [shard_prefix(prefix, i) for i in range(num_shards)]
     old = read_json_or_none(manifest)
-    ds = sharded.write_manifest(manifest, prefixes, overwrite=True)
+    ds = sharded.write_manifest(manifest, prefixes, overwrite=overwrite)
     if old is None or old.get("fingerprint") != ds.fingerprint:
         logger.info("wrote shard manifest %s (%d shards, %s entries)", manifest, num_shards, f"{ds.size:,}")
     print(f"{PROG}: {num_shards} shard(s) complete ({len(todo)} dumped now, {len(skipped)} already), "
@@ -190,15 +196,15 @@ def main(argv=None):
     p.add_argument("--executor", choices=cluster.EXECUTORS, help="local processes or Ray tasks (default: ray if RAY_ADDRESS is set)")
     p.add_argument("--workers", type=int, default=1, help="local executor: shards dumped at once")
     p.add_argument("--retries", type=int, default=2, help="runs again of a failed shard before giving up")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a file at PREFIX_shards.json that is not this dump's manifest")
     args = p.parse_args(own)
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s")
-    try:
-        dump_shards(command, args.num_shards, args.dstore_mmap, executor=args.executor, workers=args.workers,
-                    retries=args.retries)
-    except KNNLMError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from .lifecycle import run_main
+
+    return run_main(PROG, lambda: dump_shards(command, args.num_shards, args.dstore_mmap, executor=args.executor,
+                                              workers=args.workers, retries=args.retries,
+                                              overwrite=args.overwrite) and None)
 
 
 if __name__ == "__main__":

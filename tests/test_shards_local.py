@@ -128,3 +128,12 @@ def test_hf_shard_windows_partition_the_windows_contiguously():
         shard_windows(wins[:2], 3, 2)
     with pytest.raises(ConfigError, match="--shard-id must lie"):
         shard_windows(wins, 3, 3)
+
+
+def test_shard_dump_refuses_a_foreign_file_at_its_manifest_before_dumping(tmp_path):
+    """Issue #29's rule for the new writer: a file it did not make is not replaced (and no shard is dumped)."""
+    foreign = tmp_path / "ds_shards.json"
+    foreign.write_text("my notes\n")
+    with pytest.raises(KNNLMError, match="is not a shard manifest: pass --overwrite"):
+        dump_shards([sys.executable, "-c", "raise SystemExit(1)"], 2, str(tmp_path / "ds"))
+    assert foreign.read_text() == "my notes\n" and not list(tmp_path.glob("ds.shard_*"))
