@@ -205,17 +205,34 @@ def test_next_token_log_probs_refuses_logits_and_a_float_k_is_refused(knn, tmp_p
 
 def test_the_boundary_checks_cost_little_per_batch():
     """A batch of 1,024 queries of dimension 1,024 (fairseq's eval batch) and a generation step
-    over a 267K vocabulary; the checks are a small fraction of what scoring them costs."""
+    over a 267K vocabulary; the checks are a small fraction of what scoring them costs. Measured
+    side by side with the work they guard (interleaved, paired median): a shared host's load
+    slows both alike, so the ratio is what is asserted, not milliseconds."""
+    import statistics
+
+    from knnlm.scoring import knn_full_log_probs, knn_log_prob
+
     q, t = torch.randn(1024, 1024), torch.randint(0, 267_744, (1024,))
     lp = torch.log_softmax(torch.randn(1024, 50), -1)[:, 0]
     full = torch.log_softmax(torch.randn(4, 267_744), -1)
-    for f, args in ((check_score_inputs, (q, t, lp, 267_744)), (check_distribution, (q[:4], full, 267_744))):
-        f(*args)
-        t0 = time.perf_counter()
-        for _ in range(20):
-            f(*args)
-        per_call = (time.perf_counter() - t0) / 20
-        assert per_call < 0.02, f"{f.__name__}: {per_call * 1e3:.2f} ms per batch"
+    scores, values = torch.randn(1024, 1024), torch.randint(0, 267_744, (1024, 1024))
+    valid = torch.ones(1024, 1024, dtype=torch.bool)
+    cases = (
+        (lambda: check_score_inputs(q, t, lp, 267_744), lambda: knn_log_prob(scores, values, t, valid)),
+        (lambda: check_distribution(q[:4], full, 267_744),
+         lambda: knn_full_log_probs(full, scores[:4], values[:4], 0.25, valid[:4])),
+    )
+    for check, work in cases:
+        check(), work()
+        ratios = []
+        for _ in range(9):
+            t0 = time.perf_counter()
+            check()
+            t1 = time.perf_counter()
+            work()
+            ratios.append((t1 - t0) / (time.perf_counter() - t1))
+        ratio = statistics.median(ratios)
+        assert ratio < 0.5, f"the check costs {ratio:.2f}x the scoring it guards"
 
 
 # ============================================================================ tracebacks that were
