@@ -37,8 +37,10 @@ def check_model(knn, identity, *, keytype, allow_model_mismatch=False):
 class Evaluation:
     """One scoring run: a `KNNLM` or none, an export or none, a continuous cache or none."""
 
-    def __init__(self, knn=None, *, keytype, export_opts=None, cache=None, index=None, overwrite=False):
+    def __init__(self, knn=None, *, keytype, export_opts=None, cache=None, index=None, overwrite=False,
+                 retrieval=None):
         self.knn, self.keytype, self.cache, self.index = knn, keytype, cache, index
+        self.retrieval = retrieval if retrieval is not None else RetrievalOptions()
         self.overwrite = overwrite
         self.export_opts = export_opts if export_opts is not None else ExportOptions()
         self.export = None
@@ -58,10 +60,8 @@ class Evaluation:
         if cache is not None and (cache.continuous_cache or cache.cache_grid_json or cache.cache_keytype
                                   or cache.cache_include_context):
             continuous = ContinuousCache(cache, keytype, with_knn=knn is not None)
-        ev = cls(knn, keytype=keytype, export_opts=export, cache=continuous, index=retrieval.indexfile,
-                 overwrite=overwrite)
-        ev.retrieval = retrieval
-        return ev
+        return cls(knn, keytype=keytype, export_opts=export, cache=continuous, index=retrieval.indexfile,
+                   overwrite=overwrite, retrieval=retrieval)
 
     # ---- what the front-end computes ----
     @property
