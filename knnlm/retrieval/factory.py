@@ -3,9 +3,9 @@
 Every front-end and the Python API call `build`; none builds a retriever by hand.
 """
 
+import dataclasses
 import os
 
-from ..errors import ConfigError
 from .registry import get_strategy, wrappers
 
 
@@ -13,9 +13,9 @@ def build_retriever(opts, datastore=None):
     """The retriever the options describe: the strategy over the datastore, wrappers over it."""
     from ..options import open_datastore, validate
 
+    if not opts.knnlm:  # building one is the point: the command-line switch is implied
+        opts = dataclasses.replace(opts, knnlm=True)
     validate(opts)
-    if not opts.knnlm:
-        raise ConfigError("build() makes a kNN-LM: the options need knnlm=True (--knnlm)")
     if datastore is None:
         datastore = open_datastore(opts)
     elif isinstance(datastore, (str, os.PathLike)):
