@@ -151,3 +151,72 @@ def test_each_configuration_runs_its_own_setting(fr):
         for suffix in ("", "+fast", "+pca+fast"):
             assert after(configs[f"reto{n}{suffix}"].cmd, "--retomaton-min-pointers") == n
     assert list(configs)[:2] == ["plain", "knnlm"]
+
+
+# --------------------------------------------------------------------------- load: plain evals around each round
+
+def test_each_round_is_timed_against_the_mean_of_its_two_plain_evals(fr):
+    # Plain evals 10 s, 30 s, 20 s: round 1 lies between 10 and 30 (mean 20), round 2 between 30 and 20 (25).
+    assert fr.round_plain_times([10.0, 30.0, 20.0], 2) == [20.0, 25.0]
+    # kNN-LM 60 s and 50 s: 60/20 = 3.0, 50/25 = 2.0 (paired with the round's first plain eval alone
+    # it would have been 6.0 and 1.67).
+    per_round = fr.round_plain_times([10.0, 30.0, 20.0], 2)
+    assert fr.paired_ratios([60.0, 50.0], per_round) == [3.0, 2.0]
+    # Mid-round report: round 2 not closed yet, its opening plain eval (30 s) alone.
+    assert fr.round_plain_times([10.0, 30.0], 2) == [20.0, 30.0]
+    with pytest.raises(ValueError):
+        fr.round_plain_times([10.0], 2)  # round 2 never opened
+
+
+def test_plain_spreads_are_the_slower_over_the_faster(fr):
+    assert fr.plain_spreads([10.0, 12.5, 10.0]) == pytest.approx([0.25, 0.25])  # either direction
+    assert fr.plain_spreads([10.0]) == []
+
+
+def test_the_issue_case_a_loaded_plain_eval_withholds_the_verdict(fr):
+    """Issue #26: one round whose plain eval ran loaded (40 s) and the rows after it idle printed
+    29.2 / 40 = 0.73x 'aim 1.3x: met'. Bracketed: the closing plain eval takes 25 s, the row is
+    29.2 / 32.5 = 0.90x, and 40 / 25 - 1 = 60% > 10%: no verdict."""
+    plain_runs = [40.0, 25.0]
+    per_round = fr.round_plain_times(plain_runs, 1)
+    assert per_round == [32.5]
+    plain = fr.Row("plain", "plain eval", "plain", ppl=120.0, times=plain_runs, ratios=[1.0])
+    full = fr.Row("knnlm", "kNN-LM", "knnlm", ppl=100.0, times=[97.5], ratios=fr.paired_ratios([97.5], per_round))
+    eff = fr.Row("eff", "efficient", "fastscan", ppl=101.0, times=[29.2], ratios=fr.paired_ratios([29.2], per_round))
+    assert full.ratio == pytest.approx(3.0) and eff.ratio == pytest.approx(29.2 / 32.5)
+    rows = [plain, full, eff]
+    best = fr.select_headline(rows, 120.0, 100.0)
+    assert best is eff
+    why = fr.withheld_reason(plain_runs, 1)
+    assert why == "plain runs disagree by 60.0% > 10%"
+    assert fr.target_lines(rows, full, best=best, base_ppl=120.0, withheld=why)[-1] == (
+        "Headline: 0.90x plain eval at >= 90% of the gain (target <= 1.5x, aim 1.3x: withheld "
+        "(plain runs disagree by 60.0% > 10%))")
+    line = fr.headline_line(best, 120.0, 100.0, note=fr.spread_note(plain_runs, 1))
+    assert line == ("efficient kNN-LM / plain eval at >= 90% of the kNN-LM gain: 0.90x (efficient: ppl 101.00, "
+                    "kNN-LM ppl 100.00, base LM ppl 120.00; plain runs of a round differ by up to 60.0% > 10%: "
+                    "verdict withheld)")
+    # A looser stated share (--max-plain-spread 70) gives the verdict: 0.90x meets both.
+    assert fr.withheld_reason(plain_runs, 1, max_spread=0.7) is None
+    assert fr.target_lines(rows, full, best=best, base_ppl=120.0, withheld=None)[-1] == (
+        "Headline: 0.90x plain eval at >= 90% of the gain (target <= 1.5x: met; aim 1.3x: met)")
+
+
+def test_verdict_thresholds_and_rounds(fr):
+    assert fr.MAX_PLAIN_SPREAD == 0.10
+    # Exactly 10% (11 / 10) is within the stated share; 12% is not.
+    assert fr.withheld_reason([10.0, 11.0], 1) is None
+    assert fr.withheld_reason([10.0, 11.2], 1) == "plain runs disagree by 12.0% > 10%"
+    assert fr.withheld_reason([10.0, 11.2], 1, max_spread=0.15) is None
+    # Three rounds: 5%, 40%, 3.6%: the worst one is named.
+    assert fr.withheld_reason([10.0, 10.5, 14.7, 14.2], 3) == "plain runs disagree by 40.0% > 10% in round 2"
+    # Any round over the share withholds, even when the others agree.
+    assert fr.withheld_reason([10.0, 10.1, 10.0, 12.0], 3) == "plain runs disagree by 20.0% > 10% in round 3"
+    # A round not closed yet (a report mid-round): no verdict either.
+    assert fr.withheld_reason([10.0, 10.1], 2) == "round 2's closing plain eval has not run"
+    assert fr.withheld_reason([10.0], 1) == "round 1's closing plain eval has not run"
+    assert fr.spread_note([10.0, 10.5], 1) == "plain runs of a round differ by up to 5.0% <= 10%"
+    assert fr.bracket_line([10.0, 10.5, 14.7], 3) == (
+        "Plain eval before / after each round (spread: the slower over the faster): round 1 10.0 / 10.5 s (5.0%), "
+        "round 2 10.5 / 14.7 s (40.0%), round 3 14.7 s / not run yet; a spread above 10% (--max-plain-spread) "
+        "withholds the headline's verdict.")
