@@ -220,3 +220,66 @@ def test_verdict_thresholds_and_rounds(fr):
         "Plain eval before / after each round (spread: the slower over the faster): round 1 10.0 / 10.5 s (5.0%), "
         "round 2 10.5 / 14.7 s (40.0%), round 3 14.7 s / not run yet; a spread above 10% (--max-plain-spread) "
         "withholds the headline's verdict.")
+
+
+def test_main_brackets_every_round_and_reports_the_spread(fr, tmp_path, monkeypatch):
+    """main() with the evaluation faked (no fairseq runs): the run order, the ratios against the
+    bracket means, and what results.json / results.md say. Two rounds; the plain evals take
+    10, 10.5 and 16 s: round 1 agrees (5%), round 2 does not (16 / 10.5 - 1 = 52.4%)."""
+    from types import SimpleNamespace
+
+    from benchmarks import common
+
+    setup = SimpleNamespace(source="fake", lmbda=0.25, temp=1.0, context_window=0, max_tokens=1024, data="d")
+    monkeypatch.setattr(fr.bench, "demo_setup", lambda d: setup)
+    monkeypatch.setattr(fr, "Prepared", lambda *a: SimpleNamespace(base=SimpleNamespace(size=1000, dim=8),
+                                                                   index_meta={"factory": "Flat"}, adaptive_curves={}))
+    monkeypatch.setattr(fr, "adaptive_available", lambda: False)
+    monkeypatch.setattr(fr, "plot", lambda *a, **k: None)
+    monkeypatch.setattr(common, "machine", lambda: dict(cpu="cpu", cores=2, memory="1 GiB", gpu="none", torch="t",
+                                                        faiss="f", fairseq="fs"))
+    monkeypatch.setattr(fr, "configurations", lambda a, s, p, ok: [
+        fr.Config("plain", "plain eval", "plain", (), ["plain"]),
+        fr.Config("knnlm", "kNN-LM", "knnlm", (), ["knnlm"]),
+        fr.Config("fast", "fast-scan", "fastscan", ("fastscan",), ["fast"])])
+    seconds = iter([10.0, 30.75, 11.0, 10.5, 40.0, 20.0, 16.0])  # in the order the runs must happen
+    order = []
+
+    def run_tool(cmd, log_path, env=None):
+        order.append(Path(log_path).name)
+        s = next(seconds)
+        knn = {"plain": "", "knnlm": "kNN-LM: 1,000 tokens, base LM perplexity 120.0, kNN-LM perplexity 100.0",
+               "fast": "kNN-LM: 1,000 tokens, base LM perplexity 120.0, kNN-LM perplexity 101.0"}[cmd[0]]
+        out = f"{knn}\nEvaluated 1,000 tokens in {s}s ({1000 / s} tokens/s)\nLoss (base 2): 6.9, Perplexity: 120.0\n"
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(log_path).write_text(out)
+        return s, 0, out
+
+    monkeypatch.setattr(common, "run_tool", run_tool)
+    assert fr.main(["--rounds", "2", "--workdir", str(tmp_path / "w"), "--docs", str(tmp_path / "docs")]) == 0
+    assert order == ["plain_1.log", "knnlm_r1.log", "fast_r1.log", "plain_2.log",
+                     "knnlm_r2.log", "fast_r2.log", "plain_3.log"]
+    import json
+
+    data = json.loads((tmp_path / "docs" / "results.json").read_text())
+    rows = {r["key"]: r for r in data["rows"]}
+    # Round 1 against (10 + 10.5) / 2 = 10.25, round 2 against (10.5 + 16) / 2 = 13.25.
+    assert data["round_plain_times"] == [10.25, 13.25]
+    assert rows["knnlm"]["ratios"] == pytest.approx([3.0, 40.0 / 13.25])
+    assert rows["fast"]["ratios"] == pytest.approx([11.0 / 10.25, 20.0 / 13.25])
+    assert rows["plain"]["times"] == [10.0, 10.5, 16.0]
+    assert data["plain_spreads"] == pytest.approx([0.05, 16.0 / 10.5 - 1])
+    assert data["max_plain_spread"] == 0.1
+    assert data["verdict_withheld"] == "plain runs disagree by 52.4% > 10% in round 2"
+    assert data["targets"][-1].endswith("(target <= 1.5x, aim 1.3x: withheld (plain runs disagree by 52.4% > 10% "
+                                        "in round 2))")
+    assert data["headline"].startswith("efficient kNN-LM / plain eval at >= 90% of the kNN-LM gain: 1.29x (fast-scan")
+    md = (tmp_path / "docs" / "results.md").read_text()
+    assert "round 1 10.0 / 10.5 s (5.0%), round 2 10.5 / 16.0 s (52.4%)" in md
+    # --max-plain-spread 60: the same timings get a verdict.
+    seconds = iter([10.0, 30.75, 11.0, 10.5, 40.0, 20.0, 16.0])
+    order.clear()
+    assert fr.main(["--rounds", "2", "--workdir", str(tmp_path / "w2"), "--max-plain-spread", "60"]) == 0
+    data = json.loads((tmp_path / "w2" / "frontier.json").read_text())
+    assert data["verdict_withheld"] is None
+    assert data["targets"][-1].endswith("(target <= 1.5x: met; aim 1.3x: met)")
