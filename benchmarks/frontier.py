@@ -55,7 +55,7 @@ HEADLINE_TARGET, HEADLINE_AIM = 1.5, 1.3
 # A round whose plain evals (before and after it) differ by more than this share (the slower over
 # the faster, minus 1) measured a host whose load changed under it: no met / NOT met headline.
 # 10%: the other rows of the idle run in docs/frontier/results.json kept their two rounds within
-# 7% of each other; a loaded run's plain evals spanned 85-230 s. That idle run's two plain evals
+# 7.3% of each other; a loaded run's plain evals spanned 85-230 s. That idle run's two plain evals
 # themselves took 32.3 and 26.6 s (21% apart; the first was the run's very first eval): such a
 # run now gets no verdict, which is the point: its ratios moved with them (kNN-LM 3.09x / 3.53x).
 MAX_PLAIN_SPREAD = 0.10
@@ -560,6 +560,8 @@ def main(argv=None):
                    "differ by more than PCT%% (default %(default)g)")
     p.add_argument("--prepare-only", action="store_true", help="build the artefacts and list the configurations")
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        raise SystemExit(f"--rounds: {a.rounds}; at least 1")
     if not a.max_plain_spread >= 0:
         raise SystemExit(f"--max-plain-spread: {a.max_plain_spread} is not a share in percent >= 0")
     max_spread = a.max_plain_spread / 100.0

@@ -236,8 +236,8 @@ def test_main_brackets_every_round_and_reports_the_spread(fr, tmp_path, monkeypa
                                                                    index_meta={"factory": "Flat"}, adaptive_curves={}))
     monkeypatch.setattr(fr, "adaptive_available", lambda: False)
     monkeypatch.setattr(fr, "plot", lambda *a, **k: None)
-    monkeypatch.setattr(common, "machine", lambda: dict(cpu="cpu", cores=2, memory="1 GiB", gpu="none", torch="t",
-                                                        faiss="f", fairseq="fs"))
+    monkeypatch.setattr(common, "machine", lambda: {"cpu": "cpu", "cores": 2, "memory": "1 GiB", "gpu": "none",
+                                                        "torch": "t", "faiss": "f", "fairseq": "fs"})
     monkeypatch.setattr(fr, "configurations", lambda a, s, p, ok: [
         fr.Config("plain", "plain eval", "plain", (), ["plain"]),
         fr.Config("knnlm", "kNN-LM", "knnlm", (), ["knnlm"]),
@@ -283,3 +283,10 @@ def test_main_brackets_every_round_and_reports_the_spread(fr, tmp_path, monkeypa
     data = json.loads((tmp_path / "w2" / "frontier.json").read_text())
     assert data["verdict_withheld"] is None
     assert data["targets"][-1].endswith("(target <= 1.5x: met; aim 1.3x: met)")
+
+
+def test_bad_flags_are_refused_before_anything_runs(fr):
+    with pytest.raises(SystemExit, match="--max-plain-spread"):
+        fr.main(["--max-plain-spread", "-5"])
+    with pytest.raises(SystemExit, match="--rounds"):
+        fr.main(["--rounds", "0"])
