@@ -11,9 +11,12 @@ and T), on the whole validation split (--quick: a ~10K-token slice, for choosing
      greedy merging) with its indexes, and, when adaptive retrieval is installed
      (knnlm-adaptive), a predictor trained on the per-token export of the *test* split
      (Persuasion): held out, since the frontier scores valid;
-  2. runs every configuration once per round, rounds interleaved (plain eval, full kNN-LM,
-     fast-scan, RetoMaton, adaptive retrieval, PCA, pruned, and combinations), and pairs each
-     run with the plain eval of its own round: time / plain eval is the median of those ratios;
+  2. runs every configuration once per round, rounds interleaved (full kNN-LM, fast-scan,
+     RetoMaton, adaptive retrieval, PCA, pruned, and combinations), each round bracketed by a
+     plain eval before and after it (the one closing a round opens the next), and pairs each run
+     with the mean of its round's two plain evals: time / plain eval is the median of those
+     ratios. When a round's two plain evals disagree by more than --max-plain-spread (the host's
+     load changed under the round), the headline's met / NOT met verdict is withheld;
   3. prints a markdown table (perplexity, share of the kNN-LM gain kept, time / plain eval,
      searches done, datastore and index bytes), the per-method target lines of issue #19 and the
      headline; writes them with a plot of perplexity vs time ratio to the workdir and, with
@@ -27,6 +30,7 @@ child). The host is shared: the load average is printed with every run.
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -48,6 +52,13 @@ RETO_PPL_TARGET, RETO_SAVED_TARGET = 0.5, 0.5  # issue #19's targets: +0.5% perp
 ADAPTIVE_PPL_TARGET, ADAPTIVE_SKIP_TARGET = 1.0, 0.5
 REDUCED_PPL_TARGET, PRUNED_SHARE_TARGET = 1.0, 0.6
 HEADLINE_TARGET, HEADLINE_AIM = 1.5, 1.3
+# A round whose plain evals (before and after it) differ by more than this share (the slower over
+# the faster, minus 1) measured a host whose load changed under it: no met / NOT met headline.
+# 10%: the other rows of the idle run in docs/frontier/results.json kept their two rounds within
+# 7.3% of each other; a loaded run's plain evals spanned 85-230 s. That idle run's two plain evals
+# themselves took 32.3 and 26.6 s (21% apart; the first was the run's very first eval): such a
+# run now gets no verdict, which is the point: its ratios moved with them (kNN-LM 3.09x / 3.53x).
+MAX_PLAIN_SPREAD = 0.10
 
 SEARCHES_SAVED = re.compile(r"([\d.]+)% of ([\d,]+) searches saved")
 
@@ -56,8 +67,9 @@ SEARCHES_SAVED = re.compile(r"([\d.]+)% of ([\d,]+) searches saved")
 
 @dataclasses.dataclass
 class Row:
-    """One configuration's measurements. `times`: its eval seconds per round; `ratios`: each over
-    the plain eval of the same round."""
+    """One configuration's measurements. `times`: its eval seconds per round (the plain row: every
+    plain eval, rounds + 1 of them, round r between times[r] and times[r + 1]); `ratios`: each
+    round's time over the mean of that round's plain evals."""
 
     key: str
     name: str
@@ -79,10 +91,49 @@ class Row:
 
 
 def paired_ratios(times, plain_times):
-    """Each run over the plain run of its own round (rounds in order)."""
+    """Each run over the plain time of its own round (rounds in order)."""
     if len(times) != len(plain_times):
         raise ValueError(f"{len(times)} runs for {len(plain_times)} plain runs: rounds must pair up")
     return [t / p for t, p in zip(times, plain_times)]
+
+
+def round_plain_times(plain_runs, n_rounds):
+    """Each round's plain time: the mean of the plain evals before and after it (round r runs
+    between plain_runs[r] and plain_runs[r + 1]). Load that drifts steadily through a round then
+    cancels for a row in its middle, and the ends show how far it drifted (plain_spreads). A
+    round whose closing plain eval has not run yet (a report mid-round) has its opening one alone."""
+    if n_rounds > len(plain_runs):
+        raise ValueError(f"{n_rounds} rounds but {len(plain_runs)} plain runs: every round opens with one")
+    return [statistics.fmean(plain_runs[r:r + 2]) for r in range(n_rounds)]
+
+
+def plain_spreads(plain_runs):
+    """Per finished round, how far its two plain evals disagree: the slower over the faster, minus 1."""
+    return [max(a, b) / min(a, b) - 1.0 for a, b in itertools.pairwise(plain_runs)]
+
+
+def withheld_reason(plain_runs, n_rounds, max_spread=MAX_PLAIN_SPREAD):
+    """Why the headline's verdict cannot be given (None: it can): a round not closed by its second
+    plain eval yet, or a round whose plain evals disagree by more than max_spread."""
+    spreads = plain_spreads(plain_runs)
+    if len(spreads) < n_rounds:
+        return f"round {len(spreads) + 1}'s closing plain eval has not run"
+    worst = max(range(n_rounds), key=lambda r: spreads[r])
+    if spreads[worst] > max_spread + 1e-12:
+        return (f"plain runs disagree by {100 * spreads[worst]:.1f}% > {100 * max_spread:g}%"
+                + (f" in round {worst + 1}" if n_rounds > 1 else ""))
+    return None
+
+
+def spread_note(plain_runs, n_rounds, max_spread=MAX_PLAIN_SPREAD):
+    """The headline's last words: how far the plain evals of a round disagreed, at worst."""
+    spreads = plain_spreads(plain_runs)[:n_rounds]
+    if not spreads:
+        return "plain runs: the first round is not closed yet"
+    worst = max(spreads)
+    return (f"plain runs of a round differ by up to {100 * worst:.1f}% "
+            + (f"> {100 * max_spread:g}%: verdict withheld" if worst > max_spread + 1e-12
+               else f"<= {100 * max_spread:g}%"))
 
 
 def gain_kept(row, base_ppl, full_ppl):
@@ -99,12 +150,14 @@ def select_headline(rows, base_ppl, full_ppl, share=GAIN_SHARE):
     return min(ok, key=lambda r: (r.ratio, r.ppl)) if ok else None
 
 
-def headline_line(best, base_ppl, full_ppl, share=GAIN_SHARE):
+def headline_line(best, base_ppl, full_ppl, share=GAIN_SHARE, note=None):
+    """`note`: spread_note's words on the plain evals, appended inside the parentheses."""
+    tail = f"; {note}" if note else ""
     if best is None:
         return (f"efficient kNN-LM / plain eval at >= {share:.0%} of the kNN-LM gain: none (no configuration kept "
-                f"{share:.0%} of the gain; kNN-LM ppl {full_ppl:.2f}, base LM ppl {base_ppl:.2f})")
+                f"{share:.0%} of the gain; kNN-LM ppl {full_ppl:.2f}, base LM ppl {base_ppl:.2f}{tail})")
     return (f"efficient kNN-LM / plain eval at >= {share:.0%} of the kNN-LM gain: {best.ratio:.2f}x "
-            f"({best.name}: ppl {best.ppl:.2f}, kNN-LM ppl {full_ppl:.2f}, base LM ppl {base_ppl:.2f})")
+            f"({best.name}: ppl {best.ppl:.2f}, kNN-LM ppl {full_ppl:.2f}, base LM ppl {base_ppl:.2f}{tail})")
 
 
 def pct_over(ppl, ref):
@@ -124,8 +177,9 @@ def _best_saving(rows, full_ppl, max_pct):
     return min(rows, key=lambda r: pct_over(r.ppl, full_ppl)), False
 
 
-def target_lines(rows, full, share=GAIN_SHARE, best=None, base_ppl=None):
-    """Issue #19's per-method targets, computed from the rows: each names the row it is about."""
+def target_lines(rows, full, share=GAIN_SHARE, best=None, base_ppl=None, withheld=None):
+    """Issue #19's per-method targets, computed from the rows: each names the row it is about.
+    `withheld` (withheld_reason's words): the headline's time verdict is not given, and says why."""
     out = []
     full_ppl = full.ppl
     reto = [r for r in rows if r.family == "retomaton" and r.searched is not None]
@@ -166,12 +220,28 @@ def target_lines(rows, full, share=GAIN_SHARE, best=None, base_ppl=None):
                   else f"<= +{REDUCED_PPL_TARGET}%")
         out.append(f"{what}{size}: {pct:+.2f}% perplexity, {r.ratio:.2f}x plain eval (full kNN-LM {full.ratio:.2f}x)"
                    f"{bytes_part} ({r.name}; target {target}: {_met(ok)})")
-    if best is not None:
+    if best is not None and withheld:
+        out.append(f"Headline: {best.ratio:.2f}x plain eval at >= {share:.0%} of the gain (target <= {HEADLINE_TARGET}x, "
+                   f"aim {HEADLINE_AIM}x: withheld ({withheld}))")
+    elif best is not None:
         out.append(f"Headline: {best.ratio:.2f}x plain eval at >= {share:.0%} of the gain (target <= {HEADLINE_TARGET}x: "
                    f"{_met(best.ratio <= HEADLINE_TARGET)}; aim {HEADLINE_AIM}x: {_met(best.ratio <= HEADLINE_AIM)})")
     else:
         out.append(f"Headline: no configuration kept {share:.0%} of the gain (target <= {HEADLINE_TARGET}x: NOT met)")
     return out
+
+
+def bracket_line(plain_runs, n_rounds, max_spread=MAX_PLAIN_SPREAD):
+    """The plain evals around each round and how far they disagree, for the report."""
+    parts = []
+    for r in range(n_rounds):
+        pair = plain_runs[r:r + 2]
+        if len(pair) < 2:
+            parts.append(f"round {r + 1} {pair[0]:.1f} s / not run yet")
+            continue
+        parts.append(f"round {r + 1} {pair[0]:.1f} / {pair[1]:.1f} s ({100 * plain_spreads(pair)[0]:.1f}%)")
+    return (f"Plain eval before / after each round (spread: the slower over the faster): {', '.join(parts)}; "
+            f"a spread above {100 * max_spread:g}% (--max-plain-spread) withholds the headline's verdict.")
 
 
 def table_rows(rows, base_ppl, full_ppl):
@@ -485,8 +555,16 @@ def main(argv=None):
     p.add_argument("--reto-min-pointers", type=int, nargs="+", default=[2])
     p.add_argument("--adaptive-skips", type=float, nargs="+", default=[0.5, 0.6])
     p.add_argument("--prune-k", type=int, default=64, help="knnlm-prune --k (neighbors each entry may absorb)")
+    p.add_argument("--max-plain-spread", type=float, default=100 * MAX_PLAIN_SPREAD, metavar="PCT",
+                   help="withhold the headline's met / NOT met when a round's plain evals (before and after it) "
+                   "differ by more than PCT%% (default %(default)g)")
     p.add_argument("--prepare-only", action="store_true", help="build the artefacts and list the configurations")
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        raise SystemExit(f"--rounds: {a.rounds}; at least 1")
+    if not a.max_plain_spread >= 0:
+        raise SystemExit(f"--max-plain-spread: {a.max_plain_spread} is not a share in percent >= 0")
+    max_spread = a.max_plain_spread / 100.0
 
     t_start = time.perf_counter()
     work = Path(a.workdir)
@@ -523,22 +601,26 @@ def main(argv=None):
     def report(n_rounds, partial=False):
         """The table, targets, headline, plot: written after every run, so a run stopped early
         (a deadline, a busier host) still leaves what it measured (`partial`: round n_rounds is
-        not finished; its rows so far are paired with its plain run)."""
+        not closed by its second plain eval; its rows so far are paired with its opening one, and
+        the headline's verdict is withheld)."""
         plain = rows["plain"]
         if not plain.times or not rows["knnlm"].times:
             return
-        for r in rows.values():  # each run over the plain run of its round (rounds it finished)
-            r.ratios = paired_ratios(r.times, plain.times[:len(r.times)])
+        per_round = round_plain_times(plain.times, n_rounds)
+        for r in rows.values():  # each run over the mean of its round's plain evals
+            r.ratios = ([1.0] * n_rounds if r is plain else paired_ratios(r.times, per_round[:len(r.times)]))
         full = rows["knnlm"]
         base_ppl = full.base_ppl if full.base_ppl is not None else plain.ppl
         rows_l = [r for r in rows.values() if r.times]
         best = select_headline(rows_l, base_ppl, full.ppl)
-        headline = headline_line(best, base_ppl, full.ppl)
-        targets = target_lines(rows_l, full, best=best, base_ppl=base_ppl)
+        headline = headline_line(best, base_ppl, full.ppl, note=spread_note(plain.times, n_rounds, max_spread))
+        withheld = withheld_reason(plain.times, n_rounds, max_spread)
+        targets = target_lines(rows_l, full, best=best, base_ppl=base_ppl, withheld=withheld)
+        brackets = bracket_line(plain.times, n_rounds, max_spread)
         load1 = os.getloadavg()
         total = time.perf_counter() - t_start
 
-        tokens = common.parse_eval((logs / "plain_r1.log").read_text())["tokens"]
+        tokens = common.parse_eval((logs / "plain_1.log").read_text())["tokens"]
         split = f"{tokens:,} tokens of the validation split" + (" (--quick slice)" if a.quick else " (all of it)")
         head = (f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, GPU: {info['gpu']}; torch "
                 f"{info['torch']}, faiss {info['faiss']}, fairseq {info['fairseq']}. Load average (1/5/15 min) at start "
@@ -547,9 +629,10 @@ def main(argv=None):
                 f"Inputs: {setup.source}; datastore {prep.base.size:,} x {prep.base.dim}, index {prep.index_meta['factory']}, "
                 f"k {bench.K}, nprobe {bench.PROBE}, exact recomputed distances, lambda {setup.lmbda}, T {setup.temp}; "
                 f"evaluation on {split}, context window {setup.context_window}, {setup.max_tokens} tokens per batch.\n"
-                f"{n_rounds} interleaved round{'s' if n_rounds > 1 else ''} (of {a.rounds} planned{'; the last one unfinished' if partial else ''}), every configuration once per round in the table's order; time / plain "
-                f"is the median over rounds of each run's eval seconds (fairseq-eval-lm's own) over the plain eval of its "
-                f"round. Gain kept: (base ppl - ppl) / (base ppl - full kNN-LM ppl). Searches done: the share of "
+                f"{n_rounds} interleaved round{'s' if n_rounds > 1 else ''} (of {a.rounds} planned{'; the last one unfinished' if partial else ''}), every configuration once per round in the table's order, "
+                f"each round between two plain evals (the one closing a round opens the next); time / plain "
+                f"is the median over rounds of each run's eval seconds (fairseq-eval-lm's own) over the mean of its "
+                f"round's two plain evals.\n{brackets}\nGain kept: (base ppl - ppl) / (base ppl - full kNN-LM ppl). Searches done: the share of "
                 f"scored tokens that paid a FAISS search. Datastore bytes: keys + values (+ weights, + PCA transform). "
                 f"Frontier wall time {total / 60:.1f} min; 1-min load average before each run {min(loads):.1f}-{max(loads):.1f}.")
         if prep.adaptive_curves:
@@ -579,7 +662,9 @@ def main(argv=None):
                    "\n".join(curve.strip().splitlines()[-16:]), "```", ""]
         data = {"rows": [dataclasses.asdict(r) | {"ratio": r.ratio} for r in rows_l], "base_ppl": base_ppl,
                 "full_ppl": full.ppl, "headline": headline, "targets": targets, "load_start": load0, "load_end": load1,
-                "machine": info, "split": split}
+                "machine": info, "split": split, "plain_runs": plain.times, "round_plain_times": per_round,
+                "plain_spreads": plain_spreads(plain.times)[:n_rounds], "max_plain_spread": max_spread,
+                "verdict_withheld": withheld}
         from knnlm.artefacts import write_json_atomic
 
         outs = [work] + ([Path(a.docs)] if a.docs else [])
@@ -595,31 +680,50 @@ def main(argv=None):
             if not partial:
                 log(f"written to {d / (name + '.md')}")
 
-    n_runs, done, spent, loads = a.rounds * len(configs), 0, 0.0, []
+    # Why brackets, not a plain eval before every row: rounds + 1 plain evals in all (the one
+    # closing a round opens the next) cost one plain eval more than one per round (~30 s of the
+    # idle host's ~425 s round of the default rows, docs/frontier/results.md); one before every
+    # row would cost 6 more per round (~177 s, +42%). What brackets miss: load that comes and
+    # goes inside a round, leaving both ends alike.
+    plain_c, others = configs[0], configs[1:]
+    assert plain_c.key == "plain"
+    n_runs, done, spent, loads = a.rounds * len(others) + a.rounds + 1, 0, 0.0, []
+
+    def run(c, rnd, log_name, what=""):
+        nonlocal done, spent
+        t0 = time.perf_counter()
+        load = _load()
+        loads.append(os.getloadavg()[0])
+        wall, rss, out = common.run_tool(c.cmd, logs / f"{log_name}.log")
+        ev = common.parse_eval(out)
+        r = rows[c.key]
+        r.times.append(ev["seconds"])
+        r.rss = max(r.rss, rss)
+        if "ppl" in ev:
+            if r.times[:-1] and abs(ev["ppl"] - r.ppl) > 1e-6:
+                log(f"      note: perplexity {ev['ppl']} differs from round 1's {r.ppl}")
+            r.ppl = ev["ppl"]
+        r.base_ppl = ev.get("base_ppl", r.base_ppl)
+        r.searched = searched_share(out, c.family)
+        done += 1
+        spent += time.perf_counter() - t0
+        eta = spent / done * (n_runs - done)
+        log(f"[round {rnd + 1}/{a.rounds}] {c.name}{what}: {ev['tokens']:,} tokens in {ev['seconds']:.1f} s "
+            f"(wall {wall:.1f} s), ppl {r.ppl:.2f}"
+            + ("" if r.searched is None else f", searches {100 * r.searched:.1f}%")
+            + f"; load {load} -> {_load()}; {done}/{n_runs} runs, ETA {eta / 60:.1f} min")
+
+    run(plain_c, 0, "plain_1", " (opens round 1)")
     for rnd in range(a.rounds):
-        for c in configs:
-            t0 = time.perf_counter()
-            load = _load()
-            loads.append(os.getloadavg()[0])
-            wall, rss, out = common.run_tool(c.cmd, logs / f"{re.sub(r'[^A-Za-z0-9]+', '_', c.key)}_r{rnd + 1}.log")
-            ev = common.parse_eval(out)
-            r = rows[c.key]
-            r.times.append(ev["seconds"])
-            r.rss = max(r.rss, rss)
-            if "ppl" in ev:
-                if r.times[:-1] and abs(ev["ppl"] - r.ppl) > 1e-6:
-                    log(f"      note: perplexity {ev['ppl']} differs from round 1's {r.ppl}")
-                r.ppl = ev["ppl"]
-            r.base_ppl = ev.get("base_ppl", r.base_ppl)
-            r.searched = searched_share(out, c.family)
-            done += 1
-            spent += time.perf_counter() - t0
-            eta = spent / done * (n_runs - done)
-            log(f"[round {rnd + 1}/{a.rounds}] {c.name}: {ev['tokens']:,} tokens in {ev['seconds']:.1f} s "
-                f"(wall {wall:.1f} s), ppl {r.ppl:.2f}"
-                + ("" if r.searched is None else f", searches {100 * r.searched:.1f}%")
-                + f"; load {load} -> {_load()}; {done}/{n_runs} runs, ETA {eta / 60:.1f} min")
-            report(rnd + 1, partial=c is not configs[-1])
+        for c in others:
+            run(c, rnd, f"{re.sub(r'[^A-Za-z0-9]+', '_', c.key)}_r{rnd + 1}")
+            report(rnd + 1, partial=True)
+        run(plain_c, rnd, f"plain_{rnd + 2}", f" (closes round {rnd + 1}" + (")" if rnd + 1 == a.rounds else
+                                                                            f", opens round {rnd + 2})"))
+        before, after = rows["plain"].times[-2:]
+        log(f"[round {rnd + 1}/{a.rounds}] plain eval {before:.1f} s before, {after:.1f} s after: spread "
+            f"{100 * plain_spreads([before, after])[0]:.1f}% (limit {a.max_plain_spread:g}%)")
+        report(rnd + 1)
     return 0
 
 

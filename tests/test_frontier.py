@@ -151,3 +151,142 @@ def test_each_configuration_runs_its_own_setting(fr):
         for suffix in ("", "+fast", "+pca+fast"):
             assert after(configs[f"reto{n}{suffix}"].cmd, "--retomaton-min-pointers") == n
     assert list(configs)[:2] == ["plain", "knnlm"]
+
+
+# --------------------------------------------------------------------------- load: plain evals around each round
+
+def test_each_round_is_timed_against_the_mean_of_its_two_plain_evals(fr):
+    # Plain evals 10 s, 30 s, 20 s: round 1 lies between 10 and 30 (mean 20), round 2 between 30 and 20 (25).
+    assert fr.round_plain_times([10.0, 30.0, 20.0], 2) == [20.0, 25.0]
+    # kNN-LM 60 s and 50 s: 60/20 = 3.0, 50/25 = 2.0 (paired with the round's first plain eval alone
+    # it would have been 6.0 and 1.67).
+    per_round = fr.round_plain_times([10.0, 30.0, 20.0], 2)
+    assert fr.paired_ratios([60.0, 50.0], per_round) == [3.0, 2.0]
+    # Mid-round report: round 2 not closed yet, its opening plain eval (30 s) alone.
+    assert fr.round_plain_times([10.0, 30.0], 2) == [20.0, 30.0]
+    with pytest.raises(ValueError):
+        fr.round_plain_times([10.0], 2)  # round 2 never opened
+
+
+def test_plain_spreads_are_the_slower_over_the_faster(fr):
+    assert fr.plain_spreads([10.0, 12.5, 10.0]) == pytest.approx([0.25, 0.25])  # either direction
+    assert fr.plain_spreads([10.0]) == []
+
+
+def test_the_issue_case_a_loaded_plain_eval_withholds_the_verdict(fr):
+    """Issue #26: one round whose plain eval ran loaded (40 s) and the rows after it idle printed
+    29.2 / 40 = 0.73x 'aim 1.3x: met'. Bracketed: the closing plain eval takes 25 s, the row is
+    29.2 / 32.5 = 0.90x, and 40 / 25 - 1 = 60% > 10%: no verdict."""
+    plain_runs = [40.0, 25.0]
+    per_round = fr.round_plain_times(plain_runs, 1)
+    assert per_round == [32.5]
+    plain = fr.Row("plain", "plain eval", "plain", ppl=120.0, times=plain_runs, ratios=[1.0])
+    full = fr.Row("knnlm", "kNN-LM", "knnlm", ppl=100.0, times=[97.5], ratios=fr.paired_ratios([97.5], per_round))
+    eff = fr.Row("eff", "efficient", "fastscan", ppl=101.0, times=[29.2], ratios=fr.paired_ratios([29.2], per_round))
+    assert full.ratio == pytest.approx(3.0) and eff.ratio == pytest.approx(29.2 / 32.5)
+    rows = [plain, full, eff]
+    best = fr.select_headline(rows, 120.0, 100.0)
+    assert best is eff
+    why = fr.withheld_reason(plain_runs, 1)
+    assert why == "plain runs disagree by 60.0% > 10%"
+    assert fr.target_lines(rows, full, best=best, base_ppl=120.0, withheld=why)[-1] == (
+        "Headline: 0.90x plain eval at >= 90% of the gain (target <= 1.5x, aim 1.3x: withheld "
+        "(plain runs disagree by 60.0% > 10%))")
+    line = fr.headline_line(best, 120.0, 100.0, note=fr.spread_note(plain_runs, 1))
+    assert line == ("efficient kNN-LM / plain eval at >= 90% of the kNN-LM gain: 0.90x (efficient: ppl 101.00, "
+                    "kNN-LM ppl 100.00, base LM ppl 120.00; plain runs of a round differ by up to 60.0% > 10%: "
+                    "verdict withheld)")
+    # A looser stated share (--max-plain-spread 70) gives the verdict: 0.90x meets both.
+    assert fr.withheld_reason(plain_runs, 1, max_spread=0.7) is None
+    assert fr.target_lines(rows, full, best=best, base_ppl=120.0, withheld=None)[-1] == (
+        "Headline: 0.90x plain eval at >= 90% of the gain (target <= 1.5x: met; aim 1.3x: met)")
+
+
+def test_verdict_thresholds_and_rounds(fr):
+    assert fr.MAX_PLAIN_SPREAD == 0.10
+    # Exactly 10% (11 / 10) is within the stated share; 12% is not.
+    assert fr.withheld_reason([10.0, 11.0], 1) is None
+    assert fr.withheld_reason([10.0, 11.2], 1) == "plain runs disagree by 12.0% > 10%"
+    assert fr.withheld_reason([10.0, 11.2], 1, max_spread=0.15) is None
+    # Three rounds: 5%, 40%, 3.6%: the worst one is named.
+    assert fr.withheld_reason([10.0, 10.5, 14.7, 14.2], 3) == "plain runs disagree by 40.0% > 10% in round 2"
+    # Any round over the share withholds, even when the others agree.
+    assert fr.withheld_reason([10.0, 10.1, 10.0, 12.0], 3) == "plain runs disagree by 20.0% > 10% in round 3"
+    # A round not closed yet (a report mid-round): no verdict either.
+    assert fr.withheld_reason([10.0, 10.1], 2) == "round 2's closing plain eval has not run"
+    assert fr.withheld_reason([10.0], 1) == "round 1's closing plain eval has not run"
+    assert fr.spread_note([10.0, 10.5], 1) == "plain runs of a round differ by up to 5.0% <= 10%"
+    assert fr.bracket_line([10.0, 10.5, 14.7], 3) == (
+        "Plain eval before / after each round (spread: the slower over the faster): round 1 10.0 / 10.5 s (5.0%), "
+        "round 2 10.5 / 14.7 s (40.0%), round 3 14.7 s / not run yet; a spread above 10% (--max-plain-spread) "
+        "withholds the headline's verdict.")
+
+
+def test_main_brackets_every_round_and_reports_the_spread(fr, tmp_path, monkeypatch):
+    """main() with the evaluation faked (no fairseq runs): the run order, the ratios against the
+    bracket means, and what results.json / results.md say. Two rounds; the plain evals take
+    10, 10.5 and 16 s: round 1 agrees (5%), round 2 does not (16 / 10.5 - 1 = 52.4%)."""
+    from types import SimpleNamespace
+
+    from benchmarks import common
+
+    setup = SimpleNamespace(source="fake", lmbda=0.25, temp=1.0, context_window=0, max_tokens=1024, data="d")
+    monkeypatch.setattr(fr.bench, "demo_setup", lambda d: setup)
+    monkeypatch.setattr(fr, "Prepared", lambda *a: SimpleNamespace(base=SimpleNamespace(size=1000, dim=8),
+                                                                   index_meta={"factory": "Flat"}, adaptive_curves={}))
+    monkeypatch.setattr(fr, "adaptive_available", lambda: False)
+    monkeypatch.setattr(fr, "plot", lambda *a, **k: None)
+    monkeypatch.setattr(common, "machine", lambda: {"cpu": "cpu", "cores": 2, "memory": "1 GiB", "gpu": "none",
+                                                        "torch": "t", "faiss": "f", "fairseq": "fs"})
+    monkeypatch.setattr(fr, "configurations", lambda a, s, p, ok: [
+        fr.Config("plain", "plain eval", "plain", (), ["plain"]),
+        fr.Config("knnlm", "kNN-LM", "knnlm", (), ["knnlm"]),
+        fr.Config("fast", "fast-scan", "fastscan", ("fastscan",), ["fast"])])
+    seconds = iter([10.0, 30.75, 11.0, 10.5, 40.0, 20.0, 16.0])  # in the order the runs must happen
+    order = []
+
+    def run_tool(cmd, log_path, env=None):
+        order.append(Path(log_path).name)
+        s = next(seconds)
+        knn = {"plain": "", "knnlm": "kNN-LM: 1,000 tokens, base LM perplexity 120.0, kNN-LM perplexity 100.0",
+               "fast": "kNN-LM: 1,000 tokens, base LM perplexity 120.0, kNN-LM perplexity 101.0"}[cmd[0]]
+        out = f"{knn}\nEvaluated 1,000 tokens in {s}s ({1000 / s} tokens/s)\nLoss (base 2): 6.9, Perplexity: 120.0\n"
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(log_path).write_text(out)
+        return s, 0, out
+
+    monkeypatch.setattr(common, "run_tool", run_tool)
+    assert fr.main(["--rounds", "2", "--workdir", str(tmp_path / "w"), "--docs", str(tmp_path / "docs")]) == 0
+    assert order == ["plain_1.log", "knnlm_r1.log", "fast_r1.log", "plain_2.log",
+                     "knnlm_r2.log", "fast_r2.log", "plain_3.log"]
+    import json
+
+    data = json.loads((tmp_path / "docs" / "results.json").read_text())
+    rows = {r["key"]: r for r in data["rows"]}
+    # Round 1 against (10 + 10.5) / 2 = 10.25, round 2 against (10.5 + 16) / 2 = 13.25.
+    assert data["round_plain_times"] == [10.25, 13.25]
+    assert rows["knnlm"]["ratios"] == pytest.approx([3.0, 40.0 / 13.25])
+    assert rows["fast"]["ratios"] == pytest.approx([11.0 / 10.25, 20.0 / 13.25])
+    assert rows["plain"]["times"] == [10.0, 10.5, 16.0]
+    assert data["plain_spreads"] == pytest.approx([0.05, 16.0 / 10.5 - 1])
+    assert data["max_plain_spread"] == 0.1
+    assert data["verdict_withheld"] == "plain runs disagree by 52.4% > 10% in round 2"
+    assert data["targets"][-1].endswith("(target <= 1.5x, aim 1.3x: withheld (plain runs disagree by 52.4% > 10% "
+                                        "in round 2))")
+    assert data["headline"].startswith("efficient kNN-LM / plain eval at >= 90% of the kNN-LM gain: 1.29x (fast-scan")
+    md = (tmp_path / "docs" / "results.md").read_text()
+    assert "round 1 10.0 / 10.5 s (5.0%), round 2 10.5 / 16.0 s (52.4%)" in md
+    # --max-plain-spread 60: the same timings get a verdict.
+    seconds = iter([10.0, 30.75, 11.0, 10.5, 40.0, 20.0, 16.0])
+    order.clear()
+    assert fr.main(["--rounds", "2", "--workdir", str(tmp_path / "w2"), "--max-plain-spread", "60"]) == 0
+    data = json.loads((tmp_path / "w2" / "frontier.json").read_text())
+    assert data["verdict_withheld"] is None
+    assert data["targets"][-1].endswith("(target <= 1.5x: met; aim 1.3x: met)")
+
+
+def test_bad_flags_are_refused_before_anything_runs(fr):
+    with pytest.raises(SystemExit, match="--max-plain-spread"):
+        fr.main(["--max-plain-spread", "-5"])
+    with pytest.raises(SystemExit, match="--rounds"):
+        fr.main(["--rounds", "0"])
