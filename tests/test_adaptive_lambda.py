@@ -171,3 +171,47 @@ def test_through_knnlm_hf_eval(tmp_path, capsys):
     assert "adaptive skip 0.5, per-token lambda:" in capsys.readouterr().out
     assert hf([*adaptive, "--knnlm-dump-probs", str(tmp_path / "export2")]) == 2
     assert "--adaptive-lambda mixes each token with its own predicted lambda" in capsys.readouterr().err
+
+
+def test_through_fairseq_eval_lm(tmp_path, capsys):
+    """The same check through fairseq-eval-lm: its flag exists and mixes with the predicted lambdas."""
+    import shutil
+
+    from knnlm.offline.export import load_export
+    from knnlm.retrieval.adaptive import train as trainer
+    from knnlm.retrieval.adaptive.retriever import Predictor
+    from tests.conftest import knn_summary
+    from tests.helpers import EvalLM, knn_argv
+    from tests.test_adaptive import OLD
+
+    for name in ("bin", "lm", "dstore"):
+        shutil.copytree(OLD / name, tmp_path / name)
+    common = ["--tokens-per-sample", "64", "--context-window", "32", "--gen-subset", "test", "--knnlm",
+              "--dstore-filename", tmp_path / "dstore" / "train", "--indexfile", tmp_path / "dstore" / "knn.index",
+              "--k", "16", "--probe", "4", "--lmbda", "0.25", "--knn-temp", "2.0"]
+    argv = lambda *extra: knn_argv(str(tmp_path / "bin"), str(tmp_path / "lm" / "model.pt"), *common, *extra)  # noqa: E731
+    ev = EvalLM(tmp_path / "evallm")
+    try:
+        plain = ev.run(argv("--knnlm-dump-probs", tmp_path / "export")).stderr
+        assert trainer.main(["train", str(tmp_path / "export"), "--out", str(tmp_path / "pred.json"),
+                             "--epochs", "5"]) == 0
+        capsys.readouterr()
+        pred_path = str(tmp_path / "pred.json")
+        runs = [argv("--adaptive-retrieval", pred_path, "--adaptive-skip", "0", "--adaptive-lambda"),
+                argv("--adaptive-lambda")]
+        ok, refused = ev.run_many([{"argv": a} for a in runs])
+    finally:
+        ev.close()
+    assert ok.returncode == 0, str(ok)
+    assert "lambda=per-token (predicted)" in ok.stderr and "adaptive skip 0, per-token lambda: 0.0% of 802" in ok.stderr
+    e = load_export(str(tmp_path / "export"))
+    pred = Predictor.load(pred_path)
+    state = TokenFeatures(torch.from_numpy(np.array(e.features)), np.array(e.context))
+    lam = 1 / (1 + np.exp(-pred.scores(pred.inputs(state)).double().numpy()))
+    final = np.log(lam * np.exp(np.array(e.lp_knn, np.float64)) + (1 - lam) * np.exp(np.array(e.lp_lm, np.float64)))
+    want = math.exp(-final.mean())
+    base, ppl = knn_summary(ok.stderr)
+    assert base == knn_summary(plain)[0] and ppl == pytest.approx(want, abs=1e-4 + 1e-6 * want)
+    assert ppl != knn_summary(plain)[1]
+    assert refused.returncode != 0
+    assert "ConfigError: --adaptive-lambda is an option of adaptive retrieval" in refused.stderr, refused.stderr[-1500:]
