@@ -126,6 +126,11 @@ class KNNLM:
         return neighbors
 
     @property
+    def per_token_lambda(self):
+        """Whether the strategy returns each token's lambda (--adaptive-lambda), used instead of `lmbda`."""
+        return bool(getattr(self.retriever, "per_token_lambda", False))
+
+    @property
     def sim_func(self):
         return self.retriever.sim_func
 
@@ -226,7 +231,7 @@ class KNNLM:
         strategy's name where it has one (', exact' for --knn-search exact; FAISS has none), then what
         the strategy reports (RetoMaton: the searches it saved)."""
         name = self.retriever.search_name
-        lmbda = "per-token (predicted)" if getattr(self.retriever, "per_token_lambda", False) else self.lmbda
+        lmbda = "per-token (predicted)" if self.per_token_lambda else self.lmbda
         text = f"k={self.k}, lambda={lmbda}, T={self.temperature}, {self.sim_func}" + (f", {name}" if name else "")
         extra = self.retriever.describe()  # e.g. RetoMaton's searches saved
         return text + (f"; {extra}" if extra else "")

@@ -4,6 +4,7 @@ Against a float64 hand computation on a tiny datastore (scoring and the whole ne
 distribution), the option off equal to the constant-lambda kNN-LM bit for bit, the refusals
 by name, and one run through knnlm-hf eval checked against its own export."""
 
+import json
 import math
 
 import numpy as np
@@ -154,8 +155,9 @@ def test_through_knnlm_hf_eval(tmp_path, capsys):
     assert trainer.main(["train", str(tmp_path / "export"), "--out", str(tmp_path / "pred.json"), "--epochs", "3"]) == 0
     capsys.readouterr()
     adaptive = [*knn, "--adaptive-retrieval", str(tmp_path / "pred.json"), "--adaptive-lambda"]
-    assert hf([*adaptive, "--adaptive-skip", "0"]) == 0
+    assert hf([*adaptive, "--adaptive-skip", "0", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["per_token_lambda"] is True
     assert "lambda=per-token (predicted)" in out and "adaptive skip 0, per-token lambda: 0.0% of" in out
     e = load_export(str(tmp_path / "export"))
     pred = Predictor.load(str(tmp_path / "pred.json"))
