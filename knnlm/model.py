@@ -17,7 +17,8 @@ import torch
 
 from .errors import ConfigError
 from .retrieval.base import Context, Neighbors
-from .scoring import check_lambda, check_temperature, interpolate, knn_full_log_probs, knn_log_prob, neighbor_scores
+from .scoring import (check_lambda, check_temperature, interpolate, interpolate_per_token, knn_full_log_probs,
+                      knn_log_prob, neighbor_scores)
 from .validation import check_distribution, check_k, check_score_inputs, vocab_of
 
 
@@ -125,6 +126,11 @@ class KNNLM:
         return neighbors
 
     @property
+    def per_token_lambda(self):
+        """Whether the strategy returns each token's lambda (--adaptive-lambda), used instead of `lmbda`."""
+        return bool(getattr(self.retriever, "per_token_lambda", False))
+
+    @property
     def sim_func(self):
         return self.retriever.sim_func
 
@@ -146,9 +152,13 @@ class KNNLM:
             lp = lp.masked_fill(~neighbors.retrieved.to(lp.device), float("-inf"))
         return lp
 
-    def mix(self, lp_lm, lp_knn, retrieved=None):
-        """log(lambda p_kNN + (1 - lambda) p_LM); p_LM alone where a token was not searched."""
-        final = interpolate(lp_lm, lp_knn.to(lp_lm.device), self.lmbda)
+    def mix(self, lp_lm, lp_knn, retrieved=None, lmbda=None):
+        """log(lambda p_kNN + (1 - lambda) p_LM); p_LM alone where a token was not searched.
+        lmbda: (N,) per-token lambdas (`Neighbors.lmbda`, --adaptive-lambda) instead of the constant."""
+        if lmbda is None:
+            final = interpolate(lp_lm, lp_knn.to(lp_lm.device), self.lmbda)
+        else:
+            final = interpolate_per_token(lp_lm, lp_knn.to(lp_lm.device), lmbda)
         if retrieved is not None:
             final = torch.where(retrieved.to(final.device), final, lp_lm.float())
         return final
@@ -172,7 +182,7 @@ class KNNLM:
             neighbors = self.retrieve(queries, context, nearest_first=nearest_first)
         targets = targets.to(neighbors.values.device)
         lp_knn = self.knn_log_prob(neighbors, targets)
-        final = self.mix(lp_lm.float(), lp_knn, neighbors.retrieved)
+        final = self.mix(lp_lm.float(), lp_knn, neighbors.retrieved, neighbors.lmbda)
         if count is not False:
             self.count(lp_lm, final, count, neighbors.searched_mask())
         return Scored(final=final, lp_lm=lp_lm.float(), lp_knn=lp_knn, neighbors=neighbors)
@@ -201,7 +211,8 @@ class KNNLM:
                               f"generation does not know: generate without it (e.g. drop --retomaton)")
         neighbors = self.retrieve(queries, context, nearest_first=False)  # order-free
         scores = self.neighbor_scores(neighbors).to(lm_log_probs.device)
-        out = knn_full_log_probs(lm_log_probs, scores, neighbors.values.to(lm_log_probs.device), self.lmbda,
+        lmbda = self.lmbda if neighbors.lmbda is None else neighbors.lmbda  # per token: --adaptive-lambda
+        out = knn_full_log_probs(lm_log_probs, scores, neighbors.values.to(lm_log_probs.device), lmbda,
                                  neighbors.valid.to(lm_log_probs.device))
         if neighbors.retrieved is not None:
             keep = neighbors.retrieved.to(out.device)
@@ -220,7 +231,8 @@ class KNNLM:
         strategy's name where it has one (', exact' for --knn-search exact; FAISS has none), then what
         the strategy reports (RetoMaton: the searches it saved)."""
         name = self.retriever.search_name
-        text = f"k={self.k}, lambda={self.lmbda}, T={self.temperature}, {self.sim_func}" + (f", {name}" if name else "")
+        lmbda = "per-token (predicted)" if self.per_token_lambda else self.lmbda
+        text = f"k={self.k}, lambda={lmbda}, T={self.temperature}, {self.sim_func}" + (f", {name}" if name else "")
         extra = self.retriever.describe()  # e.g. RetoMaton's searches saved
         return text + (f"; {extra}" if extra else "")
 

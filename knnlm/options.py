@@ -106,9 +106,12 @@ class RetrievalOptions:
                                                   "[0, 1) (default 0; from the predictor's calibration quantiles)")
     adaptive_threshold: Optional[float] = option(None, "--adaptive-retrieval: instead of --adaptive-skip, skip the "
                                                        "tokens whose predicted lambda is below this")
+    adaptive_lambda: bool = option(False, "--adaptive-retrieval: mix each searched token with the predictor's own "
+                                          "lambda for it instead of the constant --lmbda (a predictor trained with "
+                                          "--objective lambda); tokens not searched still get p_LM alone")
 
     GROUPS = {"kNN-LM: scoring with a datastore": ("knnlm", "dimension"),
-              "kNN-LM: fewer searches": ("retomaton", "adaptive_threshold")}
+              "kNN-LM: fewer searches": ("retomaton", "adaptive_lambda")}
 
 
 @dataclass

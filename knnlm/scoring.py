@@ -87,12 +87,23 @@ def interpolate(lp_lm, lp_knn, lmbda):
     return torch.logaddexp(lp_knn + math.log(lmbda), lp_lm + math.log1p(-lmbda))
 
 
+def interpolate_per_token(lp_lm, lp_knn, lmbda):
+    """log(lambda_i p_kNN + (1 - lambda_i) p_LM) with (N,) lambdas in [0, 1] (--adaptive-lambda);
+    exact where a lambda is 0 or 1 (log 0 = -inf drops that side of the sum)."""
+    lam = lmbda.to(lp_lm.device, torch.float32)
+    return torch.logaddexp(lp_knn.float() + lam.log(), lp_lm.float() + torch.log1p(-lam))
+
+
 def knn_full_log_probs(lm_lprobs, scores, neighbor_vals, lmbda, valid=None):
     """The whole interpolated next-token distribution, (N, V), for generation.
 
-    Only generation needs every word's probability; scoring uses `knn_log_prob`.
+    Only generation needs every word's probability; scoring uses `knn_log_prob`. lmbda: one
+    number, or (N,) per-token lambdas (--adaptive-lambda).
     """
-    check_lambda(lmbda)
+    if torch.is_tensor(lmbda):
+        lmbda = lmbda.to(lm_lprobs.device, torch.float32).unsqueeze(-1)
+    else:
+        check_lambda(lmbda)
     scores = scores.float()
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))

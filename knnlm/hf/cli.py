@@ -238,7 +238,8 @@ def cmd_eval(args):
                   "text": args.text, "text_tokens": len(ids), "setting": ev.setting()}
         if ev.knn is not None:
             knn = ev.knn
-            result.update(k=knn.k, lmbda=knn.lmbda, temperature=knn.temperature, sim_func=knn.sim_func)
+            result.update(k=knn.k, lmbda=knn.lmbda, temperature=knn.temperature, sim_func=knn.sim_func,
+                          per_token_lambda=knn.per_token_lambda)  # --adaptive-lambda: lmbda is unused
         write_outputs(args.json, lambda: result, None, None, prog=PROG, overwrite=args.overwrite, announce=False)
     return 0
 

@@ -38,7 +38,9 @@ class Neighbors:
     retrieved (N,) bool or None: False for tokens the strategy gave no neighbors (they get
         p_LM alone); None means every token has neighbors;
     searched (N,) bool or None: which tokens cost an index search (RetoMaton's pointer-fed
-        tokens have neighbors without one); None means the same as `retrieved`.
+        tokens have neighbors without one); None means the same as `retrieved`;
+    lmbda (N,) float32 or None: each token's own weight of p_kNN (adaptive retrieval's predicted
+        lambda, --adaptive-lambda); None means the KNNLM's constant lambda.
     """
 
     distances: torch.Tensor
@@ -48,6 +50,7 @@ class Neighbors:
     weights: Optional[torch.Tensor] = None
     retrieved: Optional[torch.Tensor] = None
     searched: Optional[torch.Tensor] = None
+    lmbda: Optional[torch.Tensor] = None
 
     def __len__(self):
         return self.distances.shape[0]
@@ -56,7 +59,7 @@ class Neighbors:
         """The neighbors of a subset of the queries (a mask or an index tensor)."""
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return Neighbors(self.distances[rows], self.values[rows], self.valid[rows], pick(self.ids),
-                         pick(self.weights), pick(self.retrieved), pick(self.searched))
+                         pick(self.weights), pick(self.retrieved), pick(self.searched), pick(self.lmbda))
 
     def searched_mask(self):
         """(N,) bool: the tokens that cost a search."""
@@ -125,6 +128,7 @@ class Retriever:
     needs = frozenset()
     lm_feature_top_k = None
     search_name = None  # a name for the summary line's settings (', exact'); FAISS has none
+    per_token_lambda = False  # whether Neighbors.lmbda replaces the constant lambda (--adaptive-lambda)
     # What an export records of the tokens this strategy does not search (knnlm.offline.export):
     # None (every token is searched), "lm_only" (they get p_LM alone), "pointers" (scored against
     # other entries, RetoMaton's pointers).
@@ -200,6 +204,10 @@ class Wrapper(Retriever):
     @property
     def unsearched(self):
         return getattr(self.base, "unsearched", None)
+
+    @property
+    def per_token_lambda(self):
+        return getattr(self.base, "per_token_lambda", False)
 
     def exact_distances(self, queries, ids):
         return self.base.exact_distances(queries, ids)

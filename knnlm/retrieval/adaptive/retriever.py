@@ -9,7 +9,9 @@ token. Objective "gain": the score is the predicted gain in log-probability of t
 its constant lambda over p_LM alone, log(lambda p_kNN + (1 - lambda) p_LM) - log p_LM, which
 is exactly what skipping a token gives up. Tokens scored below a threshold are not searched
 and get p_LM alone; the others are searched by the base strategy in one call with only their
-queries, and scored exactly as the plain kNN-LM scores them (its constant lambda).
+queries, and scored exactly as the plain kNN-LM scores them (its constant lambda), or, with
+`per_token_lambda` (--adaptive-lambda, objective lambda only), with the predictor's own lambda
+for each token, returned as `Neighbors.lmbda` (KNNLM mixes with it where present).
 
 The threshold comes from a target skip fraction (`skip=F`: the F-quantile of the scores on
 the export the predictor was calibrated on) or is given (`threshold=X`: a predicted lambda in
@@ -31,6 +33,7 @@ calibration quantiles, and the fingerprints of the datastore and model whose exp
 (PRED.ngrams.npz), checksummed in the JSON.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -287,7 +290,8 @@ class AdaptiveRetriever(Wrapper):
     predictor: a `Predictor` or the path of one. Exactly one of skip (target fraction of tokens
     not searched, in [0, 1)) and threshold (tokens scored below it are not searched: a predicted
     lambda in [0, 1], or a predicted gain in nats, by the predictor's objective); neither means
-    skip 0. Each call's `Context` carries the (N, 1 + top_k) LM features of the queries
+    skip 0. per_token_lambda: return each token's predicted lambda with its neighbors
+    (`Neighbors.lmbda`, used by KNNLM instead of its constant; objective lambda only). Each call's `Context` carries the (N, 1 + top_k) LM features of the queries
     (`knnlm.retrieval.adaptive.features.lm_features(log_probs, self.top_k)`) and, for a predictor with n-gram
     features, their context tokens.
     """
@@ -301,11 +305,18 @@ class AdaptiveRetriever(Wrapper):
     @classmethod
     def validate_options(cls, opts, export=None):
         skip, threshold = opts.adaptive_skip, opts.adaptive_threshold
+        per_token = getattr(opts, "adaptive_lambda", False)
         if not opts.adaptive_retrieval:
-            if skip is not None or threshold is not None:
-                flag = "--adaptive-skip" if skip is not None else "--adaptive-threshold"
+            if skip is not None or threshold is not None or per_token:
+                flag = ("--adaptive-skip" if skip is not None else "--adaptive-threshold" if threshold is not None
+                        else "--adaptive-lambda")
                 raise ConfigError(f"{flag} is an option of adaptive retrieval: add --adaptive-retrieval PREDICTOR")
             return
+        if per_token and export is not None and export.knnlm_dump_probs:
+            # An export records one constant lambda, which its re-scoring tools (knnlm-tune, the
+            # sweeps, knnlm-explain) apply to every token: with per-token lambdas they would be wrong.
+            raise ConfigError("--adaptive-lambda mixes each token with its own predicted lambda, which an export "
+                              "(--knnlm-dump-probs, one constant lambda) cannot record: export without it")
         if opts.retomaton:
             raise ConfigError("--adaptive-retrieval and --retomaton both decide which tokens are searched; this "
                               "version takes one of them per run")
@@ -320,15 +331,22 @@ class AdaptiveRetriever(Wrapper):
 
     @classmethod
     def wrap(cls, base, opts):
-        return cls(base, opts.adaptive_retrieval, skip=opts.adaptive_skip, threshold=opts.adaptive_threshold)
+        return cls(base, opts.adaptive_retrieval, skip=opts.adaptive_skip, threshold=opts.adaptive_threshold,
+                   per_token_lambda=bool(getattr(opts, "adaptive_lambda", False)))
 
-    def __init__(self, base, predictor, *, skip=None, threshold=None):
+    def __init__(self, base, predictor, *, skip=None, threshold=None, per_token_lambda=False):
         if skip is not None and threshold is not None:
             raise ConfigError("adaptive retrieval takes a target skip fraction or a threshold, not both: "
                               "drop --adaptive-skip or --adaptive-threshold")
         super().__init__(base)
         self.predictor = predictor if isinstance(predictor, Predictor) else Predictor.load(predictor)
         self.predictor.check_compatible(datastore=self.datastore)
+        if per_token_lambda and self.predictor.objective != "lambda":
+            raise ConfigError(f"--adaptive-lambda mixes with the predictor's per-token lambda, but predictor "
+                              f"{self.predictor.path or ''} has objective {self.predictor.objective!r}: it predicts "
+                              f"the gain of a search, not a lambda. Train one with knnlm-adaptive train "
+                              f"--objective lambda, or drop --adaptive-lambda")
+        self._per_token_lambda = bool(per_token_lambda)
         if threshold is not None:
             self.setting, self.cut = f"threshold {threshold:g}", self.predictor.threshold_from(threshold)
         else:
@@ -338,6 +356,10 @@ class AdaptiveRetriever(Wrapper):
         self.tokens = 0
         self.searched = 0
         self.last_kept = None  # which queries of the last call were searched
+
+    @property
+    def per_token_lambda(self):
+        return self._per_token_lambda
 
     @property
     def top_k(self):
@@ -358,7 +380,8 @@ class AdaptiveRetriever(Wrapper):
 
     def describe(self):
         s = self.summary()
-        return f"adaptive {self.setting}: {100 * s['searches_saved']:.1f}% of {s['tokens']:,} searches saved"
+        lam = ", per-token lambda" if self.per_token_lambda else ""
+        return f"adaptive {self.setting}{lam}: {100 * s['searches_saved']:.1f}% of {s['tokens']:,} searches saved"
 
     @property
     def needs_context(self):
@@ -368,6 +391,13 @@ class AdaptiveRetriever(Wrapper):
         """(N,) bool on the CPU: which tokens are searched (score at or above the cut).
         features: `TokenFeatures`, or the (N, F) LM features alone."""
         return self.predictor.scores(self.predictor.inputs(features)) >= self.cut
+
+    def _with_lambda(self, neighbors, scores):
+        """The neighbors with each token's predicted lambda (sigmoid of its score), if asked for."""
+        if not self.per_token_lambda:
+            return neighbors
+        lam = torch.sigmoid(scores).to(neighbors.distances.device, torch.float32)
+        return dataclasses.replace(neighbors, lmbda=lam)
 
     def retrieve(self, queries, context=None, *, nearest_first=True):
         if context is None or context.lm_features is None:
@@ -379,13 +409,15 @@ class AdaptiveRetriever(Wrapper):
         rows = len(context.lm_features)
         if rows != n:
             raise ValueError(f"adaptive retrieval: {rows} feature rows for {n} queries")
-        keep = self.keep(TokenFeatures(context.lm_features, context.context_tokens))
+        scores = self.predictor.scores(self.predictor.inputs(TokenFeatures(context.lm_features,
+                                                                           context.context_tokens)))
+        keep = scores >= self.cut  # as self.keep(...)
         self.last_kept = keep
         self.tokens += n
         kept = int(keep.sum())
         self.searched += kept
-        if kept == n:  # nothing skipped: the base's own answer, untouched
-            return self.base.retrieve(q, context, nearest_first=nearest_first)
+        if kept == n:  # nothing skipped: the base's own answer, untouched (but for the lambdas)
+            return self._with_lambda(self.base.retrieve(q, context, nearest_first=nearest_first), scores)
         device = q.device
         rows = keep.nonzero().squeeze(1)
         sub = self.base.retrieve(q[rows.to(device)], context.rows(rows), nearest_first=nearest_first) if kept else None
@@ -408,4 +440,4 @@ class AdaptiveRetriever(Wrapper):
                 out.ids[at] = sub.ids.to(device)
             if sub.weights is not None:
                 out.weights[at] = sub.weights.to(device, torch.float32)
-        return out
+        return self._with_lambda(out, scores)
