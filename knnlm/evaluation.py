@@ -37,9 +37,9 @@ def check_model(knn, identity, *, keytype, allow_model_mismatch=False):
 class Evaluation:
     """One scoring run: a `KNNLM` or none, an export or none, a continuous cache or none."""
 
-    def __init__(self, knn=None, *, keytype, export_opts=None, cache=None, index=None, overwrite=False,
+    def __init__(self, knn=None, *, keytype, export_opts=None, cache=None, overwrite=False,
                  retrieval=None):
-        self.knn, self.keytype, self.cache, self.index = knn, keytype, cache, index
+        self.knn, self.keytype, self.cache = knn, keytype, cache
         self.retrieval = retrieval if retrieval is not None else RetrievalOptions()
         self.overwrite = overwrite
         self.export_opts = export_opts if export_opts is not None else ExportOptions()
@@ -60,7 +60,7 @@ class Evaluation:
         if cache is not None and (cache.continuous_cache or cache.cache_grid_json or cache.cache_keytype
                                   or cache.cache_include_context):
             continuous = ContinuousCache(cache, keytype, with_knn=knn is not None)
-        return cls(knn, keytype=keytype, export_opts=export, cache=continuous, index=retrieval.indexfile,
+        return cls(knn, keytype=keytype, export_opts=export, cache=continuous,
                    overwrite=overwrite, retrieval=retrieval)
 
     # ---- what the front-end computes ----
@@ -110,7 +110,7 @@ class Evaluation:
             feature_names=feature_names(self.feature_top_k), context_order=MAX_ORDER,
             unsearched=knn.retriever.unsearched,  # RetoMaton, adaptive: which tokens were searched (knnlm-explain)
             meta={**meta, "datastore": datastore.prefix, "datastore_fingerprint": datastore.fingerprint,
-                  "index": self.index, **identity.as_dict()})
+                  "index": self.retrieval.indexfile, **identity.as_dict()})
 
     def prefetch(self, queries, targets, context=None):
         """Start the batch's retrieval (see KNNLM.prefetch); pass the handle to `score`. None without a kNN-LM."""
