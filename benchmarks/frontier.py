@@ -34,6 +34,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import sys
@@ -437,8 +438,12 @@ class Prepared:
 
 def adaptive_available():
     """Adaptive retrieval is switched on when its command and its eval flag are both installed."""
-    cfg = (REPO / "fairseq_plugins" / "config.py").read_text()
-    return (common.BIN / "knnlm-adaptive").exists() and "adaptive_retrieval" in cfg
+    import dataclasses as dc
+
+    from knnlm.options import RetrievalOptions  # fairseq's flags are generated from these fields
+
+    fields = {f.name for f in dc.fields(RetrievalOptions)}
+    return (common.BIN / "knnlm-adaptive").exists() and "adaptive_retrieval" in fields
 
 
 # --------------------------------------------------------------------------- configurations
@@ -558,7 +563,7 @@ def main(argv=None):
     p.add_argument("--max-plain-spread", type=float, default=100 * MAX_PLAIN_SPREAD, metavar="PCT",
                    help="withhold the headline's met / NOT met when a round's plain evals (before and after it) "
                    "differ by more than PCT%% (default %(default)g)")
-    p.add_argument("--prepare-only", action="store_true", help="build the artefacts and list the configurations")
+    p.add_argument("--prepare-only", action="store_true", help="build the artefacts and print each configuration's command")
     a = p.parse_args(argv)
     if a.rounds < 1:
         raise SystemExit(f"--rounds: {a.rounds}; at least 1")
@@ -588,7 +593,9 @@ def main(argv=None):
         log(f"[inputs] --quick: the first ~{n:,} tokens of the validation split")
     configs = configurations(a, setup, prep, adaptive_ok)  # prepares what they need
     log(f"[configurations] {len(configs)}: " + ", ".join(c.key for c in configs))
-    if a.prepare_only:
+    if a.prepare_only:  # each configuration's command, to run (or profile) one by hand
+        for c in configs:
+            log(f"  {c.key}: " + " ".join(shlex.quote(str(x)) for x in c.cmd))
         return 0
 
     rows = {c.key: Row(c.key, c.name, c.family, c.tags) for c in configs}

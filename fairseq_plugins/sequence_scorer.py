@@ -15,6 +15,7 @@ from knnlm.cache import CacheBatch
 from knnlm.errors import ConfigError
 from knnlm.retrieval.adaptive import context_tokens, lm_features
 from knnlm.model import Tally
+from knnlm.timing import timed
 
 from .hooks import KeyCapture
 
@@ -83,9 +84,10 @@ class KNNSequenceScorer(SequenceScorer):
         self._attach(models)
         ev = self.evaluation
         if "lm_features" in self.needs and self.dump is None:
-            with FeatureTap(models[0], ev.feature_top_k) as tap:
+            # Features of the scored positions only (a context window's are never scored).
+            with FeatureTap(models[0], ev.feature_top_k, self._scored_mask(self._spans(sample), sample["target"])) as tap:
                 hypos = super().generate(models, sample, **kwargs)
-            features = tap.result(sample["target"].shape)  # (B, T, F)
+            features = tap.result()  # (N, F), the scored positions in row order
         else:
             hypos, features = super().generate(models, sample, **kwargs), None
         keys = self._capture.pop()  # (B, T, C)
@@ -114,7 +116,9 @@ class KNNSequenceScorer(SequenceScorer):
             if "streams" in self.needs:  # each row is a stream of contiguous text
                 context.lengths = [n for _, _, n in spans]
             if features is not None:
-                context.lm_features = features[rows.to(features.device), cols.to(features.device)]
+                if features.shape[0] != len(queries):
+                    raise RuntimeError(f"LM features for {features.shape[0]} positions, {len(queries)} scored")
+                context.lm_features = features
             if "context_tokens" in self.needs:
                 # The tokens each prediction read last (input position t predicts target t).
                 context.context_tokens = context_tokens(sample["net_input"]["src_tokens"], cols, rows=rows)
@@ -135,6 +139,13 @@ class KNNSequenceScorer(SequenceScorer):
         if self.dump is not None:
             self.tally.add(lp_lm[counted], final[counted.to(final.device)])
         return hypos
+
+    def _spans(self, sample):
+        """(row, start, length) of the positions fairseq's SequenceScorer will score: from the
+        row's start index, as many as its target has non-pad tokens there."""
+        target = sample["target"]
+        start = sample["start_indices"] if "start_indices" in sample else [0] * target.size(0)
+        return [(i, int(start[i]), int(target[i, int(start[i]):].ne(self.pad).sum())) for i in range(target.size(0))]
 
     def _not_bos(self, spans, device):
         """Rows eval_lm counts: with --add-bos-token it drops each sample's first position."""
@@ -181,17 +192,20 @@ class KNNSequenceScorer(SequenceScorer):
 
 
 class FeatureTap:
-    """Within `with FeatureTap(model, top_k) as tap:`, every log-probability tensor the model's
-    `get_normalized_probs` returns is reduced to the LM features (`knnlm.retrieval.adaptive.features`) on the way
-    out; `tap.result((B, T))` puts them together as (B, T, F).
+    """Within `with FeatureTap(model, top_k, keep) as tap:`, every log-probability tensor the
+    model's `get_normalized_probs` returns is reduced to the LM features (`knnlm.retrieval.adaptive.features`)
+    of the positions `keep` marks, on the way out; `tap.result()` puts them together as (N, F),
+    the kept positions in row order.
 
-    fairseq's SequenceScorer gathers only the targets' log-probs, and may split the positions
-    into softmax batches (--softmax-batch) of flattened rows: the batches come in row order, so
-    their features concatenate to the (B * T) positions in order either way.
+    keep: (B, T) bool, the positions that are scored (a context window's are not: no features
+    are computed for them). fairseq's SequenceScorer gathers only the targets' log-probs, and may
+    split the positions into softmax batches (--softmax-batch) of flattened rows: the batches come
+    in row order, so the flattened mask is walked along them either way.
     """
 
-    def __init__(self, model, top_k):
+    def __init__(self, model, top_k, keep):
         self.model, self.top_k, self.chunks = model, top_k, []
+        self.keep, self.offset = keep.reshape(-1), 0
 
     def __enter__(self):
         self._had = "get_normalized_probs" in vars(self.model)
@@ -199,8 +213,15 @@ class FeatureTap:
 
         def tapped(net_output, log_probs, sample=None):
             out = original(net_output, log_probs, sample=sample)
-            lp = out if log_probs else out.log()
-            self.chunks.append(lm_features(lp.detach(), self.top_k).reshape(-1, 1 + self.top_k))
+            lp = (out if log_probs else out.log()).detach()
+            lp = lp.reshape(-1, lp.shape[-1])
+            n = lp.shape[0]
+            keep = self.keep[self.offset:self.offset + n].to(lp.device)
+            if keep.shape[0] != n:
+                raise RuntimeError(f"LM features: {self.offset + n} positions, the batch has {self.keep.shape[0]}")
+            self.offset += n
+            with timed("features"):
+                self.chunks.append(lm_features(lp, self.top_k, rows=keep.nonzero().squeeze(1)))
             return out
 
         self._original = original
@@ -213,8 +234,7 @@ class FeatureTap:
         else:
             del self.model.get_normalized_probs
 
-    def result(self, shape):
-        feats = torch.cat(self.chunks) if self.chunks else torch.empty(0, 1 + self.top_k)
-        if feats.shape[0] != shape[0] * shape[1]:
-            raise RuntimeError(f"LM features for {feats.shape[0]} positions, expected {shape[0]} x {shape[1]}")
-        return feats.view(*shape, 1 + self.top_k)
+    def result(self):
+        if self.offset != self.keep.shape[0]:
+            raise RuntimeError(f"LM features for {self.offset} positions, expected {self.keep.shape[0]}")
+        return torch.cat(self.chunks) if self.chunks else torch.empty(0, 1 + self.top_k)

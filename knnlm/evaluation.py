@@ -18,6 +18,7 @@ import logging
 from .cache import ContinuousCache
 from .retrieval.adaptive.features import DEFAULT_TOP_K
 from .model import Tally, summary_line
+from .timing import STAGES
 from .retrieval.base import Context
 from .options import ExportOptions, RetrievalOptions, validate
 from .scoring import interpolate
@@ -46,6 +47,7 @@ class Evaluation:
         self.export = None
         self.tally = knn.tally if knn is not None else Tally()
         self.identity = None
+        STAGES.reset()  # this run's stage times (knnlm.timing), printed by finish()
 
     @classmethod
     def from_options(cls, retrieval=None, export=None, cache=None, *, keytype, datastore=None, overwrite=False):
@@ -169,6 +171,8 @@ class Evaluation:
         summary = self.tally.summary()
         if summary:
             lines.append(summary_line(summary, self.setting(), inf_note=inf_note))
+            if self.knn is not None and STAGES.line():
+                lines.append(STAGES.line())
         if self.cache is not None and self.cache.grid is not None:
             meta = {"keytype": self.cache.keytype, "cache_size": self.cache.size,
                     "include_context": self.cache.include_context,

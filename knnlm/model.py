@@ -16,6 +16,7 @@ import math
 import torch
 
 from .errors import ConfigError
+from .timing import timed
 from .retrieval.base import Context, Neighbors
 from .scoring import (check_lambda, check_temperature, interpolate, interpolate_per_token, knn_full_log_probs,
                       knn_log_prob, neighbor_scores)
@@ -146,7 +147,15 @@ class KNNLM:
         return scores
 
     def knn_log_prob(self, neighbors, targets):
-        """log p_kNN(target) for each query, (N,); -inf for tokens not searched."""
+        """log p_kNN(target) for each query, (N,); -inf for tokens not searched. Compact neighbors
+        (`Neighbors.rows`): computed for their rows only."""
+        if neighbors.compact:
+            at = neighbors.rows.to(targets.device)
+            lp = torch.full((len(neighbors),), float("-inf"), dtype=torch.float32, device=neighbors.distances.device)
+            if len(at):
+                lp[at.to(lp.device)] = knn_log_prob(self.neighbor_scores(neighbors), neighbors.values, targets[at],
+                                                    neighbors.valid)
+            return lp
         lp = knn_log_prob(self.neighbor_scores(neighbors), neighbors.values, targets, neighbors.valid)
         if neighbors.retrieved is not None:
             lp = lp.masked_fill(~neighbors.retrieved.to(lp.device), float("-inf"))
@@ -154,7 +163,10 @@ class KNNLM:
 
     def mix(self, lp_lm, lp_knn, retrieved=None, lmbda=None):
         """log(lambda p_kNN + (1 - lambda) p_LM); p_LM alone where a token was not searched.
-        lmbda: (N,) per-token lambdas (`Neighbors.lmbda`, --adaptive-lambda) instead of the constant."""
+        lmbda: (N,) per-token lambdas (`Neighbors.lmbda`, --adaptive-lambda) instead of the constant.
+        (Over all N tokens, skipped ones included: O(N), and each token's value then does not
+        depend on which others were searched: PyTorch's vectorised kernels round a tensor's tail
+        elements apart from the rest.)"""
         if lmbda is None:
             final = interpolate(lp_lm, lp_knn.to(lp_lm.device), self.lmbda)
         else:
@@ -181,8 +193,9 @@ class KNNLM:
                 context = dataclasses.replace(context or Context(), targets=targets)
             neighbors = self.retrieve(queries, context, nearest_first=nearest_first)
         targets = targets.to(neighbors.values.device)
-        lp_knn = self.knn_log_prob(neighbors, targets)
-        final = self.mix(lp_lm.float(), lp_knn, neighbors.retrieved, neighbors.lmbda)
+        with timed("scoring"):
+            lp_knn = self.knn_log_prob(neighbors, targets)
+            final = self.mix(lp_lm.float(), lp_knn, neighbors.retrieved, neighbors.lmbda)
         if count is not False:
             self.count(lp_lm, final, count, neighbors.searched_mask())
         return Scored(final=final, lp_lm=lp_lm.float(), lp_knn=lp_knn, neighbors=neighbors)
@@ -209,7 +222,9 @@ class KNNLM:
         if "targets" in self.needs:
             raise ConfigError(f"{type(self.retriever).__name__} follows the text that really came next, which "
                               f"generation does not know: generate without it (e.g. drop --retomaton)")
-        neighbors = self.retrieve(queries, context, nearest_first=False)  # order-free
+        # Order-free; one row per token (a generation step's few rows: the whole distribution of
+        # each is computed anyway, and so every row rounds as the unskipped path does).
+        neighbors = self.retrieve(queries, context, nearest_first=False).dense()
         scores = self.neighbor_scores(neighbors).to(lm_log_probs.device)
         lmbda = self.lmbda if neighbors.lmbda is None else neighbors.lmbda  # per token: --adaptive-lambda
         out = knn_full_log_probs(lm_log_probs, scores, neighbors.values.to(lm_log_probs.device), lmbda,

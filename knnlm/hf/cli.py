@@ -30,6 +30,7 @@ from knnlm.cli import progress
 from knnlm.errors import ConfigError, KNNLMError
 from knnlm.evaluation import Evaluation, check_model
 from knnlm.retrieval.adaptive import lm_features
+from knnlm.timing import timed
 from knnlm.retrieval.factory import build
 from knnlm.retrieval.registry import load_from_argv
 from knnlm.lifecycle import run_main
@@ -45,6 +46,11 @@ PROG = "knnlm-hf"
 
 
 # ----------------------------------------------------------------------------- loading
+
+def _features(lm_log_probs, top_k):
+    with timed("features"):
+        return lm_features(lm_log_probs, top_k)
+
 def load_model(args):
     """The model (eval mode, on args.device) and its tokenizer, from a directory or a hub name."""
     import transformers
@@ -209,7 +215,7 @@ def cmd_eval(args):
                              cache_capture=cache_capture):
             n = len(r["targets"])
             context = Context(lengths=[n] if "streams" in needs else None,
-                              lm_features=(lm_features(r.pop("lm_log_probs"), ev.feature_top_k)
+                              lm_features=(_features(r.pop("lm_log_probs"), ev.feature_top_k)
                                            if "lm_features" in needs else None),
                               context_tokens=r["context"] if "context_tokens" in needs else None)
             handle = ev.prefetch(r.get("keys"), r["targets"], context)

@@ -40,7 +40,12 @@ class Neighbors:
     searched (N,) bool or None: which tokens cost an index search (RetoMaton's pointer-fed
         tokens have neighbors without one); None means the same as `retrieved`;
     lmbda (N,) float32 or None: each token's own weight of p_kNN (adaptive retrieval's predicted
-        lambda, --adaptive-lambda); None means the KNNLM's constant lambda.
+        lambda, --adaptive-lambda); None means the KNNLM's constant lambda;
+    rows (M,) int64 or None: set when the strategy gave neighbors to only some of the N tokens
+        (adaptive retrieval's skipped tokens have none): the (·, k) tensors then hold M rows, row j
+        those of token rows[j], and `retrieved` (N,) is True exactly there. Scoring touches only
+        those rows (nothing is allocated or computed for a skipped token); `dense()` gives the one
+        row per token layout (an export's). None: one row per token.
     """
 
     distances: torch.Tensor
@@ -51,12 +56,39 @@ class Neighbors:
     retrieved: Optional[torch.Tensor] = None
     searched: Optional[torch.Tensor] = None
     lmbda: Optional[torch.Tensor] = None
+    rows: Optional[torch.Tensor] = None
 
     def __len__(self):
-        return self.distances.shape[0]
+        """The number of tokens (queries), whichever the layout."""
+        return self.distances.shape[0] if self.rows is None else self.retrieved.shape[0]
+
+    @property
+    def compact(self):
+        """Whether the (·, k) tensors hold only the retrieved tokens' rows (see `rows`)."""
+        return self.rows is not None
+
+    def dense(self):
+        """One row per token: skipped tokens' rows empty (valid False, id -1, distance 0, value 0,
+        weight 1), as an export records them. Already dense: self."""
+        if self.rows is None:
+            return self
+        n, (m, width), device = len(self), self.distances.shape, self.distances.device
+        at = self.rows.to(device)
+
+        def spread(t, fill):
+            out = torch.full((n, width), fill, dtype=t.dtype, device=device)
+            out[at] = t
+            return out
+
+        return Neighbors(spread(self.distances, 0.0), spread(self.values, 0), spread(self.valid, False),
+                         None if self.ids is None else spread(self.ids, -1),
+                         None if self.weights is None else spread(self.weights, 1.0),
+                         self.retrieved, self.searched, self.lmbda)
 
     def __getitem__(self, rows):
-        """The neighbors of a subset of the queries (a mask or an index tensor)."""
+        """The neighbors of a subset of the queries (a mask or an index tensor), one row per token."""
+        if self.rows is not None:
+            return self.dense()[rows]
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return Neighbors(self.distances[rows], self.values[rows], self.valid[rows], pick(self.ids),
                          pick(self.weights), pick(self.retrieved), pick(self.searched), pick(self.lmbda))
@@ -70,8 +102,9 @@ class Neighbors:
 
     def as_tuple(self, return_ids=False):
         """(distances, values, valid[, ids]): what `Retriever.__call__` returned before the contract."""
-        out = (self.distances, self.values, self.valid)
-        return out + (self.ids,) if return_ids else out
+        n = self.dense()
+        out = (n.distances, n.values, n.valid)
+        return out + (n.ids,) if return_ids else out
 
 
 # What a strategy may ask of the front-end, per call (`Retriever.needs`):
@@ -169,6 +202,21 @@ class Retriever:
             return (keys * q.unsqueeze(1)).sum(-1)
         return (keys - q.unsqueeze(1)).pow(2).sum(-1)
 
+    def pair_distances(self, queries, qi, ids, chunk=65536):
+        """Exact distances of P (query, row) pairs, query qi[p] to datastore row ids[p]: (P,) on the
+        CPU, each as `exact_distances` computes it (RetoMaton's pointers: no padded rectangle)."""
+        import numpy as np
+
+        q = (queries.detach().float().cpu() if torch.is_tensor(queries)
+             else torch.from_numpy(np.asarray(queries, np.float32)))
+        qi, ids = torch.as_tensor(np.asarray(qi, dtype=np.int64)), np.asarray(ids, dtype=np.int64)
+        out = torch.empty(len(ids), dtype=torch.float32)
+        for s in range(0, len(ids), chunk):
+            keys = torch.from_numpy(np.asarray(self.datastore.gather_keys(ids[s:s + chunk]), np.float32))
+            qs = q[qi[s:s + chunk]]
+            out[s:s + chunk] = (keys * qs).sum(-1) if self.sim_func == "dot" else (keys - qs).pow(2).sum(-1)
+        return out
+
     def close(self):
         """Release what the strategy holds beyond memory (threads, remote workers); idempotent."""
 
@@ -211,6 +259,9 @@ class Wrapper(Retriever):
 
     def exact_distances(self, queries, ids):
         return self.base.exact_distances(queries, ids)
+
+    def pair_distances(self, queries, qi, ids):
+        return self.base.pair_distances(queries, qi, ids)
 
     def close(self):
         getattr(self.base, "close", lambda: None)()

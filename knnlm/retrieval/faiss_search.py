@@ -8,10 +8,13 @@ import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 
+import os
+
 import numpy as np
 import torch
 
 from ..errors import ConfigError, CorruptError
+from ..timing import timed
 from ..index import load_index
 from ..index.load import check_metric
 from ..index.faiss_utils import FAISS_GPU_MAX_K, maybe_to_gpu, set_nprobe
@@ -28,6 +31,9 @@ SORT_BLOCK_PAIRS = 1 << 21
 # Fused-recompute blocks in flight at once: one block's numpy bookkeeping (single-threaded)
 # overlaps another's FAISS kernel (benchmarks/README.md, step 14).
 RECOMPUTE_BLOCKS_IN_FLIGHT = 2
+# Below this many queries a block is recomputed in its own order: sorting its pairs by id costs
+# more than the cache reuse it buys (RetoMaton's and adaptive retrieval's small searches).
+SORT_MIN_ROWS = int(os.environ.get("KNNLM_SORT_MIN_ROWS", 256))
 
 
 def available_memory():
@@ -153,16 +159,18 @@ class FaissRetriever(Retriever):
         """
         device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
         q = self._host_queries(queries)  # searched and (on the fast path) recomputed on the host
-        dists, ids = self.index.search(q, self.k_search)
+        with timed("search"):
+            dists, ids = self.index.search(q, self.k_search)
         valid, safe_ids = self._valid_ids(ids)
         if self.recompute:
-            dists = self._fused_distances(q, safe_ids)
-            if dists is None:  # keys that FAISS cannot read in place: gather them, compute on `device`
-                on_device = queries if torch.is_tensor(queries) and queries.device.type != "cpu" else None
-                dists = self._gathered_distances(q if on_device is None else on_device, safe_ids)
-            if self.k_search > self.k:
-                dists, ids = self._keep_nearest(dists, ids, valid, nearest_first)
-                valid, safe_ids = self._valid_ids(ids)
+            with timed("recompute"):
+                dists = self._fused_distances(q, safe_ids)
+                if dists is None:  # keys that FAISS cannot read in place: gather them, compute on `device`
+                    on_device = queries if torch.is_tensor(queries) and queries.device.type != "cpu" else None
+                    dists = self._gathered_distances(q if on_device is None else on_device, safe_ids)
+                if self.k_search > self.k:
+                    dists, ids = self._keep_nearest(dists, ids, valid, nearest_first)
+                    valid, safe_ids = self._valid_ids(ids)
         self._check_distances(dists, valid)
         vals = np.asarray(self.datastore.gather_vals(safe_ids))
         dict_size = self.datastore.meta.get("dict_size")
@@ -243,11 +251,8 @@ class FaissRetriever(Retriever):
             return None
         import faiss
 
-        pairwise = faiss.pairwise_indexed_inner_product if self.sim_func == "dot" else faiss.pairwise_indexed_L2sqr
-        ptr = faiss.swig_ptr
         ids = np.asarray(ids, dtype=np.int64)
         n, k = ids.shape
-        d = self.datastore.dim
         out = np.empty((n, k), dtype=np.float32)
         rows_per_block = max(1, SORT_BLOCK_PAIRS // max(k, 1))
         threads = faiss.omp_get_max_threads()  # OpenMP settings are per thread: carry the caller's
@@ -256,6 +261,11 @@ class FaissRetriever(Retriever):
             faiss.omp_set_num_threads(threads)
             b_ids = ids[s:s + rows_per_block]
             m = b_ids.size
+            if len(sources) == 1 and len(b_ids) < SORT_MIN_ROWS:  # few queries share few keys: no sort
+                qi = np.repeat(np.arange(s, s + len(b_ids), dtype=np.int64), k)
+                self._pairwise_sorted(q, qi, np.ascontiguousarray(b_ids.reshape(-1)), out[s:s + len(b_ids)].reshape(-1),
+                                      sources)
+                return
             # One sort key per pair: the id above the position's bits (< 2^63 for any datastore
             # below 2^41 rows); shifts and masks split it again, cheaper than a division.
             shift = int(m - 1).bit_length()
@@ -265,12 +275,7 @@ class FaissRetriever(Retriever):
             del pairs
             qi = pos // k + s  # the query of each pair
             dist = np.empty(m, dtype=np.float32)
-            bounds = np.searchsorted(rows, [off for off, _ in sources] + [self.datastore.size])
-            for (off, keys), a, b in zip(sources, bounds[:-1], bounds[1:]):
-                if b > a:
-                    r = np.ascontiguousarray(rows[a:b] - off if off else rows[a:b])
-                    pairwise(d, int(b - a), ptr(q), ptr(np.ascontiguousarray(qi[a:b])), ptr(keys), ptr(r),
-                             ptr(dist[a:b]))
+            self._pairwise_sorted(q, qi, rows, dist, sources)
             out[s:s + len(b_ids)].reshape(-1)[pos] = dist  # blocks write disjoint rows
 
         starts = range(0, n, rows_per_block)
@@ -282,6 +287,35 @@ class FaissRetriever(Retriever):
             for _ in self._pool.map(block, starts):
                 pass  # re-raises a block's exception here
         return out
+
+    def _pairwise_sorted(self, q, qi, rows, dist, sources):
+        """dist[p] = the exact distance of query qi[p] to datastore row rows[p] (rows ascending),
+        by FAISS's fused kernel over each shard's keys in place."""
+        import faiss
+
+        pairwise = faiss.pairwise_indexed_inner_product if self.sim_func == "dot" else faiss.pairwise_indexed_L2sqr
+        ptr = faiss.swig_ptr
+        bounds = np.searchsorted(rows, [off for off, _ in sources] + [self.datastore.size])
+        for (off, keys), a, b in zip(sources, bounds[:-1], bounds[1:]):
+            if b > a:
+                r = np.ascontiguousarray(rows[a:b] - off if off else rows[a:b])
+                pairwise(self.datastore.dim, int(b - a), ptr(q), ptr(np.ascontiguousarray(qi[a:b])), ptr(keys),
+                         ptr(r), ptr(dist[a:b]))
+
+    def pair_distances(self, queries, qi, ids):
+        """Exact distances of P (query, row) pairs: query qi[p] to datastore row ids[p] -> (P,) on
+        the CPU; the same kernel, and so the same numbers, as `exact_distances`."""
+        q = self._host_queries(queries)
+        ids = np.asarray(ids, dtype=np.int64)
+        sources = self._key_sources()
+        if sources is None or (ids.size and ids.min() < 0):
+            return super().pair_distances(q, qi, ids)
+        order = np.argsort(ids, kind="stable")  # each key read once, the datastore in ascending order
+        dist = np.empty(len(ids), dtype=np.float32)
+        self._pairwise_sorted(q, np.asarray(qi, dtype=np.int64)[order], ids[order], dist, sources)
+        out = np.empty_like(dist)
+        out[order] = dist
+        return torch.from_numpy(out)
 
     def _gathered_distances(self, queries, ids):
         """Gather keys with datastore.gather_keys in chunks and compute on the queries' device.

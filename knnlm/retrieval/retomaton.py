@@ -19,11 +19,14 @@ knows no next token, so RetoMaton does not generate (refused by name).
 """
 
 import os
+import time
 
 import numpy as np
 import torch
 
+from .. import timing
 from ..errors import ConfigError
+from ..timing import timed
 from .base import Neighbors, Wrapper
 from .registry import register_wrapper
 
@@ -102,8 +105,9 @@ class RetoMatonRetriever(Wrapper):
 
     _defaults = {"retomaton_min_pointers": 1, "retomaton_max_pointers": None}
 
-    def __init__(self, base, *, min_pointers=1, max_pointers=None, clusters=None):
+    def __init__(self, base, *, min_pointers=1, max_pointers=None, clusters=None, vectorised=True):
         check_pointers(min_pointers, max_pointers)
+        self.vectorised = bool(vectorised)  # False: the position-by-position reference, for tests
         if base.sim_func == "do_not_recomp_l2":
             raise ConfigError(DO_NOT_RECOMP)
         super().__init__(base)
@@ -131,8 +135,16 @@ class RetoMatonRetriever(Wrapper):
     def describe(self):
         s = self.summary()
         states = f", {len(self.members.starts) - 1:,} clusters" if self.members is not None else ""
-        return (f"retomaton min-pointers {self.min_pointers}{states}: {100 * s['searches_saved']:.1f}% of "
-                f"{s['tokens']:,} searches saved")
+        inner = getattr(self.base, "describe", lambda: "")()  # stacked over adaptive retrieval: its own line first
+        return (f"{inner + '; ' if inner else ''}retomaton min-pointers {self.min_pointers}{states}: "
+                f"{100 * s['searches_saved']:.1f}% of {s['tokens']:,} searches saved{' in all' if inner else ''}")
+
+    @property
+    def ranks(self):
+        """Whether pointers must be ranked by distance: only when some could be cut (max_pointers
+        below k) or clusters extend them (the nearest pointers' clusters first). Otherwise the
+        candidates keep the order of the search that found them, and no sort is needed."""
+        return self.members is not None or self.max_pointers < self.k
 
     def retrieve(self, queries, context=None, *, nearest_first=True):
         """Neighbors of a call's streams (`context.lengths`, `context.targets`): pointers where
@@ -140,30 +152,126 @@ class RetoMatonRetriever(Wrapper):
         if context is None or context.lengths is None or context.targets is None:
             raise ConfigError("RetoMaton follows the text: pass a knnlm.Context with the streams' lengths (and "
                               "the targets, which KNNLM.score fills in); generation knows no next token")
-        return self._follow(queries, context)
+        follow = self._follow_reference if (self.ranks or not self.vectorised) else self._follow_chains
+        return follow(queries, context, nearest_first)
 
-    def _follow(self, queries, streams):
-        device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
+    def _streams(self, queries, context):
         q = queries if torch.is_tensor(queries) else torch.as_tensor(np.asarray(queries))
-        lengths = [int(n) for n in streams.lengths]
+        lengths = [int(n) for n in context.lengths]
         if sum(lengths) != len(q):
             raise ValueError(f"streams of lengths summing to {sum(lengths)} for {len(q)} queries")
-        targets = streams.targets.to("cpu").long()
-        n_streams, n = len(lengths), len(q)
         len_t = torch.tensor(lengths, dtype=torch.int64)
-        starts = torch.zeros(n_streams, dtype=torch.int64)
-        if n_streams:
+        starts = torch.zeros(len(lengths), dtype=torch.int64)
+        if len(lengths):
             starts[1:] = torch.cumsum(len_t, 0)[:-1]
+        return q, len_t, starts, context.targets.to("cpu").long()
+
+    def _search(self, q, context, rows, nearest_first):
+        """The base's neighbors of tokens `rows` (one row each, on the CPU), which of them it really
+        searched and which it gave neighbors at all (adaptive retrieval under RetoMaton skips some)."""
+        nb = self.base.retrieve(q[rows.to(q.device)], context.rows(rows), nearest_first=nearest_first).dense()
+        n = len(rows)
+        got = torch.ones(n, dtype=torch.bool) if nb.retrieved is None else nb.retrieved.cpu()
+        return nb, nb.searched_mask().cpu() & got, got
+
+    def _finish(self, dists, vals, ids, searched, retrieved, device):
+        self.last_searched = searched
+        self.tokens += len(searched)
+        self.searched += int(searched.sum())
+        return Neighbors(distances=dists.to(device), values=vals.to(device), valid=(ids >= 0).to(device),
+                         ids=ids.to(device), searched=searched.to(device),
+                         retrieved=None if bool(retrieved.all()) else retrieved.to(device))
+
+    def _follow_chains(self, queries, context, nearest_first):
+        """Pointers followed as chains, without a loop over positions (when no pointer is ever cut
+        or ranked, see `ranks`). A round searches, in one base call, the next token of every stream
+        that needs a search; each searched token's neighbors that carry the real next token start
+        chains, which the following tokens follow while at least min_pointers survive (entry e
+        survives step s when entry e + s carries the token that really came s tokens later and
+        has a successor): one vectorised step per chain length over the (token, entry) pairs still
+        alive, no per-token sort, no padded rectangle of candidates. The followed tokens' exact
+        distances are computed in one call at the end. The neighbors are those of
+        `_follow_reference`, bit for bit (a test holds them equal)."""
+        device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
+        q, len_t, starts, targets = self._streams(queries, context)
+        n, width = len(q), max(self.k, self.max_pointers)
+        ids = torch.full((n, width), -1, dtype=torch.int64)
+        dists = torch.zeros((n, width), dtype=torch.float32)
+        vals = torch.zeros((n, width), dtype=torch.int64)
+        searched = torch.zeros(n, dtype=torch.bool)
+        retrieved = torch.ones(n, dtype=torch.bool)
+        nxt = torch.zeros(len(len_t), dtype=torch.int64)  # each stream's next token that needs a search
+        f_rows, f_ids, f_vals = [], [], []  # followed tokens' (token, candidate entry, its value)
+        follows = self.follows
+        ds_vals = self.datastore.gather_vals
+        while True:
+            live = torch.nonzero(nxt < len_t).squeeze(1)
+            if not len(live):
+                break
+            rows = starts[live] + nxt[live]
+            nb, did, got = self._search(q, context, rows, nearest_first)
+            t0 = time.perf_counter()
+            ok = nb.valid.cpu()
+            i, v = nb.ids.cpu().long().masked_fill(~ok, -1), nb.values.cpu().long().masked_fill(~ok, 0)
+            m = i.shape[1]
+            ids[rows, :m], vals[rows, :m] = i, v
+            dists[rows, :m] = nb.distances.cpu().float().masked_fill(~ok, 0.0)
+            searched[rows], retrieved[rows] = did, got
+            # Chains: (row of the round, entry) pairs, in row order then the search's order.
+            alive = ok & (v == targets[rows].unsqueeze(1)) & follows[i.clamp(min=0)]
+            b, j = torch.nonzero(alive, as_tuple=True)
+            e = i[b, j]
+            left = len_t[live] - nxt[live] - 1  # tokens after the searched one in its stream
+            active = torch.ones(len(live), dtype=torch.bool)
+            stop = torch.zeros(len(live), dtype=torch.int64)  # steps to the stream's next search
+            step = 1
+            while True:
+                cnt = torch.bincount(b, minlength=len(live))
+                go = active & (cnt >= self.min_pointers) & (left >= step)
+                stop[active & ~go] = step
+                active = go
+                if not bool(active.any()):
+                    break
+                keep = go[b]
+                b, e = b[keep], e[keep] + 1  # token rows[b] + step is scored against entries e
+                t = rows[b] + step
+                ev = torch.from_numpy(np.asarray(ds_vals(e.numpy())).astype(np.int64))
+                f_rows.append(t), f_ids.append(e), f_vals.append(ev)
+                survive = (ev == targets[t]) & follows[e]
+                b, e = b[survive], e[survive]
+                step += 1
+            nxt[live] += stop
+            timing.STAGES.add("pointers", time.perf_counter() - t0)
+        if f_rows:
+            with timed("pointers"):
+                t, e, ev = torch.cat(f_rows), torch.cat(f_ids), torch.cat(f_vals)
+                # one token's candidates are consecutive pairs: its slots are 0, 1, ... in that order
+                first = torch.ones(len(t), dtype=torch.bool)
+                first[1:] = t[1:] != t[:-1]
+                group = torch.cumsum(first, 0) - 1
+                slot = torch.arange(len(t)) - torch.nonzero(first).squeeze(1)[group]
+                d = self.base.pair_distances(q, t.numpy(), e.numpy()).float().cpu()
+                ids[t, slot], vals[t, slot], dists[t, slot] = e, ev, d
+        return self._finish(dists, vals, ids, searched, retrieved, device)
+
+    def _follow_reference(self, queries, context, nearest_first):
+        """Pointers followed position by position, all streams of a position as one block: the
+        reference the chains are tested against, and the path for ranked pointers (max_pointers
+        below k, clusters)."""
+        device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
+        q, len_t, starts, targets = self._streams(queries, context)
+        n_streams, n = len(len_t), len(q)
         width = max(self.k, self.max_pointers)
         dists = torch.full((n, width), float("nan"), dtype=torch.float32)
         vals = torch.full((n, width), -1, dtype=torch.int64)
         ids = torch.full((n, width), -1, dtype=torch.int64)
-        # Candidates of each stream for its next token: datastore rows, nearest first, -1 after
-        # the first `count`. All streams of a position are handled as one block (no per-stream loop).
+        searched = torch.zeros(n, dtype=torch.bool)
+        retrieved = torch.ones(n, dtype=torch.bool)
+        # Candidates of each stream for its next token: datastore rows, -1 after the first `count`.
         cands = torch.full((n_streams, self.max_pointers), -1, dtype=torch.int64)
         count = torch.zeros(n_streams, dtype=torch.int64)
-        self.last_searched = torch.zeros(n, dtype=torch.bool)  # which queries of this call were searched
-        for pos in range(max(lengths, default=0)):
+        ranks = self.ranks
+        for pos in range(int(len_t.max()) if n_streams else 0):
             live = torch.nonzero(len_t > pos).squeeze(1)  # streams in order, as the rows of the block
             rows = starts[live] + pos
             search = count[live] < self.min_pointers
@@ -171,16 +279,15 @@ class RetoMatonRetriever(Wrapper):
             b_d = torch.full((len(live), width), float("nan"), dtype=torch.float32)
             b_v = torch.full((len(live), width), -1, dtype=torch.int64)
             if search.any():
-                nb = self.base.retrieve(q[rows[search]], streams.rows(rows[search]), nearest_first=True)  # nearest first: candidates keep the order
+                # ranked pointers start from the search's order: nearest first
+                nb, did, got = self._search(q, context, rows[search], nearest_first or ranks)
                 keep = nb.valid.cpu()
                 i, d, v = nb.ids.cpu().long(), nb.distances.cpu().float(), nb.values.cpu().long()
-                if not bool(keep.all()):  # valid neighbors first, in their order
-                    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-                    keep, i, d, v = (t.gather(1, order) for t in (keep, i, d, v))
                 m = i.shape[1]
                 b_ids[search, :m] = i.masked_fill(~keep, -1)
                 b_d[search, :m] = d.masked_fill(~keep, float("nan"))
                 b_v[search, :m] = v.masked_fill(~keep, -1)
+                searched[rows[search]], retrieved[rows[search]] = did, got
             follow = ~search
             if follow.any():
                 width_f = int(count[live[follow]].max())
@@ -198,17 +305,14 @@ class RetoMatonRetriever(Wrapper):
                 b_ids[follow, :width_f] = cid
                 b_d[follow, :width_f] = d.masked_fill(pad, float("nan"))
                 b_v[follow, :width_f] = v.masked_fill(pad, -1)
-            n_search = int(search.sum())
-            self.searched += n_search
-            self.last_searched[rows[search]] = True
-            self.tokens += len(live)
             ids[rows], dists[rows], vals[rows] = b_ids, b_d, b_v
-            # Pointers of the neighbors that carry the real next token, nearest first (a stable
-            # sort; the empty slots, at the end of each row, sort last).
-            ok = b_ids >= 0
-            key = (-b_d if self.sim_func == "dot" else b_d).masked_fill(~ok, float("inf"))
-            order = torch.argsort(key, dim=1, stable=True)
-            i, v, ok = b_ids.gather(1, order), b_v.gather(1, order), ok.gather(1, order)
+            # Pointers of the neighbors that carry the real next token: in the row's order, or
+            # nearest first when they are ranked (a stable sort; empty slots sort last).
+            i, v, ok = b_ids, b_v, b_ids >= 0
+            if ranks:
+                key = (-b_d if self.sim_func == "dot" else b_d).masked_fill(~ok, float("inf"))
+                order = torch.argsort(key, dim=1, stable=True)
+                i, v, ok = b_ids.gather(1, order), b_v.gather(1, order), ok.gather(1, order)
             ok &= (v == targets[rows].unsqueeze(1)) & self.follows[i.clamp(min=0)]
             rank = torch.cumsum(ok, 1)
             ok &= rank <= self.max_pointers
@@ -216,6 +320,4 @@ class RetoMatonRetriever(Wrapper):
             r_idx, c_idx = torch.nonzero(ok, as_tuple=True)
             new[r_idx, rank[r_idx, c_idx] - 1] = i[r_idx, c_idx] + 1
             cands[live], count[live] = new, ok.sum(1)
-        valid = ids >= 0
-        return Neighbors(distances=dists.nan_to_num(0.0).to(device), values=vals.clamp(min=0).to(device),
-                         valid=valid.to(device), ids=ids.to(device), searched=self.last_searched.to(device))
+        return self._finish(dists.nan_to_num(0.0), vals.clamp(min=0), ids, searched, retrieved, device)

@@ -38,21 +38,26 @@ def feature_names(top_k=DEFAULT_TOP_K):
     return ["entropy"] + [f"top{i}_log_prob" for i in range(1, top_k + 1)]
 
 
-def lm_features(log_probs, top_k=DEFAULT_TOP_K, chunk_rows=CHUNK_ROWS):
+def lm_features(log_probs, top_k=DEFAULT_TOP_K, chunk_rows=CHUNK_ROWS, rows=None):
     """(..., V) log-probabilities of a normalized distribution -> (..., 1 + top_k) float32.
 
     Entropy -sum p log p in nats (a probability of 0, log p = -inf, adds 0); then the top_k
     largest log-probabilities, largest first (-inf where V < top_k or the tail is 0).
     Computed in fp32 whatever the input dtype, in chunks of rows so the temporary stays small.
+    rows: (M,) indices into the flattened leading dimensions: the features of those rows only,
+    (M, 1 + top_k) (a front-end's scored positions; nothing is computed for the others).
     """
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     lead, v = log_probs.shape[:-1], log_probs.shape[-1]
     flat = log_probs.reshape(-1, v)
-    out = torch.empty((flat.shape[0], 1 + top_k), dtype=torch.float32, device=flat.device)
+    if rows is not None:
+        rows, lead = rows.to(flat.device), (len(rows),)
+    n = flat.shape[0] if rows is None else len(rows)
+    out = torch.empty((n, 1 + top_k), dtype=torch.float32, device=flat.device)
     kk = min(top_k, v)
-    for s in range(0, flat.shape[0], chunk_rows):
-        lp = flat[s:s + chunk_rows].float()
+    for s in range(0, n, chunk_rows):
+        lp = (flat[s:s + chunk_rows] if rows is None else flat[rows[s:s + chunk_rows]]).float()
         p = lp.exp()
         # p * log p with 0 * -inf taken as 0
         out[s:s + chunk_rows, 0] = -torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(-1)

@@ -44,6 +44,7 @@ import torch
 
 from ...artefacts import AtomicOutput, read_json, verify_checksum
 from ...errors import ConfigError, CorruptError, KNNLMError, MismatchError
+from ...timing import timed
 from .features import TokenFeatures, feature_names
 from .ngrams import NgramStats
 from .ngrams import feature_names as ngram_feature_names
@@ -317,9 +318,9 @@ class AdaptiveRetriever(Wrapper):
             # sweeps, knnlm-explain) apply to every token: with per-token lambdas they would be wrong.
             raise ConfigError("--adaptive-lambda mixes each token with its own predicted lambda, which an export "
                               "(--knnlm-dump-probs, one constant lambda) cannot record: export without it")
-        if opts.retomaton:
-            raise ConfigError("--adaptive-retrieval and --retomaton both decide which tokens are searched; this "
-                              "version takes one of them per run")
+        if per_token and opts.retomaton:
+            raise ConfigError("--adaptive-lambda mixes each searched token with its predicted lambda, but under "
+                              "--retomaton the tokens fed by pointers have none: drop one of the two")
         if skip is not None and threshold is not None:
             raise ConfigError("adaptive retrieval takes a target skip fraction or a threshold, not both: "
                               "drop --adaptive-skip or --adaptive-threshold")
@@ -409,8 +410,9 @@ class AdaptiveRetriever(Wrapper):
         rows = len(context.lm_features)
         if rows != n:
             raise ValueError(f"adaptive retrieval: {rows} feature rows for {n} queries")
-        scores = self.predictor.scores(self.predictor.inputs(TokenFeatures(context.lm_features,
-                                                                           context.context_tokens)))
+        with timed("predictor"):
+            scores = self.predictor.scores(self.predictor.inputs(TokenFeatures(context.lm_features,
+                                                                               context.context_tokens)))
         keep = scores >= self.cut  # as self.keep(...)
         self.last_kept = keep
         self.tokens += n
@@ -418,26 +420,14 @@ class AdaptiveRetriever(Wrapper):
         self.searched += kept
         if kept == n:  # nothing skipped: the base's own answer, untouched (but for the lambdas)
             return self._with_lambda(self.base.retrieve(q, context, nearest_first=nearest_first), scores)
+        # Compact neighbors (Neighbors.rows): the searched tokens' rows alone, nothing allocated
+        # or scored for a skipped token (KNNLM gives it p_LM untouched).
         device = q.device
-        rows = keep.nonzero().squeeze(1)
-        sub = self.base.retrieve(q[rows.to(device)], context.rows(rows), nearest_first=nearest_first) if kept else None
-        width = sub.distances.shape[1] if sub is not None else self.k
-        at = rows.to(device)
-        out = Neighbors(
-            distances=torch.zeros((n, width), dtype=torch.float32, device=device),
-            values=torch.zeros((n, width), dtype=torch.int64, device=device),
-            valid=torch.zeros((n, width), dtype=torch.bool, device=device),
-            ids=(torch.full((n, width), -1, dtype=torch.int64, device=device)
-                 if sub is None or sub.ids is not None else None),
-            weights=(torch.ones((n, width), dtype=torch.float32, device=device)
-                     if sub is not None and sub.weights is not None else None),
-            retrieved=keep.to(device))
-        if sub is not None:
-            out.distances[at] = sub.distances.to(device, torch.float32)
-            out.values[at] = sub.values.to(device)
-            out.valid[at] = sub.valid.to(device)
-            if sub.ids is not None:
-                out.ids[at] = sub.ids.to(device)
-            if sub.weights is not None:
-                out.weights[at] = sub.weights.to(device, torch.float32)
+        rows = keep.nonzero().squeeze(1).to(device)
+        if kept:
+            sub = self.base.retrieve(q[rows], context.rows(rows), nearest_first=nearest_first).dense()
+        else:
+            empty = lambda dtype: torch.zeros((0, self.k), dtype=dtype, device=device)  # noqa: E731
+            sub = Neighbors(empty(torch.float32), empty(torch.int64), empty(torch.bool), ids=empty(torch.int64))
+        out = dataclasses.replace(sub, rows=rows, retrieved=keep.to(device), searched=None, lmbda=None)
         return self._with_lambda(out, scores)
