@@ -62,6 +62,35 @@ HEADLINE_TARGET, HEADLINE_AIM = 1.5, 1.3
 MAX_PLAIN_SPREAD = 0.10
 
 SEARCHES_SAVED = re.compile(r"([\d.]+)% of ([\d,]+) searches saved")
+STAGE_LINE = re.compile(r"kNN-LM time: (.*)")
+STAGE = re.compile(r"([a-z]+) ([\d.]+) s")
+STAGE_COLUMNS = ("features", "predictor", "search", "recompute", "pointers", "scoring")
+
+
+def parse_stages(out):
+    """{stage: seconds} from the run's 'kNN-LM time: search 1.50 s, ...' line ({} without one)."""
+    m = STAGE_LINE.findall(out)
+    return {name: float(sec) for name, sec in STAGE.findall(m[-1])} if m else {}
+
+
+def breakdown_rows(rows):
+    """Where each row's time goes, medians over its runs: eval s, the LM forward and the rest
+    (eval s minus the timed stages), then each stage of STAGE_COLUMNS ('-' where it never ran)."""
+    out = []
+    for r in rows:
+        if not r.times:
+            continue
+        runs = list(zip(r.times, r.stages or [{}] * len(r.times)))
+        rest = statistics.median(t - sum(st.values()) for t, st in runs)
+        cells = []
+        for s in STAGE_COLUMNS:
+            vals = [st[s] for _, st in runs if s in st]
+            cells.append(f"{statistics.median(vals):.1f}" if vals else "-")
+        out.append([r.name, f"{statistics.median(r.times):.1f}", f"{rest:.1f}", *cells])
+    return out
+
+
+BREAKDOWN_HEADER = ["configuration", "eval s", "LM forward and the rest", *STAGE_COLUMNS]
 
 
 # --------------------------------------------------------------------------- rows and selection
@@ -85,6 +114,7 @@ class Row:
     entries: int = None
     rss: int = 0
     base_ppl: float = None
+    stages: list = dataclasses.field(default_factory=list)  # per run: {stage: seconds} (knnlm.timing's line)
 
     @property
     def ratio(self):
@@ -401,6 +431,23 @@ class Prepared:
                           "the pruned datastore")
         return str(out), paper, fast
 
+    def pca_pruned(self, pca, k):
+        """The PCA datastore pruned (knnlm-prune over its own fast-scan index), with its fast-scan
+        index: the two size reductions stacked (the transform file travels with the keys)."""
+        src, _, src_fast = pca
+        out = self.work / f"pca_pruned_k{k}" / "dstore"
+        stamp = {"source": _fingerprint(src), "k": k, "seed": 1, "index": str(src_fast),
+                 "index_mtime": Path(src_fast).stat().st_mtime}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self._step(f"pruned PCA datastore (knnlm-prune --k {k} of {Path(src).parent.name})",
+                   f"{out}_frontier_stamp.json", stamp, lambda: bench._complete(f"{out}_meta.json"),
+                   lambda: common.run_tool(["knnlm-prune", src, src_fast, out, "--k", k, "--seed", 1, "--probe", 32,
+                                           "--overwrite"], self.logs / "prune_pca.log"))
+        m = max(1, self.m * int(json.loads(Path(f"{out}_meta.json").read_text())["dim"]) // self.base.dim)
+        fast = self.index(out, out.parent / "dstore_fastscan.index", f"IVF{self.nc},PQ{2 * m}x4fs",
+                          "the pruned PCA datastore")
+        return str(out), fast
+
     def adaptive(self, dstore, index, name, k_factor):
         """A predictor for `dstore`, trained on the per-token export of the test split (Persuasion),
         scored with `dstore` and `index`: held out, since the frontier scores valid. A predictor
@@ -434,6 +481,12 @@ class Prepared:
                                            "--plot", d / "curve.png"], self.logs / f"adaptive_{name}_train.log"))
         self.adaptive_curves[name] = (self.logs / f"adaptive_{name}_train.log").read_text(errors="replace")
         return str(predictor)
+
+
+def _fingerprint(prefix):
+    from knnlm.store.datastore import Datastore
+
+    return Datastore.open(str(prefix)).fingerprint
 
 
 def adaptive_available():
@@ -475,9 +528,9 @@ def configurations(a, setup, prep, adaptive_ok):
             return prep.once("ada-pca", lambda: prep.adaptive(pca()[0], pca()[2], "pca", kfv))
         return prep.once("ada", lambda: prep.adaptive(setup.dstore, fast(), "demo", kfv))
 
-    def knn(name, key, family, tags, dstore, index, *extra):
-        return Config(key, name, family, tags, setup.eval_cmd(*setup.knn_args(dstore=dstore, index=index), *extra),
-                      dstore, index)
+    def knn(name, key, family, tags, dstore, index, *extra, probe=bench.PROBE, sim="l2"):
+        return Config(key, name, family, tags, setup.eval_cmd(*setup.knn_args(dstore=dstore, index=index, probe=probe,
+                                                                              sim=sim), *extra), dstore, index)
 
     fast_factory = f"IVF{prep.nc},PQ{2 * prep.m}x4fs"
     menu = [("plain", lambda: Config("plain", "plain eval (stock fairseq)", "plain", (), setup.eval_cmd(plain=True))),
@@ -485,6 +538,17 @@ def configurations(a, setup, prep, adaptive_ok):
                                   setup.dstore, setup.index)),
             ("fast", lambda: knn(f"fast-scan ({fast_factory}, k-factor {kfv:g})", "fast", "fastscan", ("fastscan",),
                                  setup.dstore, fast(), *kf))]
+    # The candidate count (issue #26): how many results FAISS collects and re-ranks exactly, or none.
+    for f in (1, 1.5):
+        menu.append((f"fast-kf{f:g}", lambda f=f: knn(f"fast-scan, k-factor {f:g}", f"fast-kf{f:g}", "fastscan",
+                                                      ("fastscan", "candidates"), setup.dstore, fast(),
+                                                      "--knn-k-factor", f)))
+    menu.append(("fast-norecomp", lambda: knn("fast-scan, FAISS's distances (do_not_recomp_l2)", "fast-norecomp",
+                                              "fastscan", ("fastscan", "candidates"), setup.dstore, fast(),
+                                              sim="do_not_recomp_l2")))
+    for p in (16, 8):
+        menu.append((f"fast-p{p}", lambda p=p: knn(f"fast-scan, k-factor {kfv:g}, nprobe {p}", f"fast-p{p}", "fastscan",
+                                                   ("fastscan", "candidates"), setup.dstore, fast(), *kf, probe=p)))
     for n in a.reto_min_pointers:
         reto = ["--retomaton", "--retomaton-min-pointers", n]
         menu += [(f"reto{n}", lambda n=n, reto=reto: knn(f"RetoMaton min-pointers {n}", f"reto{n}", "retomaton",
@@ -516,6 +580,31 @@ def configurations(a, setup, prep, adaptive_ok):
                      (f"ada{f:g}+pca+fast", lambda f=f, ada=ada: knn(
                          f"adaptive skip {f:g} + PCA + fast-scan", f"ada{f:g}+pca+fast", "adaptive",
                          ("adaptive", "pca", "fastscan"), pca()[0], pca()[2], *kf, *ada("pca")))]
+    # Stacked (issue #26): adaptive retrieval under RetoMaton (it decides only where RetoMaton
+    # would search), adaptive over the pruned PCA datastore, and all of them together.
+    pca_pruned = lambda: prep.once("pca-pruned", lambda: prep.pca_pruned(pca(), a.prune_k))  # noqa: E731
+    if adaptive_ok:
+        ada_pp = lambda: prep.once("ada-pca-pruned", lambda: prep.adaptive(*pca_pruned(), "pca_pruned", kfv))  # noqa: E731
+        for f in a.adaptive_skips:
+            skip = ["--adaptive-skip", f]
+            menu.append((f"ada{f:g}+pca+pruned+fast", lambda f=f, skip=skip: knn(
+                f"adaptive skip {f:g} + PCA + pruned + fast-scan", f"ada{f:g}+pca+pruned+fast", "stacked",
+                ("adaptive", "pca", "pruned", "fastscan"), pca_pruned()[0], pca_pruned()[1], *kf,
+                "--adaptive-retrieval", ada_pp(), *skip)))
+            for n in a.reto_min_pointers:
+                reto = ["--retomaton", "--retomaton-min-pointers", n]
+                menu += [(f"ada{f:g}+reto{n}+fast", lambda f=f, n=n, reto=reto, skip=skip: knn(
+                    f"adaptive skip {f:g} + RetoMaton min-pointers {n} + fast-scan", f"ada{f:g}+reto{n}+fast", "stacked",
+                    ("adaptive", "retomaton", "fastscan"), setup.dstore, fast(), *kf, *reto,
+                    "--adaptive-retrieval", predictor("demo"), *skip)),
+                         (f"ada{f:g}+reto{n}+pca+fast", lambda f=f, n=n, reto=reto, skip=skip: knn(
+                    f"adaptive skip {f:g} + RetoMaton min-pointers {n} + PCA + fast-scan", f"ada{f:g}+reto{n}+pca+fast",
+                    "stacked", ("adaptive", "retomaton", "pca", "fastscan"), pca()[0], pca()[2], *kf, *reto,
+                    "--adaptive-retrieval", predictor("pca"), *skip)),
+                         (f"ada{f:g}+reto{n}+pca+fast-kf1", lambda f=f, n=n, reto=reto, skip=skip: knn(
+                    f"adaptive skip {f:g} + RetoMaton min-pointers {n} + PCA + fast-scan, k-factor 1",
+                    f"ada{f:g}+reto{n}+pca+fast-kf1", "stacked", ("adaptive", "retomaton", "pca", "fastscan"),
+                    pca()[0], pca()[2], *reto, "--adaptive-retrieval", predictor("pca"), *skip))]
     keys = [k for k, _ in menu]
     chosen = DEFAULT_CONFIGS if not a.configs else keys if a.configs == ["all"] else a.configs
     chosen = [k for k in chosen if k in keys or not k.startswith("ada") or adaptive_ok]
@@ -563,6 +652,14 @@ def main(argv=None):
     p.add_argument("--max-plain-spread", type=float, default=100 * MAX_PLAIN_SPREAD, metavar="PCT",
                    help="withhold the headline's met / NOT met when a round's plain evals (before and after it) "
                    "differ by more than PCT%% (default %(default)g)")
+    p.add_argument("--split", choices=("valid", "test"), default="valid",
+                   help="with --quick: score a slice of this split (test: to choose settings on other data than the "
+                   "validation split the full run scores)")
+    p.add_argument("--headline", metavar="KEY", help="the headline's configuration, chosen beforehand (e.g. on "
+                   "--quick --split test); default: the fastest row at >= 90%% of the gain on this run's data")
+    p.add_argument("--headline-note", default="", help="how --headline was chosen, for the report")
+    p.add_argument("--warmup", type=int, default=1, help="plain evals run first and not counted (a cold first "
+                   "eval ran 21%% slower than the next)")
     p.add_argument("--prepare-only", action="store_true", help="build the artefacts and print each configuration's command")
     a = p.parse_args(argv)
     if a.rounds < 1:
@@ -588,10 +685,18 @@ def main(argv=None):
     adaptive_ok = adaptive_available()
     if not adaptive_ok:
         log("[inputs] adaptive retrieval is not installed (no knnlm-adaptive / --adaptive-retrieval): its rows are left out")
+    split_name = "validation" if a.split == "valid" else "test"
     if a.quick:  # before the commands are made: they evaluate setup.data
-        n = bench.quick_split(setup, work, a.quick_tokens)
-        log(f"[inputs] --quick: the first ~{n:,} tokens of the validation split")
+        text = Path(setup.text_valid).with_name(f"{a.split}.txt")
+        n = bench.quick_split(setup, work, a.quick_tokens, text=text, name="quick-bin" if a.split == "valid"
+                              else f"quick-bin-{a.split}")
+        log(f"[inputs] --quick: the first ~{n:,} tokens of the {split_name} split")
+    elif a.split != "valid":
+        raise SystemExit("--split test goes with --quick: it is for choosing settings on other data than the "
+                         "validation split the full run scores")
     configs = configurations(a, setup, prep, adaptive_ok)  # prepares what they need
+    if a.headline and a.headline not in {c.key for c in configs}:
+        raise SystemExit(f"--headline {a.headline}: not among this run's configurations ({', '.join(c.key for c in configs)})")
     log(f"[configurations] {len(configs)}: " + ", ".join(c.key for c in configs))
     if a.prepare_only:  # each configuration's command, to run (or profile) one by hand
         for c in configs:
@@ -619,8 +724,16 @@ def main(argv=None):
         full = rows["knnlm"]
         base_ppl = full.base_ppl if full.base_ppl is not None else plain.ppl
         rows_l = [r for r in rows.values() if r.times]
-        best = select_headline(rows_l, base_ppl, full.ppl)
-        headline = headline_line(best, base_ppl, full.ppl, note=spread_note(plain.times, n_rounds, max_spread))
+        if a.headline:  # chosen beforehand, on other data (--quick --split test)
+            best = rows[a.headline] if rows[a.headline].times else None
+            if best is not None and gain_kept(best, base_ppl, full.ppl) < GAIN_SHARE - 1e-12:
+                best = None  # it must keep the gain here too; else no headline
+            chosen = f"chosen beforehand: {a.headline_note or a.headline}"
+        else:
+            best = select_headline(rows_l, base_ppl, full.ppl)
+            chosen = "chosen on this run's own data: fastest at >= 90% of the gain"
+        note = spread_note(plain.times, n_rounds, max_spread)
+        headline = headline_line(best, base_ppl, full.ppl, note=f"{chosen}; {note}" if note else chosen)
         withheld = withheld_reason(plain.times, n_rounds, max_spread)
         targets = target_lines(rows_l, full, best=best, base_ppl=base_ppl, withheld=withheld)
         brackets = bracket_line(plain.times, n_rounds, max_spread)
@@ -628,7 +741,7 @@ def main(argv=None):
         total = time.perf_counter() - t_start
 
         tokens = common.parse_eval((logs / "plain_1.log").read_text())["tokens"]
-        split = f"{tokens:,} tokens of the validation split" + (" (--quick slice)" if a.quick else " (all of it)")
+        split = f"{tokens:,} tokens of the {split_name} split" + (" (--quick slice)" if a.quick else " (all of it)")
         head = (f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, GPU: {info['gpu']}; torch "
                 f"{info['torch']}, faiss {info['faiss']}, fairseq {info['fairseq']}. Load average (1/5/15 min) at start "
                 f"{load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, at end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} "
@@ -646,22 +759,29 @@ def main(argv=None):
             head += ("\nAdaptive retrieval's predictor was trained on the per-token export of the test split "
                      "(Persuasion), never on valid, which the frontier scores.")
         rows_md = table_rows(rows_l, base_ppl, full.ppl)
+        cost_md = common.md_table(BREAKDOWN_HEADER, breakdown_rows(rows_l))
         if not partial:  # the log gets the table at the end of each round; the files after every run
             log("\n" + "=" * 100)
             log(head)
             log("")
             log(common.md_table(TABLE_HEADER, rows_md))
             log("")
+            log(cost_md)
+            log("")
             for t in targets:
                 log(t)
             log("")
             log(headline)
         work.mkdir(parents=True, exist_ok=True)
-        stem = "frontier_quick" if a.quick else "frontier"
+        stem = ("frontier_quick" if a.quick else "frontier") + ("" if a.split == "valid" else f"_{a.split}")
         title = (f"kNN-LM frontier, {split}; load {load0[0]:.1f} -> {load1[0]:.1f}")
         md = ["# The efficient kNN-LM frontier" + (" (--quick)" if a.quick else ""), "",
               f"`.venv/bin/python -m benchmarks.frontier {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-              head.replace("\n", "  \n"), "", common.md_table(TABLE_HEADER, rows_md), "", "Targets of issue #19:", ""]
+              head.replace("\n", "  \n"), "", common.md_table(TABLE_HEADER, rows_md), "",
+              "Where the time goes (seconds, median over rounds; the stages are knnlm's own `kNN-LM time:` line: "
+              "LM features for adaptive retrieval, its predictor, the FAISS search, the exact recompute of the "
+              "candidates, RetoMaton's pointers, the p_kNN scoring; the LM forward and the rest is eval s minus them):",
+              "", cost_md, "", "Targets of issue #19:", ""]
         md += [f"    {t}" for t in targets] + ["", "Headline:", "", f"    {headline}", "", f"![perplexity vs time]({stem}.png)", ""]
         for name, curve in prep.adaptive_curves.items():
             md += [f"Adaptive retrieval's predictor for the {name} datastore, trained on the test split's export "
@@ -705,6 +825,7 @@ def main(argv=None):
         ev = common.parse_eval(out)
         r = rows[c.key]
         r.times.append(ev["seconds"])
+        r.stages.append(parse_stages(out))
         r.rss = max(r.rss, rss)
         if "ppl" in ev:
             if r.times[:-1] and abs(ev["ppl"] - r.ppl) > 1e-6:
@@ -720,6 +841,10 @@ def main(argv=None):
             + ("" if r.searched is None else f", searches {100 * r.searched:.1f}%")
             + f"; load {load} -> {_load()}; {done}/{n_runs} runs, ETA {eta / 60:.1f} min")
 
+    for w in range(a.warmup):  # caches and page tables warm, not counted
+        t0 = time.perf_counter()
+        common.run_tool(plain_c.cmd, logs / f"warmup_{w + 1}.log")
+        log(f"[warm-up {w + 1}/{a.warmup}] plain eval, not counted: wall {time.perf_counter() - t0:.1f} s")
     run(plain_c, 0, "plain_1", " (opens round 1)")
     for rnd in range(a.rounds):
         for c in others:

@@ -181,17 +181,19 @@ def own_setup(root):
     return s
 
 
-def quick_split(setup, root, min_tokens):
-    """Binarize the first lines of the validation text (>= min_tokens) with the model's dictionary."""
-    out = Path(root) / "quick-bin"
+def quick_split(setup, root, min_tokens, text=None, name="quick-bin"):
+    """Binarize the first lines of the validation text (or of `text`: another split's, which the
+    slice then stands in for as its "valid" split) (>= min_tokens) with the model's dictionary."""
+    out = Path(root) / name
+    text = text or setup.text_valid
     lines, n = [], 0
-    with open(setup.text_valid) as f:
+    with open(text) as f:
         for line in f:
             lines.append(line)
             n += len(line.split()) + 1
             if n >= min_tokens:
                 break
-    stamp = {"text": str(setup.text_valid), "lines": len(lines), "dict": str(Path(setup.data) / "dict.txt"),
+    stamp = {"text": str(text), "lines": len(lines), "dict": str(Path(setup.data) / "dict.txt"),
              "dict_mtime": (Path(setup.data) / "dict.txt").stat().st_mtime}
     if not _stamped(out / "bench_stamp.json", stamp):
         shutil.rmtree(out, ignore_errors=True)

@@ -133,10 +133,13 @@ def test_each_configuration_runs_its_own_setting(fr):
         pca = staticmethod(lambda dim: ("pca", "pca_paper.index", "pca_fast.index"))
         pruned = staticmethod(lambda k, fast: ("pruned", "pruned_paper.index", "pruned_fast.index"))
         adaptive = staticmethod(lambda dstore, index, name, kf: f"predictor_{name}.json")
+        pca_pruned = staticmethod(lambda pca, k: ("pca_pruned", "pca_pruned_fast.index"))
 
     setup = SimpleNamespace(dstore="ds", index="demo.index",
                             eval_cmd=lambda *args, plain=False: ["eval", *args],
-                            knn_args=lambda dstore=None, index=None: ["--dstore", dstore or "ds", "--index", index or "demo.index"])
+                            knn_args=lambda dstore=None, index=None, probe=32, sim="l2": [
+                                "--dstore", dstore or "ds", "--index", index or "demo.index", "--probe", probe,
+                                "--knn-sim-func", sim])
     a = SimpleNamespace(reto_min_pointers=[1, 4], adaptive_skips=[0.3, 0.5], prune_k=64, configs=["all"])
     configs = {c.key: c for c in fr.configurations(a, setup, Prep(), True)}
 
@@ -151,6 +154,22 @@ def test_each_configuration_runs_its_own_setting(fr):
         for suffix in ("", "+fast", "+pca+fast"):
             assert after(configs[f"reto{n}{suffix}"].cmd, "--retomaton-min-pointers") == n
     assert list(configs)[:2] == ["plain", "knnlm"]
+    # issue #26: the candidate-count rows and the stacked rows carry their own settings
+    assert after(configs["fast-kf1"].cmd, "--knn-k-factor") == 1 and after(configs["fast-kf1.5"].cmd, "--knn-k-factor") == 1.5
+    assert after(configs["fast-norecomp"].cmd, "--knn-sim-func") == "do_not_recomp_l2"
+    assert "--knn-k-factor" not in configs["fast-norecomp"].cmd
+    assert after(configs["fast-p8"].cmd, "--probe") == 8 and after(configs["fast-p16"].cmd, "--probe") == 16
+    for f in (0.3, 0.5):
+        pp = configs[f"ada{f:g}+pca+pruned+fast"].cmd
+        assert after(pp, "--adaptive-skip") == f and after(pp, "--adaptive-retrieval") == "predictor_pca_pruned.json"
+        assert after(pp, "--dstore") == "pca_pruned" and after(pp, "--index") == "pca_pruned_fast.index"
+        for n in (1, 4):
+            for suffix, pred in (("+fast", "predictor_demo.json"), ("+pca+fast", "predictor_pca.json"),
+                                 ("+pca+fast-kf1", "predictor_pca.json")):
+                cmd = configs[f"ada{f:g}+reto{n}{suffix}"].cmd
+                assert after(cmd, "--adaptive-skip") == f and after(cmd, "--retomaton-min-pointers") == n
+                assert after(cmd, "--adaptive-retrieval") == pred
+            assert "--knn-k-factor" not in configs[f"ada{f:g}+reto{n}+pca+fast-kf1"].cmd
 
 
 # --------------------------------------------------------------------------- load: plain evals around each round
@@ -249,14 +268,16 @@ def test_main_brackets_every_round_and_reports_the_spread(fr, tmp_path, monkeypa
         order.append(Path(log_path).name)
         s = next(seconds)
         knn = {"plain": "", "knnlm": "kNN-LM: 1,000 tokens, base LM perplexity 120.0, kNN-LM perplexity 100.0",
-               "fast": "kNN-LM: 1,000 tokens, base LM perplexity 120.0, kNN-LM perplexity 101.0"}[cmd[0]]
+               "fast": "kNN-LM: 1,000 tokens, base LM perplexity 120.0, kNN-LM perplexity 101.0\n"
+                       "kNN-LM time: search 4.00 s, recompute 3.00 s, scoring 1.00 s"}[cmd[0]]
         out = f"{knn}\nEvaluated 1,000 tokens in {s}s ({1000 / s} tokens/s)\nLoss (base 2): 6.9, Perplexity: 120.0\n"
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         Path(log_path).write_text(out)
         return s, 0, out
 
     monkeypatch.setattr(common, "run_tool", run_tool)
-    assert fr.main(["--rounds", "2", "--workdir", str(tmp_path / "w"), "--docs", str(tmp_path / "docs")]) == 0
+    assert fr.main(["--rounds", "2", "--workdir", str(tmp_path / "w"), "--docs", str(tmp_path / "docs"),
+                    "--warmup", "0"]) == 0
     assert order == ["plain_1.log", "knnlm_r1.log", "fast_r1.log", "plain_2.log",
                      "knnlm_r2.log", "fast_r2.log", "plain_3.log"]
     import json
@@ -268,6 +289,10 @@ def test_main_brackets_every_round_and_reports_the_spread(fr, tmp_path, monkeypa
     assert rows["knnlm"]["ratios"] == pytest.approx([3.0, 40.0 / 13.25])
     assert rows["fast"]["ratios"] == pytest.approx([11.0 / 10.25, 20.0 / 13.25])
     assert rows["plain"]["times"] == [10.0, 10.5, 16.0]
+    # issue #26: each run's stage times, and the breakdown table (fast: 11 and 20 s, 8 s timed -> the
+    # LM forward and the rest has median (3 + 12) / 2 = 7.5 s)
+    assert rows["fast"]["stages"] == [{"search": 4.0, "recompute": 3.0, "scoring": 1.0}] * 2
+    assert "| fast-scan | 15.5 | 7.5 | - | - | 4.0 | 3.0 | - | 1.0 |" in (tmp_path / "docs" / "results.md").read_text()
     assert data["plain_spreads"] == pytest.approx([0.05, 16.0 / 10.5 - 1])
     assert data["max_plain_spread"] == 0.1
     assert data["verdict_withheld"] == "plain runs disagree by 52.4% > 10% in round 2"
@@ -279,7 +304,7 @@ def test_main_brackets_every_round_and_reports_the_spread(fr, tmp_path, monkeypa
     # --max-plain-spread 60: the same timings get a verdict.
     seconds = iter([10.0, 30.75, 11.0, 10.5, 40.0, 20.0, 16.0])
     order.clear()
-    assert fr.main(["--rounds", "2", "--workdir", str(tmp_path / "w2"), "--max-plain-spread", "60"]) == 0
+    assert fr.main(["--rounds", "2", "--workdir", str(tmp_path / "w2"), "--max-plain-spread", "60", "--warmup", "0"]) == 0
     data = json.loads((tmp_path / "w2" / "frontier.json").read_text())
     assert data["verdict_withheld"] is None
     assert data["targets"][-1].endswith("(target <= 1.5x: met; aim 1.3x: met)")

@@ -194,3 +194,23 @@ def test_through_fairseq_eval_lm(tmp_path):
         ppl[name] = knn_summary(out.stderr)[1]
     assert all(math.isfinite(p) for p in ppl.values())
     assert abs(ppl["pruned"] / ppl["dstore/train"] - 1) < 0.1 and abs(ppl["pca16"] / ppl["dstore/train"] - 1) < 0.1, ppl
+
+
+def test_a_pruned_copy_of_reduced_keys_keeps_their_query_transform(data, tmp_path):
+    """Issue #26's stacked rows (PCA + pruned): pruning a PCA datastore into another directory
+    carries the transform file along, and queries go through the very same transform."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    reduce_keys(data["ds"].prefix, str(tmp_path / "a" / "half"), D // 2, n_train=600)
+    red = Datastore.open(str(tmp_path / "a" / "half"))
+    pr.prune(red.prefix, flat_index(red, tmp_path / "a" / "half.index"), str(tmp_path / "b" / "pruned"), k=1)
+    pruned = Datastore.open(str(tmp_path / "b" / "pruned"))
+    assert (tmp_path / "b" / "pruned_transform.faiss").is_file()
+    assert pruned.meta["transform"]["file"] == "pruned_transform.faiss" and pruned.model_dim == D
+    q = data["queries"]
+    assert torch.equal(pruned.query_transform()(q), red.query_transform()(q))
+    knn = KNNLM(FaissRetriever(flat_index(pruned, tmp_path / "p.index"), pruned, k=8), lmbda=0.5)
+    assert torch.isfinite(knn.score(q, data["targets"], data["lp_lm"]).final).all()
+    # the source's transform file gone: the copy does not depend on it
+    (tmp_path / "a" / "half_transform.faiss").unlink()
+    assert torch.equal(Datastore.open(str(tmp_path / "b" / "pruned")).query_transform()(q), pruned.query_transform()(q))

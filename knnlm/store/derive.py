@@ -43,12 +43,28 @@ def derived_writer(src, out_prefix, *, dim=None, expected_size=None, overwrite=F
     m = src.meta
     meta = {key: value for key, value in m.items() if key not in WRITER_FIELDS}
     meta.update(extra)
-    return DatastoreWriter(
+    # Reduced keys (knnlm-reduce) keep their query transform: a pruned or subset copy of a PCA
+    # datastore carries the transform file along, beside its own keys.
+    carry = bool(m.get("transform")) and "transform" not in extra
+    if carry:
+        meta["transform"] = dict(m["transform"], file=f"{os.path.basename(out_prefix)}_transform.faiss")
+        side_files = tuple(side_files) + ("transform.faiss",)
+    writer = DatastoreWriter(
         out_prefix, src.dim if dim is None else dim, keytype=m["keytype"], fp16=m["keys_dtype"] == "float16",
         dict_size=m["dict_size"], dict_fingerprint=m["dict_fingerprint"],
         model_fingerprint=m.get("model_fingerprint"), expected_size=expected_size, overwrite=overwrite, extra=meta,
         side_files=side_files, place="OUT_PREFIX",
     )
+    if carry:
+        import shutil
+
+        source = os.path.join(os.path.dirname(os.path.abspath(src.prefix)), m["transform"]["file"])
+        try:
+            shutil.copyfile(source, writer.side_path("transform.faiss"))
+        except BaseException:
+            writer.abandon()
+            raise
+    return writer
 
 
 def copy_rows(src, writer, blocks, side=None):
