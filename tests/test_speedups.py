@@ -20,7 +20,7 @@ import torch
 
 import knnlm
 from knnlm import (KNNLM, AdaptiveRetriever, Context, Datastore, DatastoreWriter, ExactRetriever, FaissRetriever,
-                   Predictor, RetoMatonRetriever, Wrapper)
+                   RetoMatonRetriever, Wrapper)
 from knnlm.errors import ConfigError
 from knnlm.options import RetrievalOptions
 from knnlm.retrieval import faiss_search
@@ -41,7 +41,8 @@ def data(tmp_path_factory):
     """300 entries: random text around three copies of one 60-token passage whose keys are nearly
     equal (up to three pointers survive along it). Streams of queries: the datastore's own keys of
     consecutive entries (+ noise, a few targets changed to break chains), one of length 1, one of
-    length 0, one of random queries and targets, one running off a copy's end."""
+    length 0, one of random queries and targets, one running off a copy's end, one past the
+    datastore's last entry."""
     rng = np.random.default_rng(0)
     passage, passage_keys = rng.integers(0, V, 60), rng.normal(size=(60, D)).astype(np.float32)
     tokens, keys = [], []
@@ -62,29 +63,36 @@ def data(tmp_path_factory):
     w.add(keys, vals)
     w.finalize()
     ds = Datastore.open(prefix)
-    index = faiss.IndexFlatL2(D)
+    index, ip_index = faiss.IndexFlatL2(D), faiss.IndexFlatIP(D)
     index.add(keys)
+    ip_index.add(keys)
     qs, ts, lengths = [], [], []
-    for start, n in ((30, 45), (120, 20), (5, 1), (0, 0), (None, 15), (250, 40), (95, 28)):
+    for start, n in ((30, 45), (120, 20), (5, 1), (0, 0), (None, 15), (250, 40), (95, 28), (287, 16)):
         if start is None:
             q, t = rng.normal(size=(n, D)).astype(np.float32), rng.integers(0, V, n)
         else:
-            q, t = keys[start:start + n] + 0.02 * rng.normal(size=(n, D)).astype(np.float32), vals[start:start + n].copy()
-            if n > 10:
+            q, t = keys[start:start + n], vals[start:start + n].copy()
+            q = q + 0.02 * rng.normal(size=q.shape).astype(np.float32)
+            if n > 20:
                 flip = rng.choice(n, 2, replace=False)
                 t[flip] = (t[flip] + 1) % V
+            if len(q) < n:  # past the datastore's last entry (which has no successor): random
+                q = np.concatenate([q, rng.normal(size=(n - len(q), D)).astype(np.float32)])
+                t = np.concatenate([t, rng.integers(0, V, n - len(t))])
         qs.append(q), ts.append(t), lengths.append(n)
     q = torch.from_numpy(np.concatenate(qs))
     t = torch.from_numpy(np.concatenate(ts).astype(np.int64))
     full = torch.log_softmax(torch.from_numpy(3 * rng.normal(size=(len(q), V)).astype(np.float32)), -1)
     feats = lm_features(full, top_k=3)
     assert len({row.tobytes() for row in q.numpy()}) == len(q)  # each query names its token
-    return types.SimpleNamespace(prefix=prefix, ds=ds, index=index, keys=keys, vals=vals, q=q, t=t, lengths=lengths,
-                                 full=full, lp_lm=full.gather(1, t[:, None]).squeeze(1), feats=feats,
+    return types.SimpleNamespace(prefix=prefix, ds=ds, index=index, ip_index=ip_index, keys=keys, vals=vals, q=q, t=t,
+                                 lengths=lengths, full=full, lp_lm=full.gather(1, t[:, None]).squeeze(1), feats=feats,
                                  pred=make_predictor(feats, ds))
 
 
 def make_base(data, kind):
+    if kind == "faiss-dot":
+        return FaissRetriever(data.ip_index, data.ds, k=K, sim_func="dot")
     return FaissRetriever(data.index, data.ds, k=K) if kind == "faiss" else ExactRetriever(data.ds, k=K)
 
 
@@ -161,25 +169,26 @@ def reto_score(data, base, vectorised, *, context=None, **kw):
 
 
 # ----------------------------------------------------------------------------- 1. RetoMaton's chains
-@pytest.mark.parametrize("kind", ["faiss", "exact"])
+@pytest.mark.parametrize("kind", ["faiss", "exact", "faiss-dot"])
 @pytest.mark.parametrize("min_pointers", [1, 2, 3])
 def test_retomaton_chains_equal_the_reference(data, kind, min_pointers):
     """Vectorised chains vs the position-by-position loop: final, lp_kNN, every neighbor field and
     the counters, bit for bit; on streams where most tokens follow pointers for long chains."""
-    fast, a, used_a = reto_score(data, make_base(data, kind), True, min_pointers=min_pointers)
-    ref, b, used_b = reto_score(data, make_base(data, kind), False, min_pointers=min_pointers)
+    kw = {"max_pointers": 12} if kind == "faiss-dot" else {}  # above k: nothing ranked, still the chains
+    fast, a, used_a = reto_score(data, make_base(data, kind), True, min_pointers=min_pointers, **kw)
+    ref, b, used_b = reto_score(data, make_base(data, kind), False, min_pointers=min_pointers, **kw)
     assert used_a == (1, 0) and used_b == (0, 1)  # each went the way it was asked
     assert_same_scored(a, b)
     assert torch.equal(fast.last_searched, ref.last_searched)
     assert fast.summary() == ref.summary() and fast.describe() == ref.describe()
     # non-trivial: many tokens followed pointers, in chains of many tokens; others were searched
     followed = ~a.neighbors.searched
-    assert a.neighbors.retrieved is None and len(a.final) == sum(data.lengths) == 149
+    assert a.neighbors.retrieved is None and len(a.final) == sum(data.lengths) == 165
     assert followed.float().mean() > 0.5 and longest_run(followed, data.lengths) > 10
     assert 20 <= fast.summary()["searched"] < 100
-    # a followed token is scored against at least min_pointers pointers, with exact distances > 0
+    # a followed token is scored against at least min_pointers pointers, their exact distances filled in
     valid = a.neighbors.valid[followed]
-    assert bool((valid.sum(1) >= min_pointers).all()) and bool((a.neighbors.distances[followed][valid] > 0).all())
+    assert bool((valid.sum(1) >= min_pointers).all()) and bool((a.neighbors.distances[followed][valid] != 0).all())
     assert torch.isfinite(a.lp_knn).sum() > 100
 
 
@@ -262,6 +271,20 @@ def test_stacked_with_skip_zero_is_retomaton_over_the_base(data):
 
 
 @pytest.mark.parametrize("vectorised", [True, False])
+def test_stacked_with_everything_skipped_is_the_lm_alone(data, vectorised):
+    """Adaptive retrieval declining every token under RetoMaton: no search, no pointer, p_LM exactly."""
+    lower = Recording(FaissRetriever(data.index, data.ds, k=K))
+    reto = RetoMatonRetriever(AdaptiveRetriever(lower, data.pred, threshold=1.0), vectorised=vectorised)
+    got = KNNLM(reto, lmbda=LMBDA).score(data.q, data.t, data.lp_lm,
+                                          context=Context(lengths=data.lengths, lm_features=data.feats))
+    assert lower.calls == [] and torch.equal(got.final, data.lp_lm)
+    nb = got.neighbors
+    assert not bool(nb.retrieved.any()) and not bool(nb.searched.any()) and not bool(nb.valid.any())
+    assert reto.summary() == {"tokens": 165, "searched": 0, "searches_saved": 1.0}
+    assert reto.base.summary()["tokens"] == 165  # every token was asked for: no pointer survived
+
+
+@pytest.mark.parametrize("vectorised", [True, False])
 def test_stacked_skipped_tokens_get_p_lm_and_break_the_chains(data, vectorised):
     """Tokens RetoMaton asked for and adaptive retrieval declined: p_LM exactly, not searched; the
     next token of the stream is asked for again (no pointer survives a skipped token)."""
@@ -294,9 +317,9 @@ def test_stacked_summary_line(data):
     line = s.knn.describe()
     ad, reto = s.adaptive.summary(), s.reto.summary()
     assert f"adaptive skip 0.5: {100 * ad['searches_saved']:.1f}% of {ad['tokens']} searches saved; " in line
-    assert re.search(r"retomaton min-pointers 1: [0-9.]+% of 149 searches saved in all$", line), line
-    assert f"{100 * reto['searches_saved']:.1f}% of 149 searches saved in all" in line
-    assert ad["tokens"] < 149 and reto["searched"] == ad["searched"]
+    assert re.search(r"retomaton min-pointers 1: [0-9.]+% of 165 searches saved in all$", line), line
+    assert f"{100 * reto['searches_saved']:.1f}% of 165 searches saved in all" in line
+    assert ad["tokens"] < 165 and reto["searched"] == ad["searched"]
 
 
 def test_factory_stacks_retomaton_over_adaptive(data, tmp_path):
@@ -367,6 +390,7 @@ def test_adaptive_scores_equal_the_hand_reference(data, skip):
         data.q, data.t, data.lp_lm)
     kept = ad.last_kept
     assert got.neighbors.compact and 0 < int(kept.sum()) < len(kept)
+    assert len(base.calls) == 1 and torch.equal(base.calls[0], data.q[kept])
     want = torch.where(kept, plain.final, data.lp_lm)
     assert torch.equal(got.final, want)
     assert torch.equal(got.lp_knn, plain.lp_knn.masked_fill(~kept, float("-inf")))
@@ -401,7 +425,8 @@ def test_adaptive_next_token_distribution_equals_the_dense_computation(data):
 # ----------------------------------------------------------------------------- 4. features at scored positions
 @pytest.mark.parametrize("chunk_rows", [1, 3, 7, 256])
 def test_lm_features_of_some_rows_equal_the_full_features_rows(chunk_rows):
-    """lm_features(rows=idx) == lm_features(all)[idx], any chunking, any leading shape."""
+    """lm_features(rows=idx) == lm_features(all)[idx], chunks smaller than idx included, any leading
+    shape, fp16 input, repeated and empty idx."""
     g = torch.Generator().manual_seed(chunk_rows)
     lp = torch.log_softmax(3 * torch.randn(4, 9, 37, generator=g), -1)
     lp[1, 2, :30] = float("-inf")  # probability-0 tokens
@@ -411,7 +436,6 @@ def test_lm_features_of_some_rows_equal_the_full_features_rows(chunk_rows):
                 torch.tensor([], dtype=torch.int64)):
         got = lm_features(lp, top_k=5, chunk_rows=chunk_rows, rows=idx)
         assert got.shape == (len(idx), 6) and torch.equal(got, full[idx])
-    assert len(idx) == 0 or chunk_rows < 20
     half = lp.half()
     idx = torch.tensor([1, 17, 30])
     assert torch.equal(lm_features(half, 2, chunk_rows, rows=idx), lm_features(half, 2).reshape(-1, 3)[idx])

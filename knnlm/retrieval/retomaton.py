@@ -110,6 +110,9 @@ class RetoMatonRetriever(Wrapper):
         self.vectorised = bool(vectorised)  # False: the position-by-position reference, for tests
         if base.sim_func == "do_not_recomp_l2":
             raise ConfigError(DO_NOT_RECOMP)
+        if getattr(base, "per_token_lambda", False):
+            raise ConfigError("--adaptive-lambda mixes each searched token with its predicted lambda, but under "
+                              "--retomaton the tokens fed by pointers have none: drop one of the two")
         super().__init__(base)
         self.min_pointers = int(min_pointers)
         self.max_pointers = int(max_pointers if max_pointers is not None else base.k)
@@ -137,7 +140,8 @@ class RetoMatonRetriever(Wrapper):
         states = f", {len(self.members.starts) - 1:,} clusters" if self.members is not None else ""
         inner = getattr(self.base, "describe", lambda: "")()  # stacked over adaptive retrieval: its own line first
         return (f"{inner + '; ' if inner else ''}retomaton min-pointers {self.min_pointers}{states}: "
-                f"{100 * s['searches_saved']:.1f}% of {s['tokens']:,} searches saved{' in all' if inner else ''}")
+                f"{100 * s['searches_saved']:.1f}% of {s['tokens']:,} searches saved"
+                f"{' in all' if getattr(self.base, 'unsearched', None) else ''}")
 
     @property
     def ranks(self):
@@ -258,6 +262,7 @@ class RetoMatonRetriever(Wrapper):
         """Pointers followed position by position, all streams of a position as one block: the
         reference the chains are tested against, and the path for ranked pointers (max_pointers
         below k, clusters)."""
+        t0, timed0 = time.perf_counter(), sum(timing.STAGES.seconds.values())
         device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
         q, len_t, starts, targets = self._streams(queries, context)
         n_streams, n = len(len_t), len(q)
@@ -320,4 +325,6 @@ class RetoMatonRetriever(Wrapper):
             r_idx, c_idx = torch.nonzero(ok, as_tuple=True)
             new[r_idx, rank[r_idx, c_idx] - 1] = i[r_idx, c_idx] + 1
             cands[live], count[live] = new, ok.sum(1)
+        # pointers: this call's time less the stages its searches timed themselves
+        timing.STAGES.add("pointers", time.perf_counter() - t0 - (sum(timing.STAGES.seconds.values()) - timed0))
         return self._finish(dists.nan_to_num(0.0), vals.clamp(min=0), ids, searched, retrieved, device)
