@@ -604,7 +604,11 @@ def configurations(a, setup, prep, adaptive_ok):
                          (f"ada{f:g}+reto{n}+pca+fast-kf1", lambda f=f, n=n, reto=reto, skip=skip: knn(
                     f"adaptive skip {f:g} + RetoMaton min-pointers {n} + PCA + fast-scan, k-factor 1",
                     f"ada{f:g}+reto{n}+pca+fast-kf1", "stacked", ("adaptive", "retomaton", "pca", "fastscan"),
-                    pca()[0], pca()[2], *reto, "--adaptive-retrieval", predictor("pca"), *skip))]
+                    pca()[0], pca()[2], *reto, "--adaptive-retrieval", predictor("pca"), *skip)),
+                         (f"ada{f:g}+reto{n}+pca+fast-kf1-p16", lambda f=f, n=n, reto=reto, skip=skip: knn(
+                    f"adaptive skip {f:g} + RetoMaton min-pointers {n} + PCA + fast-scan, k-factor 1, nprobe 16",
+                    f"ada{f:g}+reto{n}+pca+fast-kf1-p16", "stacked", ("adaptive", "retomaton", "pca", "fastscan"),
+                    pca()[0], pca()[2], *reto, "--adaptive-retrieval", predictor("pca"), *skip, probe=16))]
     keys = [k for k, _ in menu]
     chosen = DEFAULT_CONFIGS if not a.configs else keys if a.configs == ["all"] else a.configs
     chosen = [k for k in chosen if k in keys or not k.startswith("ada") or adaptive_ok]

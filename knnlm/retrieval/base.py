@@ -130,6 +130,9 @@ class Context:
     targets: Optional[torch.Tensor] = None
     lm_features: Optional[torch.Tensor] = None
     context_tokens: Optional[torch.Tensor] = None
+    # (the call's whole context, these rows' indices in it), set by `rows`: a strategy asked about
+    # a few rows at a time (under RetoMaton) may compute what it needs for the whole call once.
+    origin: Optional[tuple] = dataclasses.field(default=None, repr=False, compare=False)
 
     def provided(self):
         """The `NEEDS` names this context holds."""
@@ -140,7 +143,9 @@ class Context:
     def rows(self, index):
         """The context of a subset of the queries (an index tensor; streams are not kept)."""
         pick = lambda t: None if t is None else t[index.to(t.device)]  # noqa: E731
-        return Context(None, pick(self.targets), pick(self.lm_features), pick(self.context_tokens))
+        root, at = self.origin if self.origin is not None else (self, None)
+        return Context(None, pick(self.targets), pick(self.lm_features), pick(self.context_tokens),
+                       origin=(root, index.cpu() if at is None else at[index.cpu()]))
 
 
 class Retriever:

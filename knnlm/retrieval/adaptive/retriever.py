@@ -357,6 +357,7 @@ class AdaptiveRetriever(Wrapper):
         self.tokens = 0
         self.searched = 0
         self.last_kept = None  # which queries of the last call were searched
+        self._memo = None  # (a call's whole context, its tokens' scores): see _scores
 
     @property
     def per_token_lambda(self):
@@ -393,6 +394,19 @@ class AdaptiveRetriever(Wrapper):
         features: `TokenFeatures`, or the (N, F) LM features alone."""
         return self.predictor.scores(self.predictor.inputs(features)) >= self.cut
 
+    def _predict(self, context):
+        return self.predictor.scores(self.predictor.inputs(TokenFeatures(context.lm_features, context.context_tokens)))
+
+    def _scores(self, context):
+        """The predictor's scores of the context's tokens. Rows of a larger call's context (RetoMaton
+        asks about a few tokens per round) are scored with the whole call at its first round, once."""
+        root, at = context.origin if context.origin is not None else (context, None)
+        if at is None or root.lm_features is None or (self.predictor.needs_context and root.context_tokens is None):
+            return self._predict(context)
+        if self._memo is None or self._memo[0] is not root:
+            self._memo = (root, self._predict(root))
+        return self._memo[1][at]
+
     def _with_lambda(self, neighbors, scores):
         """The neighbors with each token's predicted lambda (sigmoid of its score), if asked for."""
         if not self.per_token_lambda:
@@ -411,8 +425,7 @@ class AdaptiveRetriever(Wrapper):
         if rows != n:
             raise ValueError(f"adaptive retrieval: {rows} feature rows for {n} queries")
         with timed("predictor"):
-            scores = self.predictor.scores(self.predictor.inputs(TokenFeatures(context.lm_features,
-                                                                               context.context_tokens)))
+            scores = self._scores(context)
         keep = scores >= self.cut  # as self.keep(...)
         self.last_kept = keep
         self.tokens += n
