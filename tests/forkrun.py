@@ -72,6 +72,10 @@ def _child(job, w_out, w_err):
         os.dup2(w_err, 2)
         sys.stdin = open(os.devnull)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        # A fresh command's signal handling, whatever the test process installed before the
+        # server forked (Ray's driver, started by another test in the same worker, handles SIGINT).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if job.get("fsize") is not None:
             import resource
 
