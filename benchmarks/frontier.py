@@ -681,7 +681,8 @@ def main(argv=None):
                    help="with --quick: score a slice of this split (test: to choose settings on other data than the "
                    "validation split the full run scores)")
     p.add_argument("--headline", metavar="KEY", help="the headline's configuration, chosen beforehand (e.g. on "
-                   "--quick --split test); default: the fastest row at >= 90%% of the gain on this run's data")
+                   "--quick --split test); default: with the default rows the one chosen on test (DEFAULT_HEADLINE), "
+                   "else the fastest row at >= 90%% of the gain on this run's own data")
     p.add_argument("--headline-note", default="", help="how --headline was chosen, for the report")
     p.add_argument("--warmup", type=int, default=1, help="plain evals run first and not counted (a cold first "
                    "eval ran 21%% slower than the next)")
