@@ -402,10 +402,7 @@ class Prepared:
         log(f"          done in {time.perf_counter() - t0:.0f} s")
 
     def index(self, prefix, path, factory, name):
-        from knnlm.store.datastore import Datastore
-
-        fp = Datastore.open(str(prefix)).fingerprint
-        stamp = {"datastore": fp, "factory": factory, "n_train": self.n_train, "seed": self.seed}
+        stamp = {"datastore": _fingerprint(prefix), "factory": factory, "n_train": self.n_train, "seed": self.seed}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._step(f"{factory} index of {name}", f"{path}.frontier_stamp.json", stamp,
@@ -477,10 +474,8 @@ class Prepared:
         test.split, test.data = "test", self.full_data  # the whole binarized data, not a --quick slice
         d = self.work / "adaptive" / name
         export, predictor = d / "test_export", d / "predictor.json"
-        from knnlm.store.datastore import Datastore
-
         ckpt = Path(self.setup.ckpt)
-        stamp = {"dstore": Datastore.open(str(dstore)).fingerprint, "ckpt_mtime": ckpt.stat().st_mtime,
+        stamp = {"dstore": _fingerprint(dstore), "ckpt_mtime": ckpt.stat().st_mtime,
                  "split": "test", "index": str(index), "k_factor": k_factor, "lmbda": self.setup.lmbda,
                  "temp": self.setup.temp}
         d.mkdir(parents=True, exist_ok=True)

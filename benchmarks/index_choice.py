@@ -18,7 +18,6 @@ exact brute-force neighbors (faiss IndexFlatL2 over the whole datastore) on the 
 import argparse
 import json
 import math
-import os
 import subprocess
 import time
 from pathlib import Path

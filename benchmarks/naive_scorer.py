@@ -22,7 +22,6 @@ FAISS search, exact-distance recompute, scoring): where kNN-LM evaluation spends
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 

@@ -364,7 +364,6 @@ def main(argv=None):
 
     set_probe(index)
     search_rows, cold_rows, warm_rows, mem_rows, ident = [], [], [], [], []
-    cached_notes = []
     for j in range(4):
         if j > 0:
             sh = Datastore.open(prefixes[j])

@@ -72,7 +72,7 @@ class Neighbors:
         weight 1), as an export records them. Already dense: self."""
         if self.rows is None:
             return self
-        n, (m, width), device = len(self), self.distances.shape, self.distances.device
+        n, width, device = len(self), self.distances.shape[1], self.distances.device
         at = self.rows.to(device)
 
         def spread(t, fill):

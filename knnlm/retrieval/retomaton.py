@@ -24,9 +24,8 @@ import time
 import numpy as np
 import torch
 
-from .. import timing
 from ..errors import ConfigError
-from ..timing import timed
+from ..timing import STAGES
 from .base import Neighbors, Wrapper
 from .registry import register_wrapper
 
@@ -245,9 +244,9 @@ class RetoMatonRetriever(Wrapper):
                 b, e = b[survive], e[survive]
                 step += 1
             nxt[live] += stop
-            timing.STAGES.add("pointers", time.perf_counter() - t0)
+            STAGES.add("pointers", time.perf_counter() - t0)
         if f_rows:
-            with timed("pointers"):
+            with STAGES.timed("pointers"):
                 t, e, ev = torch.cat(f_rows), torch.cat(f_ids), torch.cat(f_vals)
                 # one token's candidates are consecutive pairs: its slots are 0, 1, ... in that order
                 first = torch.ones(len(t), dtype=torch.bool)
@@ -262,7 +261,7 @@ class RetoMatonRetriever(Wrapper):
         """Pointers followed position by position, all streams of a position as one block: the
         reference the chains are tested against, and the path for ranked pointers (max_pointers
         below k, clusters)."""
-        t0, timed0 = time.perf_counter(), sum(timing.STAGES.seconds.values())
+        t0, timed0 = time.perf_counter(), sum(STAGES.seconds.values())
         device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
         q, len_t, starts, targets = self._streams(queries, context)
         n_streams, n = len(len_t), len(q)
@@ -326,5 +325,5 @@ class RetoMatonRetriever(Wrapper):
             new[r_idx, rank[r_idx, c_idx] - 1] = i[r_idx, c_idx] + 1
             cands[live], count[live] = new, ok.sum(1)
         # pointers: this call's time less the stages its searches timed themselves
-        timing.STAGES.add("pointers", time.perf_counter() - t0 - (sum(timing.STAGES.seconds.values()) - timed0))
+        STAGES.add("pointers", time.perf_counter() - t0 - (sum(STAGES.seconds.values()) - timed0))
         return self._finish(dists.nan_to_num(0.0), vals.clamp(min=0), ids, searched, retrieved, device)

@@ -390,7 +390,7 @@ class Analyses(ToolRunner):
             return result
 
         self.add("domain", "domain_test", "score the test book with the tuned lambda and T", [test_json], {},
-                 score_test, deps=[tune_name, f"domain_unseen_index"])
+                 score_test, deps=[tune_name, "domain_unseen_index"])
 
     # ---- 7. a datastore beyond the training data ----
     def plan_beyond(self):

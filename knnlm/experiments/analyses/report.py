@@ -217,7 +217,7 @@ class Report:
                "|---|---:|---|---|---:|---:|---:|---:|---:|---:|", *rows]
         if full:
             order = sorted(APPROX, key=lambda w: full[w]["best_ppl"])
-            out += ["", f"Full datastore, lambda and T tuned: " + " ≤ ".join(
+            out += ["", "Full datastore, lambda and T tuned: " + " ≤ ".join(
                 f"{APPROX[w][0]} {_f(full[w]['best_ppl'], 3)}" for w in order) + "; at T = "
                 f"{t_run:g}: " + ", ".join(f"{APPROX[w][0]} {_f(full[w][f'best_ppl_T{t_run:g}'], 3)}"
                                            for w in APPROX) + "."]
@@ -250,8 +250,8 @@ class Report:
                + (f"a random {dc.dstore_fraction:g} of " if dc.dstore_fraction < 1 else "")
                + f"{', '.join(books['dstore'])} ({tok['unseen']:,} tokens, chunks of {dc.chunk_lines} paragraphs), "
                f"which the LM never saw"
-               + (f"; as the in-domain reference, a datastore of a random sample of the LM's own training "
-                  f"text of about the same size" if dc.seen_datastore else "")
+               + ("; as the in-domain reference, a datastore of a random sample of the LM's own training "
+                  "text of about the same size" if dc.seen_datastore else "")
                + f". lambda and T tuned on the first {an.cfg.eval.valid_fraction:g} of {', '.join(books['valid'])} "
                f"({tok['valid']:,} tokens), then the first {an.cfg.eval.test_fraction:g} of "
                f"{', '.join(books['test'])} ({tok['test']:,} tokens) scored with them. Plot: fig5_domain.png "

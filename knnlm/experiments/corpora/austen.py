@@ -41,7 +41,6 @@ CLI: ``python -m knnlm.corpora.austen OUT_DIR [--data-dir DIR] [--min-count N]``
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import re

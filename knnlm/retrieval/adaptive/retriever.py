@@ -421,9 +421,8 @@ class AdaptiveRetriever(Wrapper):
                               "context_tokens=context_tokens(...))")
         q = queries if torch.is_tensor(queries) else torch.as_tensor(np.asarray(queries))
         n = len(q)
-        rows = len(context.lm_features)
-        if rows != n:
-            raise ValueError(f"adaptive retrieval: {rows} feature rows for {n} queries")
+        if len(context.lm_features) != n:
+            raise ValueError(f"adaptive retrieval: {len(context.lm_features)} feature rows for {n} queries")
         with timed("predictor"):
             scores = self._scores(context)
         keep = scores >= self.cut  # as self.keep(...)
