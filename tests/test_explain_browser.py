@@ -9,7 +9,6 @@ outside access, as the project's browser runs are:
 """
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ def _unavailable(why):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -38,7 +37,7 @@ def browser():
     if not os.path.exists(CHROMIUM):
         _unavailable(f"no chromium at {CHROMIUM} (apt-get install chromium)")
     pw = sync_playwright().start()
-    profile = tempfile.mkdtemp(prefix="knnlm-chromium-")
+    profile = str(tmp_path_factory.mktemp("chromium-profile"))  # pytest's own tmp: not left in /tmp
     try:
         ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, args=ARGS, headless=True,
                                                     viewport={"width": 1400, "height": 900})
