@@ -121,9 +121,11 @@ class KNNLM:
         state, value, nearest_first = handle
         neighbors = value if state == "done" else self.retriever.collect(value, nearest_first=nearest_first)
         if self.weighted and neighbors.weights is None:
-            ids = neighbors.ids.clamp(min=0).cpu().numpy()
-            w = torch.from_numpy(self.retriever.datastore.gather_weights(ids).astype("float32"))
-            neighbors.weights = w.to(neighbors.distances.device)
+            for block in (neighbors, neighbors.extra):  # a compact layout's two blocks
+                if block is not None:
+                    ids = block.ids.clamp(min=0).cpu().numpy()
+                    w = torch.from_numpy(self.retriever.datastore.gather_weights(ids).astype("float32"))
+                    block.weights = w.to(block.distances.device)
         return neighbors
 
     @property
@@ -148,13 +150,15 @@ class KNNLM:
 
     def knn_log_prob(self, neighbors, targets):
         """log p_kNN(target) for each query, (N,); -inf for tokens not searched. Compact neighbors
-        (`Neighbors.rows`): computed for their rows only."""
+        (`Neighbors.rows`, `.extra`): computed for their rows only, block by block (a row's value
+        does not depend on its block's width or its neighbors in the block)."""
         if neighbors.compact:
-            at = neighbors.rows.to(targets.device)
             lp = torch.full((len(neighbors),), float("-inf"), dtype=torch.float32, device=neighbors.distances.device)
-            if len(at):
-                lp[at.to(lp.device)] = knn_log_prob(self.neighbor_scores(neighbors), neighbors.values, targets[at],
-                                                    neighbors.valid)
+            for rows, block in neighbors.blocks():
+                if len(rows):
+                    at = rows.to(targets.device)
+                    lp[at.to(lp.device)] = knn_log_prob(self.neighbor_scores(block), block.values, targets[at],
+                                                        block.valid)
             return lp
         lp = knn_log_prob(self.neighbor_scores(neighbors), neighbors.values, targets, neighbors.valid)
         if neighbors.retrieved is not None:

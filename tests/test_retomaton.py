@@ -73,7 +73,7 @@ def test_pointers_searches_and_probabilities_match_the_reference(memorised, min_
     want = [r for qs, ts in streams for r in ref_retomaton(keys, vals, follows, qs, ts, K, min_pointers, max_pointers, 2.0)]
     assert reto.last_searched.tolist() == [w[0] for w in want]
     got_ids = [sorted(i for i, v in zip(row.tolist(), ok.tolist()) if v)
-               for row, ok in zip(scored.neighbors.ids, scored.neighbors.valid)]
+               for row, ok in zip(scored.neighbors.dense().ids, scored.neighbors.dense().valid)]
     assert got_ids == [w[1] for w in want]
     ref_lp = np.array([w[2] for w in want])
     got = scored.lp_knn.numpy().astype(np.float64)

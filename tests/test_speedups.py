@@ -134,6 +134,8 @@ def spy(obj, name):
 
 
 def assert_same_neighbors(a, b):
+    """The same neighbors of every token, whichever the layout (compact blocks or one row each)."""
+    a, b = a.dense(), b.dense()
     for f in NEIGHBOR_FIELDS:
         x, y = getattr(a, f), getattr(b, f)
         assert (x is None) == (y is None), f
@@ -182,14 +184,35 @@ def test_retomaton_chains_equal_the_reference(data, kind, min_pointers):
     assert torch.equal(fast.last_searched, ref.last_searched)
     assert fast.summary() == ref.summary() and fast.describe() == ref.describe()
     # non-trivial: many tokens followed pointers, in chains of many tokens; others were searched
-    followed = ~a.neighbors.searched
-    assert a.neighbors.retrieved is None and len(a.final) == sum(data.lengths) == 165
+    nb = a.neighbors.dense()
+    followed = ~nb.searched
+    assert nb.retrieved is None and len(a.final) == sum(data.lengths) == 165
     assert followed.float().mean() > 0.5 and longest_run(followed, data.lengths) > 10
     assert 20 <= fast.summary()["searched"] < 100
     # a followed token is scored against at least min_pointers pointers, their exact distances filled in
-    valid = a.neighbors.valid[followed]
-    assert bool((valid.sum(1) >= min_pointers).all()) and bool((a.neighbors.distances[followed][valid] != 0).all())
+    valid = nb.valid[followed]
+    assert bool((valid.sum(1) >= min_pointers).all()) and bool((nb.distances[followed][valid] != 0).all())
+    # the chains' followed tokens sit in their own block, as wide as their most candidates (not k)
+    extra = a.neighbors.extra
+    assert torch.equal(extra.rows.sort().values, torch.nonzero(followed).squeeze(1))
+    assert extra.distances.shape[1] == min(kw.get("max_pointers", K), 64) and int(extra.valid.sum(1).max()) <= K
     assert torch.isfinite(a.lp_knn).sum() > 100
+
+
+@pytest.mark.parametrize("kind", ["faiss", "exact"])
+def test_followed_tokens_are_not_padded_to_k(data, kind):
+    """With k above 64, the followed tokens' block is as wide as their most candidates rounded up to
+    64, not k, and the scores are still the reference's, bit for bit (a row's value does not depend
+    on its block's width)."""
+    k = 160
+    base = lambda: FaissRetriever(data.index, data.ds, k=k) if kind == "faiss" else ExactRetriever(data.ds, k=k)  # noqa: E731
+    fast, a, _ = reto_score(data, base(), True, min_pointers=2)
+    ref, b, _ = reto_score(data, base(), False, min_pointers=2)
+    assert_same_scored(a, b)
+    extra, main = a.neighbors.extra, a.neighbors
+    most = int(extra.valid.sum(1).max())
+    assert main.distances.shape[1] == k and extra.distances.shape[1] == -(-most // 64) * 64 < k
+    assert len(extra.rows) > 20 and torch.isfinite(a.lp_knn[extra.rows]).sum() > 20
 
 
 def test_retomaton_chains_depend_on_min_pointers(data):
@@ -223,7 +246,7 @@ def test_nearest_first_retrieve_is_equal_in_both_paths(data, kind):
         assert base.orders and all(base.orders)
         assert reto.summary()["searched"] == len(base.tokens(data.q))
     assert_same_neighbors(*out)
-    nb = out[0]
+    nb = out[0].dense()
     searched = nb.searched
     assert 0 < int(searched.sum()) < len(searched)
     d = nb.distances[searched]
@@ -289,7 +312,7 @@ def test_stacked_skipped_tokens_get_p_lm_and_break_the_chains(data, vectorised):
     """Tokens RetoMaton asked for and adaptive retrieval declined: p_LM exactly, not searched; the
     next token of the stream is asked for again (no pointer survives a skipped token)."""
     s = stacked(data, skip=0.5, vectorised=vectorised, record=True)
-    nb, final = s.scored.neighbors, s.scored.final
+    nb, final = s.scored.neighbors.dense(), s.scored.final
     asked, searched = s.upper.tokens(data.q), s.lower.tokens(data.q)
     assert len(set(asked)) == len(asked) and set(searched) <= set(asked)
     skipped = sorted(set(asked) - set(searched))

@@ -46,6 +46,10 @@ class Neighbors:
         those of token rows[j], and `retrieved` (N,) is True exactly there. Scoring touches only
         those rows (nothing is allocated or computed for a skipped token); `dense()` gives the one
         row per token layout (an export's). None: one row per token.
+    extra: Neighbors or None: with `rows`, a second compact block (with `rows` of its own) holding
+        other tokens, in tensors of their own width: RetoMaton's pointer-fed tokens carry a few
+        candidates each, so they are not padded out to k columns. `retrieved` is then True exactly
+        at `rows` and `extra.rows`; `blocks()` walks both.
     """
 
     distances: torch.Tensor
@@ -57,6 +61,7 @@ class Neighbors:
     searched: Optional[torch.Tensor] = None
     lmbda: Optional[torch.Tensor] = None
     rows: Optional[torch.Tensor] = None
+    extra: Optional["Neighbors"] = None
 
     def __len__(self):
         """The number of tokens (queries), whichever the layout."""
@@ -67,23 +72,38 @@ class Neighbors:
         """Whether the (·, k) tensors hold only the retrieved tokens' rows (see `rows`)."""
         return self.rows is not None
 
+    def blocks(self):
+        """(rows, neighbors) per block of rows: (None, self) when dense; else the compact block and,
+        if any, the `extra` one (each without `extra`), `rows` saying whose rows they hold."""
+        if self.rows is None:
+            return [(None, self)]
+        main = dataclasses.replace(self, extra=None)
+        return [(self.rows, main)] + ([(self.extra.rows, self.extra)] if self.extra is not None else [])
+
     def dense(self):
         """One row per token: skipped tokens' rows empty (valid False, id -1, distance 0, value 0,
-        weight 1), as an export records them. Already dense: self."""
+        weight 1), as an export records them; `retrieved` None when every token has neighbors.
+        Already dense: self."""
         if self.rows is None:
             return self
-        n, width, device = len(self), self.distances.shape[1], self.distances.device
-        at = self.rows.to(device)
+        parts = [nb for _, nb in self.blocks()]
+        n, device = len(self), self.distances.device
+        width = max(nb.distances.shape[1] for nb in parts)
 
-        def spread(t, fill):
-            out = torch.full((n, width), fill, dtype=t.dtype, device=device)
-            out[at] = t
+        def spread(field, fill):
+            if any(getattr(nb, field) is None for nb in parts):
+                if all(getattr(nb, field) is None for nb in parts):
+                    return None
+                raise ValueError(f"Neighbors blocks disagree on whether they have {field}")
+            out = torch.full((n, width), fill, dtype=getattr(self, field).dtype, device=device)
+            for at, nb in self.blocks():
+                t = getattr(nb, field)
+                out[at.to(device), :t.shape[1]] = t
             return out
 
-        return Neighbors(spread(self.distances, 0.0), spread(self.values, 0), spread(self.valid, False),
-                         None if self.ids is None else spread(self.ids, -1),
-                         None if self.weights is None else spread(self.weights, 1.0),
-                         self.retrieved, self.searched, self.lmbda)
+        retrieved = None if bool(self.retrieved.all()) else self.retrieved
+        return Neighbors(spread("distances", 0.0), spread("values", 0), spread("valid", False), spread("ids", -1),
+                         spread("weights", 1.0), retrieved, self.searched, self.lmbda)
 
     def __getitem__(self, rows):
         """The neighbors of a subset of the queries (a mask or an index tensor), one row per token."""

@@ -18,6 +18,7 @@ together, position by position, so the searches of one position are one batch. G
 knows no next token, so RetoMaton does not generate (refused by name).
 """
 
+import dataclasses
 import os
 import time
 
@@ -169,10 +170,12 @@ class RetoMatonRetriever(Wrapper):
             starts[1:] = torch.cumsum(len_t, 0)[:-1]
         return q, len_t, starts, context.targets.to("cpu").long()
 
-    def _search(self, q, context, rows, nearest_first):
-        """The base's neighbors of tokens `rows` (one row each, on the CPU), which of them it really
-        searched and which it gave neighbors at all (adaptive retrieval under RetoMaton skips some)."""
-        nb = self.base.retrieve(q[rows.to(q.device)], context.rows(rows), nearest_first=nearest_first).dense()
+    def _search(self, q, context, rows, nearest_first, dense=True):
+        """The base's neighbors of tokens `rows` (one row each unless `dense` is False: then as the
+        base gave them, maybe compact), which of them it really searched and which it gave
+        neighbors at all (adaptive retrieval under RetoMaton skips some): (R,) masks on the CPU."""
+        nb = self.base.retrieve(q[rows.to(q.device)], context.rows(rows), nearest_first=nearest_first)
+        nb = nb.dense() if dense else nb
         n = len(rows)
         got = torch.ones(n, dtype=torch.bool) if nb.retrieved is None else nb.retrieved.cpu()
         return nb, nb.searched_mask().cpu() & got, got
@@ -192,18 +195,18 @@ class RetoMatonRetriever(Wrapper):
         chains, which the following tokens follow while at least min_pointers survive (entry e
         survives step s when entry e + s carries the token that really came s tokens later and
         has a successor): one vectorised step per chain length over the (token, entry) pairs still
-        alive, no per-token sort, no padded rectangle of candidates. The followed tokens' exact
-        distances are computed in one call at the end. The neighbors are those of
-        `_follow_reference`, bit for bit (a test holds them equal)."""
+        alive, no per-token sort. The followed tokens' exact distances are computed in one call at
+        the end. The result is compact (`Neighbors.rows`): the searched tokens' rows, k wide, and
+        the followed tokens' in a block of their own (`Neighbors.extra`) only as wide as the most
+        candidates any of them has, nothing padded out to k for them. Its `dense()` is
+        `_follow_reference`'s answer, and its scores are, bit for bit (tests hold both equal)."""
         device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
         q, len_t, starts, targets = self._streams(queries, context)
         n, width = len(q), max(self.k, self.max_pointers)
-        ids = torch.full((n, width), -1, dtype=torch.int64)
-        dists = torch.zeros((n, width), dtype=torch.float32)
-        vals = torch.zeros((n, width), dtype=torch.int64)
         searched = torch.zeros(n, dtype=torch.bool)
         retrieved = torch.ones(n, dtype=torch.bool)
         nxt = torch.zeros(len(len_t), dtype=torch.int64)  # each stream's next token that needs a search
+        s_rows, s_ids, s_vals, s_dists = [], [], [], []  # the searched tokens that got neighbors
         f_rows, f_ids, f_vals = [], [], []  # followed tokens' (token, candidate entry, its value)
         follows = self.follows
         ds_vals = self.datastore.gather_vals
@@ -212,18 +215,31 @@ class RetoMatonRetriever(Wrapper):
             if not len(live):
                 break
             rows = starts[live] + nxt[live]
-            nb, did, got = self._search(q, context, rows, nearest_first)
+            nb, did, got = self._search(q, context, rows, nearest_first, dense=False)
             t0 = time.perf_counter()
-            ok = nb.valid.cpu()
-            i, v = nb.ids.cpu().long().masked_fill(~ok, -1), nb.values.cpu().long().masked_fill(~ok, 0)
-            m = i.shape[1]
-            ids[rows, :m], vals[rows, :m] = i, v
-            dists[rows, :m] = nb.distances.cpu().float().masked_fill(~ok, 0.0)
             searched[rows], retrieved[rows] = did, got
-            # Chains: (row of the round, entry) pairs, in row order then the search's order.
-            alive = ok & (v == targets[rows].unsqueeze(1)) & follows[i.clamp(min=0)]
-            b, j = torch.nonzero(alive, as_tuple=True)
+            ok = nb.valid.cpu()
+            i, v, d = nb.ids.cpu().long(), nb.values.cpu().long(), nb.distances.cpu().float()
+            # pos: which of the round's tokens each of nb's rows belongs to (None: row j is token j);
+            # tokens the base gave no neighbors (adaptive retrieval's skipped) have no row here
+            pos = None if nb.rows is None else nb.rows.cpu()
+            if pos is None and not bool(got.all()):
+                pos = torch.nonzero(got).squeeze(1)
+                ok, i, v, d = ok[pos], i[pos], v[pos], d[pos]
+            every = bool(ok.all())  # FAISS found all k (the rule): nothing to mask
+            if not every:
+                i, v, d = i.masked_fill(~ok, -1), v.masked_fill(~ok, 0), d.masked_fill(~ok, 0.0)
+            at = rows if pos is None else rows[pos]
+            s_rows.append(at), s_ids.append(i), s_vals.append(v), s_dists.append(d)
+            # Chains: (token of the round, entry) pairs, in token order then the search's order:
+            # the neighbors carrying the real next token, then those of them with a successor.
+            match = v == targets[at].unsqueeze(1)
+            b, j = torch.nonzero(match if every else match & ok, as_tuple=True)
             e = i[b, j]
+            has_next = follows[e]
+            b, e = b[has_next], e[has_next]
+            if pos is not None:
+                b = pos[b]
             left = len_t[live] - nxt[live] - 1  # tokens after the searched one in its stream
             active = torch.ones(len(live), dtype=torch.bool)
             stop = torch.zeros(len(live), dtype=torch.int64)  # steps to the stream's next search
@@ -245,17 +261,58 @@ class RetoMatonRetriever(Wrapper):
                 step += 1
             nxt[live] += stop
             STAGES.add("pointers", time.perf_counter() - t0)
-        if f_rows:
-            with STAGES.timed("pointers"):
-                t, e, ev = torch.cat(f_rows), torch.cat(f_ids), torch.cat(f_vals)
-                # one token's candidates are consecutive pairs: its slots are 0, 1, ... in that order
-                first = torch.ones(len(t), dtype=torch.bool)
-                first[1:] = t[1:] != t[:-1]
-                group = torch.cumsum(first, 0) - 1
-                slot = torch.arange(len(t)) - torch.nonzero(first).squeeze(1)[group]
-                d = self.base.pair_distances(q, t.numpy(), e.numpy()).float().cpu()
-                ids[t, slot], vals[t, slot], dists[t, slot] = e, ev, d
-        return self._finish(dists, vals, ids, searched, retrieved, device)
+        with STAGES.timed("pointers"):
+            main = self._block(s_rows, s_ids, s_vals, s_dists, width)
+            extra = self._followed(q, f_rows, f_ids, f_vals, width)
+        return self._finish_compact(main, extra, searched, retrieved, device)
+
+    @staticmethod
+    def _block(rows, ids, vals, dists, width):
+        """The searched tokens' rows as one compact block, `width` wide (the base may give fewer)."""
+        if not rows:
+            return Neighbors(torch.zeros((0, width)), torch.zeros((0, width), dtype=torch.int64),
+                             torch.zeros((0, width), dtype=torch.bool), ids=torch.full((0, width), -1),
+                             rows=torch.zeros(0, dtype=torch.int64))
+
+        def cat(parts, fill):
+            t = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if t.shape[1] < width:
+                t = torch.cat([t, t.new_full((len(t), width - t.shape[1]), fill)], 1)
+            return t
+
+        i = cat(ids, -1)
+        return Neighbors(cat(dists, 0.0), cat(vals, 0), i >= 0, ids=i, rows=torch.cat(rows))
+
+    def _followed(self, q, rows, ids, vals, width):
+        """The followed tokens' block: each token's candidates in slots 0, 1, ... (the order they were
+        found in), as wide as the most any token has, rounded up to a multiple of 64 (<= width)."""
+        if not rows:
+            return None
+        t, e, ev = torch.cat(rows), torch.cat(ids), torch.cat(vals)
+        # one token's candidates are consecutive pairs: its slots are 0, 1, ... in that order
+        first = torch.ones(len(t), dtype=torch.bool)
+        first[1:] = t[1:] != t[:-1]
+        heads = torch.nonzero(first).squeeze(1)
+        group = torch.cumsum(first, 0) - 1
+        slot = torch.arange(len(t)) - heads[group]
+        w = min(width, -(-(int(slot.max()) + 1) // 64) * 64)
+        m = len(heads)
+        f_ids = torch.full((m, w), -1, dtype=torch.int64)
+        f_vals = torch.zeros((m, w), dtype=torch.int64)
+        f_d = torch.zeros((m, w), dtype=torch.float32)
+        d = self.base.pair_distances(q, t.numpy(), e.numpy()).float().cpu()
+        f_ids[group, slot], f_vals[group, slot], f_d[group, slot] = e, ev, d
+        return Neighbors(f_d, f_vals, f_ids >= 0, ids=f_ids, rows=t[heads])
+
+    def _finish_compact(self, main, extra, searched, retrieved, device):
+        self.last_searched = searched
+        self.tokens += len(searched)
+        self.searched += int(searched.sum())
+        to = lambda nb: None if nb is None else Neighbors(  # noqa: E731
+            nb.distances.to(device), nb.values.to(device), nb.valid.to(device), ids=nb.ids.to(device),
+            rows=nb.rows.to(device))
+        extra = to(extra)
+        return dataclasses.replace(to(main), retrieved=retrieved.to(device), searched=searched.to(device), extra=extra)
 
     def _follow_reference(self, queries, context, nearest_first):
         """Pointers followed position by position, all streams of a position as one block: the
