@@ -51,12 +51,13 @@ from benchmarks.common import REPO, log
 # The default rows of `make frontier` (docs/frontier/results.md): a round runs them in this order;
 # `--configs all` runs the whole menu, `--configs KEY ...` some of it.
 DEFAULT_CONFIGS = ["plain", "knnlm", "fast", "fast-kf1", "fast-kf1.5", "fast-norecomp", "fast-p16", "fast-p8",
-                   "reto2+fast", "pca+fast", "pruned+fast", "ada0.6+fast", "ada0.6+reto2+fast", "ada0.6+pca+pruned+fast",
-                   "reto2+pca+fast", "ada0.6+reto2+pca+fast", "ada0.6+reto2+pca+fast-kf1",
-                   "ada0.6+reto2+pca+fast-kf1-p16", "ada0.5+reto2+pca+fast-kf1"]
+                   "reto2+fast", "pca+fast", "pca+fast-norecomp", "pruned+fast", "ada0.6+fast", "ada0.6+lam+fast",
+                   "ada0.65+lam+fast", "ada0.7+lam+fast", "ada0.6+reto2+fast", "ada0.6+pca+pruned+fast",
+                   "reto2+pca+fast", "ada0.5+lam+pca+fast-norecomp", "ada0.6+reto2+pca+fast-kf1",
+                   "ada0.6+reto2+pca+fast-kf1-p16", "ada0.6+reto2+pca+fast-kf1-p8"]
 # The default rows' headline, chosen beforehand on the test split (docs/frontier/selection_test.md:
 # `--quick --quick-tokens 20000 --split test --rounds 2`, the fastest row at >= 90% of the gain).
-DEFAULT_HEADLINE = "ada0.6+reto2+pca+fast-kf1-p16"
+DEFAULT_HEADLINE = "ada0.6+reto2+pca+fast-kf1-p8"
 DEFAULT_HEADLINE_NOTE = ("the fastest row at >= 90% of the gain on the first 20,141 tokens of the test split, "
                          "docs/frontier/selection_test.md")
 GAIN_SHARE = 0.9  # the headline's "at >= 90% of the kNN-LM gain"
@@ -580,6 +581,9 @@ def configurations(a, setup, prep, adaptive_ok):
                                     pruned()[0], pruned()[1])),
              ("pruned+fast", lambda: knn(f"pruned (greedy merge, k={a.prune_k}) + fast-scan", "pruned+fast", "pruned",
                                          ("pruned", "fastscan"), pruned()[0], pruned()[2], *kf))]
+    menu.append(("pca+fast-norecomp", lambda: knn(f"PCA {prep.base.dim}->{dim} + fast-scan, FAISS's distances",
+                                                  "pca+fast-norecomp", "pca", ("pca", "fastscan", "candidates"),
+                                                  pca()[0], pca()[2], sim="do_not_recomp_l2")))
     for n in a.reto_min_pointers:
         reto = ["--retomaton", "--retomaton-min-pointers", n]
         menu.append((f"reto{n}+pca+fast", lambda n=n, reto=reto: knn(
@@ -595,7 +599,19 @@ def configurations(a, setup, prep, adaptive_ok):
                                                                  fast(), *kf, *ada("demo"))),
                      (f"ada{f:g}+pca+fast", lambda f=f, ada=ada: knn(
                          f"adaptive skip {f:g} + PCA + fast-scan", f"ada{f:g}+pca+fast", "adaptive",
-                         ("adaptive", "pca", "fastscan"), pca()[0], pca()[2], *kf, *ada("pca")))]
+                         ("adaptive", "pca", "fastscan"), pca()[0], pca()[2], *kf, *ada("pca"))),
+                     # the predictor's own lambda per searched token (issue #26, --adaptive-lambda)
+                     (f"ada{f:g}+lam+fast", lambda f=f, ada=ada: knn(
+                         f"adaptive skip {f:g}, predicted lambda + fast-scan", f"ada{f:g}+lam+fast", "adaptive",
+                         ("adaptive", "fastscan"), setup.dstore, fast(), *kf, *ada("demo"), "--adaptive-lambda")),
+                     (f"ada{f:g}+pca+fast-norecomp", lambda f=f, ada=ada: knn(
+                         f"adaptive skip {f:g} + PCA + fast-scan, FAISS's distances", f"ada{f:g}+pca+fast-norecomp",
+                         "stacked", ("adaptive", "pca", "fastscan", "candidates"), pca()[0], pca()[2], *ada("pca"),
+                         sim="do_not_recomp_l2")),
+                     (f"ada{f:g}+lam+pca+fast-norecomp", lambda f=f, ada=ada: knn(
+                         f"adaptive skip {f:g}, predicted lambda + PCA + fast-scan, FAISS's distances",
+                         f"ada{f:g}+lam+pca+fast-norecomp", "stacked", ("adaptive", "pca", "fastscan", "candidates"),
+                         pca()[0], pca()[2], *ada("pca"), "--adaptive-lambda", sim="do_not_recomp_l2"))]
     # Stacked (issue #26): adaptive retrieval under RetoMaton (it decides only where RetoMaton
     # would search), adaptive over the pruned PCA datastore, and all of them together.
     pca_pruned = lambda: prep.once("pca-pruned", lambda: prep.pca_pruned(pca(), a.prune_k))  # noqa: E731
@@ -624,7 +640,11 @@ def configurations(a, setup, prep, adaptive_ok):
                          (f"ada{f:g}+reto{n}+pca+fast-kf1-p16", lambda f=f, n=n, reto=reto, skip=skip: knn(
                     f"adaptive skip {f:g} + RetoMaton min-pointers {n} + PCA + fast-scan, k-factor 1, nprobe 16",
                     f"ada{f:g}+reto{n}+pca+fast-kf1-p16", "stacked", ("adaptive", "retomaton", "pca", "fastscan"),
-                    pca()[0], pca()[2], *reto, "--adaptive-retrieval", predictor("pca"), *skip, probe=16))]
+                    pca()[0], pca()[2], *reto, "--adaptive-retrieval", predictor("pca"), *skip, probe=16)),
+                         (f"ada{f:g}+reto{n}+pca+fast-kf1-p8", lambda f=f, n=n, reto=reto, skip=skip: knn(
+                    f"adaptive skip {f:g} + RetoMaton min-pointers {n} + PCA + fast-scan, k-factor 1, nprobe 8",
+                    f"ada{f:g}+reto{n}+pca+fast-kf1-p8", "stacked", ("adaptive", "retomaton", "pca", "fastscan"),
+                    pca()[0], pca()[2], *reto, "--adaptive-retrieval", predictor("pca"), *skip, probe=8))]
     keys = [k for k, _ in menu]
     chosen = DEFAULT_CONFIGS if not a.configs else keys if a.configs == ["all"] else a.configs
     chosen = [k for k in chosen if k in keys or not k.startswith("ada") or adaptive_ok]
@@ -667,7 +687,7 @@ def main(argv=None):
     p.add_argument("--configs", nargs="+", help="the configurations of a round, in order (keys; plain and knnlm always "
                    "first; 'all': every one; default: " + " ".join(DEFAULT_CONFIGS) + ")")
     p.add_argument("--reto-min-pointers", type=int, nargs="+", default=[2])
-    p.add_argument("--adaptive-skips", type=float, nargs="+", default=[0.5, 0.6])
+    p.add_argument("--adaptive-skips", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.65, 0.7])
     p.add_argument("--prune-k", type=int, default=64, help="knnlm-prune --k (neighbors each entry may absorb)")
     p.add_argument("--max-plain-spread", type=float, default=100 * MAX_PLAIN_SPREAD, metavar="PCT",
                    help="withhold the headline's met / NOT met when a round's plain evals (before and after it) "

@@ -164,6 +164,20 @@ def test_each_configuration_runs_its_own_setting(fr):
     assert after(configs["fast-norecomp"].cmd, "--knn-sim-func") == "do_not_recomp_l2"
     assert "--knn-k-factor" not in configs["fast-norecomp"].cmd
     assert after(configs["fast-p8"].cmd, "--probe") == 8 and after(configs["fast-p16"].cmd, "--probe") == 16
+    nr = configs["pca+fast-norecomp"].cmd
+    assert after(nr, "--knn-sim-func") == "do_not_recomp_l2" and "--knn-k-factor" not in nr
+    assert after(nr, "--index") == "pca_fast.index"
+    for f in (0.3, 0.5):
+        lam = configs[f"ada{f:g}+lam+fast"].cmd
+        assert "--adaptive-lambda" in lam and after(lam, "--adaptive-skip") == f
+        assert "--adaptive-lambda" not in configs[f"ada{f:g}+fast"].cmd
+        for key, has_lam in ((f"ada{f:g}+pca+fast-norecomp", False), (f"ada{f:g}+lam+pca+fast-norecomp", True)):
+            cmd = configs[key].cmd
+            assert after(cmd, "--knn-sim-func") == "do_not_recomp_l2" and "--knn-k-factor" not in cmd
+            assert after(cmd, "--adaptive-retrieval") == "predictor_pca.json" and after(cmd, "--adaptive-skip") == f
+            assert ("--adaptive-lambda" in cmd) == has_lam
+        for n in (1, 4):
+            assert after(configs[f"ada{f:g}+reto{n}+pca+fast-kf1-p8"].cmd, "--probe") == 8
     for f in (0.3, 0.5):
         pp = configs[f"ada{f:g}+pca+pruned+fast"].cmd
         assert after(pp, "--adaptive-skip") == f and after(pp, "--adaptive-retrieval") == "predictor_pca_pruned.json"
