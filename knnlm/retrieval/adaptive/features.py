@@ -7,7 +7,8 @@ EMNLP 2021, "Efficient Nearest Neighbor Language Models", section 4).
 Only what the LM alone gives at test time, before any retrieval: the entropy of p_LM (nats)
 and its top-k log-probabilities, largest first (the paper's "lm_ent" and "lm_max", the latter
 widened to the top k). The paper's n-gram frequency and fertility features are computed by
-`knnlm.retrieval.adaptive.ngrams`; its context-vector feature (the query itself) is not used. Front-ends (fairseq,
+`knnlm.retrieval.adaptive.ngrams`; its context-vector feature (the query itself) is not used:
+it does not help on held-out text here (benchmarks/adaptive_query.py). Front-ends (fairseq,
 Hugging Face) hand this function the log-probs they already computed; it is the one
 implementation of the math.
 """
