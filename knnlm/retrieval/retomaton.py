@@ -180,10 +180,14 @@ class RetoMatonRetriever(Wrapper):
         got = torch.ones(n, dtype=torch.bool) if nb.retrieved is None else nb.retrieved.cpu()
         return nb, nb.searched_mask().cpu() & got, got
 
-    def _finish(self, dists, vals, ids, searched, retrieved, device):
+    def _count(self, searched):
+        """The counters of `summary`, and which tokens of this call were searched."""
         self.last_searched = searched
         self.tokens += len(searched)
         self.searched += int(searched.sum())
+
+    def _finish(self, dists, vals, ids, searched, retrieved, device):
+        self._count(searched)
         return Neighbors(distances=dists.to(device), values=vals.to(device), valid=(ids >= 0).to(device),
                          ids=ids.to(device), searched=searched.to(device),
                          retrieved=None if bool(retrieved.all()) else retrieved.to(device))
@@ -305,9 +309,7 @@ class RetoMatonRetriever(Wrapper):
         return Neighbors(f_d, f_vals, f_ids >= 0, ids=f_ids, rows=t[heads])
 
     def _finish_compact(self, main, extra, searched, retrieved, device):
-        self.last_searched = searched
-        self.tokens += len(searched)
-        self.searched += int(searched.sum())
+        self._count(searched)
         to = lambda nb: None if nb is None else Neighbors(  # noqa: E731
             nb.distances.to(device), nb.values.to(device), nb.valid.to(device), ids=nb.ids.to(device),
             rows=nb.rows.to(device))
