@@ -492,6 +492,10 @@ class Prepared:
         tune = Path(self.demo_dir) / "tune" / "best.json"
         lt = (["--tune-json", tune] if tune.exists()
               else ["--lmbda", self.setup.lmbda, "--knn-temp", self.setup.temp])
+        # spelled out, so the stamp sees a change of the trainer's defaults
+        from knnlm.retrieval.adaptive import train as adaptive_train
+
+        lt += ["--ensemble", adaptive_train.ENSEMBLE, "--epochs", adaptive_train.EPOCHS]
         self._step(f"adaptive-retrieval predictor for {name} (knnlm-adaptive train, on the test export)",
                    d / "predictor_stamp.json", dict(stamp, train=[str(x) for x in lt]), predictor.exists,
                    lambda: common.run_tool(["knnlm-adaptive", "train", export, "--out", predictor, *lt, "--overwrite",

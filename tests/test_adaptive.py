@@ -180,6 +180,7 @@ def test_trainer_learns_where_pknn_helps(tmp_path, capsys, objective):
     pred = Predictor.load(str(out))
     held = pred.meta["heldout_curve"]
     assert held["tokens"] == 600 and pred.meta["training"]["tokens"] == 2400
+    assert pred.meta["members"] == trainer.ENSEMBLE == pred.meta["training"]["ensemble"]
     at = {round(r["skip_target"], 1): r for r in held["rows"]}
     # Half the tokens have low entropy (p_kNN useless there): skipping them costs nothing, and
     # is far better than skipping half at random.
@@ -204,6 +205,51 @@ def test_trainer_learns_where_pknn_helps(tmp_path, capsys, objective):
     # the curve on a whole export
     assert trainer.main(["curve", str(exp), "--predictor", str(out)]) == 0
     assert "| 50% |" in capsys.readouterr().out
+
+
+def test_ensemble_is_the_mean_of_its_seeds_networks(tmp_path, small):
+    """fit(members=3) holds exactly the networks fit(seed=s) trains for s = 0, 1, 2; the
+    ensemble's score is the mean of theirs; saved and loaded it scores the same, a changed member
+    count fails the checksum, and a version 1 file (one network, no members field) still loads."""
+    exp = load_export(str(synthetic_export(tmp_path / "export", n=600)))
+    x, a, b = (np.array(v, dtype=np.float32) for v in (exp.features, exp.lp_lm, exp.lp_knn))
+    ens, mean, std = trainer.fit(x, a, b, epochs=2, seed=0, members=3, progress=False)
+    singles = [trainer.fit(x, a, b, epochs=2, seed=s, progress=False) for s in range(3)]
+    assert len(ens) == 3
+    for member, (net, m, sd) in zip(ens, singles):
+        assert torch.equal(m, mean) and torch.equal(sd, std)
+        for (k, v), (k2, v2) in zip(member.state_dict().items(), net.state_dict().items()):
+            assert k == k2 and torch.equal(v, v2)
+    z = (torch.from_numpy(x) - mean) / std
+    with torch.no_grad():
+        by_hand = sum(net(z).squeeze(-1).double() for net, _, _ in singles) / 3
+        assert torch.allclose(ens(z).squeeze(-1).double(), by_hand, atol=1e-6)
+    ds = small[0]
+    info = {"datastore": ds.prefix, "datastore_fingerprint": ds.fingerprint, "lmbda": 0.25, "temperature": 1.0}
+    pred = Predictor.from_net(ens, hidden=[32, 32], mean=mean.tolist(), std=std.tolist(), top_k=8,
+                              calibration=np.linspace(-1, 1, CALIBRATION_POINTS), info=info)
+    pred.save(str(tmp_path / "ens.json"))
+    back = Predictor.load(str(tmp_path / "ens.json"))
+    assert back.meta["members"] == 3 and back.meta["format_version"] == 2
+    assert torch.equal(back.scores(torch.from_numpy(x)), pred.scores(torch.from_numpy(x)))
+    assert torch.allclose(back.scores(torch.from_numpy(x)).double(), by_hand, atol=1e-5)
+    meta = json.loads((tmp_path / "ens.json").read_text())
+    meta["members"] = 2
+    (tmp_path / "fewer.json").write_text(json.dumps(meta))
+    with pytest.raises(CorruptError, match="fails its checksum"):
+        Predictor.load(str(tmp_path / "fewer.json"))
+    one = Predictor.from_net(singles[0][0], hidden=[32, 32], mean=mean.tolist(), std=std.tolist(), top_k=8,
+                             calibration=np.linspace(-1, 1, CALIBRATION_POINTS), info=info)
+    one.save(str(tmp_path / "one.json"))
+    meta = json.loads((tmp_path / "one.json").read_text())
+    assert meta["members"] == 1
+    del meta["members"]
+    meta["format_version"] = 1
+    (tmp_path / "v1.json").write_text(json.dumps(meta))
+    assert torch.equal(Predictor.load(str(tmp_path / "v1.json")).scores(torch.from_numpy(x)),
+                       one.scores(torch.from_numpy(x)))
+    with pytest.raises(ConfigError, match="--ensemble"):
+        trainer.fit(x, a, b, members=0, progress=False)
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -256,6 +302,8 @@ def test_refusals(small, tmp_path, capsys):
         Predictor.load(str(tmp_path / "foreign.json"))
     with pytest.raises(KNNLMError, match="no adaptive-retrieval predictor"):
         Predictor.load(str(tmp_path / "missing.json"))
+    assert trainer.main(["train", str(OLD / "export"), "--out", str(tmp_path / "p.json"), "--ensemble", "0"]) == 2
+    assert "--ensemble must be at least 1" in capsys.readouterr().err
     # an export written before features existed
     assert trainer.main(["train", str(OLD / "export"), "--out", str(tmp_path / "p.json")]) == 2
     assert "has no LM features (features.npy)" in capsys.readouterr().err
