@@ -55,11 +55,12 @@ def load(export_dir, queries, lmbda, temp, stats=None):
 def evaluate(train, held, lmbda, skips, seed):
     """Train on `train`, thresholds from its scores, (skipped, +% constant, +% predicted) on `held` per skip."""
     from knnlm.retrieval.adaptive.retriever import FEATURE_FLOOR
-    from knnlm.retrieval.adaptive.train import fit, mixture_nll
+    from knnlm.retrieval.adaptive.train import ENSEMBLE, EPOCHS, fit, mixture_nll
     from knnlm.scoring import interpolate
 
     (xt, at, bt), (xv, av, bv) = train, held
-    net, mean, std = fit(xt, at, bt, progress=False, lmbda=lmbda, seed=seed)
+    # the library's default predictor (knnlm-adaptive train's --ensemble and --epochs)
+    net, mean, std = fit(xt, at, bt, progress=False, lmbda=lmbda, seed=seed, members=ENSEMBLE, epochs=EPOCHS)
     with torch.no_grad():
         score = lambda x: net((torch.from_numpy(np.maximum(x, FEATURE_FLOOR)) - mean) / std).squeeze(-1)  # noqa: E731
         s_t, s_v = score(xt), score(xv)

@@ -52,8 +52,8 @@ from benchmarks.common import REPO, log
 # `--configs all` runs the whole menu, `--configs KEY ...` some of it.
 DEFAULT_CONFIGS = ["plain", "knnlm", "fast", "fast-kf1", "fast-kf1.5", "fast-norecomp", "fast-p16", "fast-p8",
                    "reto2+fast", "pca+fast", "pca+fast-norecomp", "pruned+fast", "ada0.6+fast", "ada0.6+lam+fast",
-                   "ada0.65+lam+fast", "ada0.7+lam+fast", "ada0.6+reto2+fast", "ada0.6+pca+pruned+fast",
-                   "reto2+pca+fast", "ada0.5+lam+pca+fast-norecomp", "ada0.6+reto2+pca+fast-kf1",
+                   "ada0.62+lam+fast", "ada0.62+lam+pca+fast", "ada0.65+lam+pca+fast", "ada0.6+reto2+fast",
+                   "ada0.6+pca+pruned+fast", "reto2+pca+fast", "ada0.5+lam+pca+fast-norecomp", "ada0.6+reto2+pca+fast-kf1",
                    "ada0.6+reto2+pca+fast-kf1-p16", "ada0.6+reto2+pca+fast-kf1-p8"]
 # The default rows' headline, chosen beforehand on the test split (docs/frontier/selection_test.md:
 # `--quick --quick-tokens 20000 --split test --rounds 2`, the fastest row at >= 90% of the gain).
@@ -608,6 +608,10 @@ def configurations(a, setup, prep, adaptive_ok):
                      (f"ada{f:g}+lam+fast", lambda f=f, ada=ada: knn(
                          f"adaptive skip {f:g}, predicted lambda + fast-scan", f"ada{f:g}+lam+fast", "adaptive",
                          ("adaptive", "fastscan"), setup.dstore, fast(), *kf, *ada("demo"), "--adaptive-lambda")),
+                     (f"ada{f:g}+lam+pca+fast", lambda f=f, ada=ada: knn(
+                         f"adaptive skip {f:g}, predicted lambda + PCA + fast-scan", f"ada{f:g}+lam+pca+fast",
+                         "adaptive", ("adaptive", "pca", "fastscan"), pca()[0], pca()[2], *kf, *ada("pca"),
+                         "--adaptive-lambda")),
                      (f"ada{f:g}+pca+fast-norecomp", lambda f=f, ada=ada: knn(
                          f"adaptive skip {f:g} + PCA + fast-scan, FAISS's distances", f"ada{f:g}+pca+fast-norecomp",
                          "stacked", ("adaptive", "pca", "fastscan", "candidates"), pca()[0], pca()[2], *ada("pca"),
@@ -691,7 +695,7 @@ def main(argv=None):
     p.add_argument("--configs", nargs="+", help="the configurations of a round, in order (keys; plain and knnlm always "
                    "first; 'all': every one; default: " + " ".join(DEFAULT_CONFIGS) + ")")
     p.add_argument("--reto-min-pointers", type=int, nargs="+", default=[2])
-    p.add_argument("--adaptive-skips", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.65, 0.7])
+    p.add_argument("--adaptive-skips", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.62, 0.65, 0.7])
     p.add_argument("--prune-k", type=int, default=64, help="knnlm-prune --k (neighbors each entry may absorb)")
     p.add_argument("--max-plain-spread", type=float, default=100 * MAX_PLAIN_SPREAD, metavar="PCT",
                    help="withhold the headline's met / NOT met when a round's plain evals (before and after it) "

@@ -171,6 +171,9 @@ def test_each_configuration_runs_its_own_setting(fr):
         lam = configs[f"ada{f:g}+lam+fast"].cmd
         assert "--adaptive-lambda" in lam and after(lam, "--adaptive-skip") == f
         assert "--adaptive-lambda" not in configs[f"ada{f:g}+fast"].cmd
+        lp = configs[f"ada{f:g}+lam+pca+fast"]
+        assert "--adaptive-lambda" in lp.cmd and after(lp.cmd, "--adaptive-skip") == f and lp.family == "adaptive"
+        assert after(lp.cmd, "--adaptive-retrieval") == "predictor_pca.json" and after(lp.cmd, "--index") == "pca_fast.index"
         for key, has_lam in ((f"ada{f:g}+pca+fast-norecomp", False), (f"ada{f:g}+lam+pca+fast-norecomp", True)):
             cmd = configs[key].cmd
             assert after(cmd, "--knn-sim-func") == "do_not_recomp_l2" and "--knn-k-factor" not in cmd
