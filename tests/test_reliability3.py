@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from knnlm import KNNLM, FaissRetriever
-from knnlm.artefacts import AtomicOutput, WriteLock, check_names
+from knnlm.artefacts import AtomicOutput, check_names
 from knnlm.checks import Report, check_artefacts
 from knnlm.errors import (ConfigError, CorruptError, InputError, KNNLMError, MemorisationError, MismatchError,
                           OutputExistsError)

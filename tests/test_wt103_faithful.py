@@ -10,14 +10,12 @@
 
 import json
 import math
-import subprocess
 import sys
 
 import numpy as np
 import pytest
-import torch
 
-from .conftest import BIN, REPO, eval_lm, knn_summary, run
+from .conftest import REPO, eval_lm, knn_summary, run
 
 WINDOW = dict(tps=32, cw=32)  # eval_lm's --tokens-per-sample 64 --context-window 32
 
