@@ -15,14 +15,13 @@ and with the predicted lambda.
 """
 
 import argparse
-import math
 import statistics
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from benchmarks import common
+from benchmarks.adaptive_predictor import cell, scorer
 from benchmarks import run as bench
 from benchmarks.common import REPO, log
 
@@ -54,26 +53,13 @@ def load(export_dir, queries, lmbda, temp, stats=None):
 
 def evaluate(train, held, lmbda, skips, seed):
     """Train on `train`, thresholds from its scores, (skipped, +% constant, +% predicted) on `held` per skip."""
-    from knnlm.retrieval.adaptive.retriever import FEATURE_FLOOR
-    from knnlm.retrieval.adaptive.train import ENSEMBLE, EPOCHS, fit, mixture_nll
-    from knnlm.scoring import interpolate
+    from knnlm.retrieval.adaptive.train import ENSEMBLE, EPOCHS
 
     (xt, at, bt), (xv, av, bv) = train, held
     # the library's default predictor (knnlm-adaptive train's --ensemble and --epochs)
-    net, mean, std = fit(xt, at, bt, progress=False, lmbda=lmbda, seed=seed, members=ENSEMBLE, epochs=EPOCHS)
-    with torch.no_grad():
-        score = lambda x: net((torch.from_numpy(np.maximum(x, FEATURE_FLOOR)) - mean) / std).squeeze(-1)  # noqa: E731
-        s_t, s_v = score(xt), score(xv)
-    a, b = torch.from_numpy(av), torch.from_numpy(bv)
-    full, own = interpolate(a, b, lmbda), -mixture_nll(s_v, a, b)
-    ppl = lambda lp: math.exp(-float(lp.double().mean()))  # noqa: E731
-    base = ppl(full)
-    out = []
-    for f in skips:
-        keep = s_v >= float(np.quantile(s_t.numpy(), f))
-        out.append((1 - float(keep.float().mean()), 100 * (ppl(torch.where(keep, full, a)) / base - 1),
-                    100 * (ppl(torch.where(keep, own, a)) / base - 1)))
-    return out
+    score = scorer(xt, at, bt, lmbda, {"members": ENSEMBLE, "epochs": EPOCHS, "seed": seed})
+    cal, s_v = score(xt), score(xv)
+    return [cell(cal, s_v, av, bv, lmbda, f) for f in skips]
 
 
 def main():

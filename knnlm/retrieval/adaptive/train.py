@@ -114,38 +114,39 @@ def fit(features, lp_lm, lp_knn, *, hidden=(32, 32), epochs=EPOCHS, lr=3e-3, bat
     (measured 15x slower with 2 threads under load)."""
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
         raise ConfigError(f"--ensemble is a number of networks >= 1, got {members!r}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=members * epochs * max(1, math.ceil(len(features) / batch_size)),
-                   desc="knnlm-adaptive train", unit="step", file=sys.stderr, mininterval=1.0)
-    try:
-        nets = [_fit(features, lp_lm, lp_knn, hidden=hidden, epochs=epochs, lr=lr, batch_size=batch_size,
-                     seed=seed + i, weight_decay=weight_decay, bar=bar, objective=objective, lmbda=lmbda)
-                for i in range(members)]
-    finally:
-        torch.set_num_threads(threads)
-        if bar is not None:
-            bar.close()
-    _, mean, std = nets[0]
-    net = nets[0][0] if members == 1 else Ensemble(net for net, _, _ in nets)
-    return net.eval(), mean, std
-
-
-def _fit(features, lp_lm, lp_knn, *, hidden, epochs, lr, batch_size, seed, weight_decay, bar, objective, lmbda):
     if objective not in OBJECTIVES:
         raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    # the inputs, normalized, and the targets: once, shared by every network
     x = torch.from_numpy(np.maximum(features, FEATURE_FLOOR).astype(np.float32))
     mean = x.mean(0)
     std = x.std(0).clamp(min=1e-6) if len(x) > 1 else torch.ones(x.shape[1])
     x = (x - mean) / std
     a, b = torch.from_numpy(lp_lm), torch.from_numpy(lp_knn)
     g = gain(a, b, lmbda) if objective == "gain" else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=members * epochs * max(1, math.ceil(len(x) / batch_size)),
+                   desc="knnlm-adaptive train", unit="step", file=sys.stderr, mininterval=1.0)
+    try:
+        nets = [_fit(x, a, b, g, hidden=hidden, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed + i,
+                     weight_decay=weight_decay, bar=bar) for i in range(members)]
+    finally:
+        torch.set_num_threads(threads)
+        if bar is not None:
+            bar.close()
+    net = nets[0] if members == 1 else Ensemble(nets)
+    return net.eval(), mean, std
+
+
+def _fit(x, a, b, g, *, hidden, epochs, lr, batch_size, seed, weight_decay, bar):
+    """One network of seed `seed` on normalized inputs x; targets: the mixture likelihood of
+    (a, b) = (lp_LM, lp_kNN), or squared error on the gains g where given."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     net = build_net(x.shape[1], list(hidden))
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
     steps = max(1, math.ceil(len(x) / batch_size))
@@ -162,7 +163,7 @@ def _fit(features, lp_lm, lp_knn, *, hidden, epochs, lr, batch_size, seed, weigh
                 bar.update(1)
         if bar is not None:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    return net.eval(), mean, std
+    return net.eval()
 
 
 def _ppl(lp):
