@@ -346,9 +346,9 @@ def test_cpu_and_missing_key_types_are_refused_before_any_dump(standin, prepared
     assert not os.path.exists(f"{prefix}_meta.json")
 
 
-def test_checkpoint_defaults_are_the_original_readme_s():
+def test_checkpoint_defaults_are_the_original_readme_s(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in DEFAULTS}
-    env.update(WORK="/w", PYTHON=sys.executable, LOG_DIR="/tmp/knnlm_ckpt_defaults", RESULTS="/tmp/knnlm_ckpt_defaults")
+    env.update(WORK="/w", PYTHON=sys.executable, LOG_DIR=str(tmp_path), RESULTS=str(tmp_path))
     show = f'source {SCRIPTS}/common.sh; echo "$CKPT|$CKPT_URL|$SRCDICT"'
     orig = subprocess.run(["bash", "-c", show], capture_output=True, text=True, env=env, check=True).stdout.strip()
     assert orig == "/w/checkpoints/wt103_checkpoint_best.pt|https://nlp.stanford.edu/projects/knnlm/wt103_checkpoint_best.pt|"
